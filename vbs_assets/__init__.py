@@ -1,0 +1,1 @@
+"""Assets, asset checks, partitions and the OpenAI line schemas of vbs."""

@@ -1,0 +1,1 @@
+"""The ``vbs`` command line."""

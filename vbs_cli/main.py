@@ -1,0 +1,80 @@
+"""``vbs``: prepare models and start the platform (Dagster webserver + daemon)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from vbs_resources import vbs_home
+from vbs_resources.model_store import prepare_default_model
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def dagster_home(home: Path) -> Path:
+    """``$VBS_HOME/dagster`` holding the embedded instance config (a copy of dagster.yaml)."""
+    target = home / "dagster"
+    target.mkdir(parents=True, exist_ok=True)
+    config = target / "dagster.yaml"
+    source = PROJECT_ROOT / "dagster.yaml"
+    if not config.exists() or config.read_bytes() != source.read_bytes():
+        shutil.copyfile(source, config)
+    return target
+
+
+def serve_command(home: Path, host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """The ``dagster dev`` command line and environment that run vbs on its embedded defaults."""
+    env = dict(os.environ)
+    env["VBS_HOME"] = str(home)
+    env["DAGSTER_HOME"] = str(dagster_home(home))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    # Caches stay inside VBS_HOME instead of the user's home folder.
+    env.setdefault("VLLM_CACHE_ROOT", str(home / "cache" / "vllm"))
+    env.setdefault("HF_HOME", str(home / "cache" / "hf"))
+    env.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+    dagster = Path(sys.executable).with_name("dagster")
+    command = [
+        str(dagster),
+        "dev",
+        "-h",
+        host,
+        "-p",
+        str(port),
+        "-w",
+        str(PROJECT_ROOT / "workspace.yaml"),
+    ]
+    return command, env
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vbs", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    model = sub.add_parser("model", help="manage local model folders")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    model_sub.add_parser("prepare", help="convert the packaged SmolLM2 into $VBS_HOME/models")
+    serve = sub.add_parser("serve", help="run the Dagster webserver and daemon")
+    serve.add_argument("--host", default=os.environ.get("VBS_DAGSTER_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("VBS_DAGSTER_PORT", "3000")))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    home = vbs_home()
+    if args.command == "model":
+        path = prepare_default_model(home)
+        print(f"default model ready: {path}")
+        return 0
+    (home / "bucket" / "inbox").mkdir(parents=True, exist_ok=True)
+    command, env = serve_command(home, args.host, args.port)
+    print(
+        f"vbs: Dagster UI on http://{args.host}:{args.port}, drop files into {home}/bucket/inbox/"
+    )
+    os.execve(command[0], command, env)
+    return 0  # pragma: no cover - execve does not return
+
+
+if __name__ == "__main__":
+    sys.exit(main())

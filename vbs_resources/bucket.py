@@ -1,0 +1,135 @@
+"""The bucket: where batch files, results, datasets and adapters live.
+
+A local folder by default; any fsspec URL (``s3://``, ``gs://``, ``memory://``) in production.
+Paths handed to the bucket are always built by vbs from opaque ids, never taken from a client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import dagster as dg
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import PrivateAttr
+
+
+@dataclass(frozen=True)
+class BucketEntry:
+    """A file in a bucket folder, with what the inbox sensor needs to tell if it is still growing."""
+
+    name: str
+    size: int
+    modified: str
+
+
+class Bucket(dg.ConfigurableResource):
+    """A folder tree behind fsspec: ``inbox/``, ``batches/<batch_id>/...``, later ``datasets/``."""
+
+    url: str
+
+    _fs: Any = PrivateAttr(default=None)
+    _root: str = PrivateAttr(default="")
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._fs is None:
+            fs, root = fsspec.core.url_to_fs(self.url)
+            self._fs, self._root = fs, root.rstrip("/")
+            if isinstance(fs, LocalFileSystem):
+                fs.makedirs(self._root, exist_ok=True)
+        return self._fs
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        """The full path of ``parts`` (relative, '/'-separated) inside the bucket."""
+        self.fs  # noqa: B018 - resolves the root
+        rel = posixpath.normpath(posixpath.join(*parts))
+        if rel.startswith("..") or posixpath.isabs(rel):
+            raise ValueError(f"path {rel!r} escapes the bucket")
+        return f"{self._root}/{rel}"
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def open(self, rel: str, mode: str = "rb") -> IO[Any]:
+        if "w" in mode or "a" in mode:
+            self.fs.makedirs(posixpath.dirname(self.path(rel)), exist_ok=True)
+        return self.fs.open(self.path(rel), mode)
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
+    def read_text(self, rel: str) -> str:
+        with self.open(rel, "rb") as fh:
+            return fh.read().decode("utf-8")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a whole file so that readers see either the old or the new content, never half."""
+        with self.atomic_writer(rel) as fh:
+            fh.write(data)
+
+    @contextlib.contextmanager
+    def atomic_writer(self, rel: str) -> Iterator[IO[bytes]]:
+        """Stream into a temporary sibling, then rename over ``rel`` (object stores: one PUT)."""
+        target = self.path(rel)
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        if not self.is_local:
+            with self.fs.open(target, "wb") as fh:
+                yield fh
+            return
+        tmp = f"{posixpath.dirname(target)}/.{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                yield fh
+                fh.flush()
+            self.fs.mv(tmp, target)
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+
+    def list_files(self, folder: str) -> list[BucketEntry]:
+        """Plain files directly inside ``folder`` (no recursion), sorted by name."""
+        base = self.path(folder)
+        if not self.fs.exists(base):
+            return []
+        entries = []
+        for info in self.fs.ls(base, detail=True):
+            if info.get("type") != "file":
+                continue
+            modified = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+            entries.append(
+                BucketEntry(
+                    name=posixpath.basename(info["name"].rstrip("/")),
+                    size=int(info.get("size") or 0),
+                    modified=str(modified),
+                )
+            )
+        return sorted(entries, key=lambda e: e.name)
+
+    def move(self, src: str, dst: str) -> None:
+        self.fs.makedirs(posixpath.dirname(self.path(dst)), exist_ok=True)
+        self.fs.mv(self.path(src), self.path(dst))
+
+    def remove_tree(self, rel: str) -> None:
+        if self.fs.exists(self.path(rel)):
+            self.fs.rm(self.path(rel), recursive=True)
+
+
+_BATCH_ID = re.compile(r"^batch_[A-Za-z0-9]{8,64}$")
+
+
+def batch_file(batch_id: str, name: str) -> str:
+    """Path of one of a batch's files (``input.jsonl``, ``output.jsonl``, ...) in the bucket."""
+    if not _BATCH_ID.match(batch_id):
+        raise ValueError(f"{batch_id!r} is not a batch id")
+    return f"batches/{batch_id}/{name}"

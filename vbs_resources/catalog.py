@@ -1,0 +1,196 @@
+"""The catalog: shared mutable state that several processes write at once.
+
+SQLAlchemy over SQLite in WAL mode by default (the sensor, run workers and the HTTP server write
+concurrently); any SQLAlchemy URL, Postgres in production. Batch rows follow the OpenAI Batch
+object: status lifecycle, ``*_at`` timestamps, ``request_counts``, ``usage``, ``metadata``,
+``errors``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import dagster as dg
+import sqlalchemy as sa
+from pydantic import PrivateAttr
+
+BATCH_STATUSES = (
+    "validating",
+    "failed",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "expired",
+    "cancelling",
+    "cancelled",
+)
+TERMINAL_STATUSES = frozenset({"failed", "completed", "expired", "cancelled"})
+
+# The timestamp column each status stamps when a batch enters it.
+_STATUS_TIMESTAMP = {
+    "in_progress": "in_progress_at",
+    "finalizing": "finalizing_at",
+    "completed": "completed_at",
+    "failed": "failed_at",
+    "expired": "expired_at",
+    "cancelling": "cancelling_at",
+    "cancelled": "cancelled_at",
+}
+
+metadata_obj = sa.MetaData()
+
+batches = sa.Table(
+    "batches",
+    metadata_obj,
+    sa.Column("id", sa.String(80), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("endpoint", sa.String(64)),
+    sa.Column("source", sa.String(16), nullable=False),  # "inbox" or "api"
+    sa.Column("original_filename", sa.String(255)),
+    sa.Column("input_file_id", sa.String(80)),
+    sa.Column("output_file_id", sa.String(80)),
+    sa.Column("error_file_id", sa.String(80)),
+    sa.Column("content_sha256", sa.String(64), index=True),
+    sa.Column("completion_window", sa.String(8), nullable=False, default="24h"),
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("expires_at", sa.Integer),
+    sa.Column("in_progress_at", sa.Integer),
+    sa.Column("finalizing_at", sa.Integer),
+    sa.Column("completed_at", sa.Integer),
+    sa.Column("failed_at", sa.Integer),
+    sa.Column("expired_at", sa.Integer),
+    sa.Column("cancelling_at", sa.Integer),
+    sa.Column("cancelled_at", sa.Integer),
+    sa.Column("request_total", sa.Integer, nullable=False, default=0),
+    sa.Column("request_completed", sa.Integer, nullable=False, default=0),
+    sa.Column("request_failed", sa.Integer, nullable=False, default=0),
+    sa.Column("usage", sa.JSON),
+    sa.Column("batch_metadata", sa.JSON),
+    sa.Column("errors", sa.JSON),
+    sa.Column("models", sa.JSON),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+
+def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+class Catalog(dg.ConfigurableResource):
+    """Batch records (and later files, conquests, models) in one SQL database."""
+
+    url: str
+
+    _engine: Any = PrivateAttr(default=None)
+
+    @property
+    def engine(self) -> sa.Engine:
+        if self._engine is None:
+            engine = sa.create_engine(self.url)
+            if engine.dialect.name == "sqlite":
+                sa.event.listen(engine, "connect", _enable_sqlite_wal)
+            metadata_obj.create_all(engine)
+            self._engine = engine
+        return self._engine
+
+    def create_batch(
+        self,
+        batch_id: str,
+        *,
+        source: str,
+        content_sha256: str,
+        original_filename: str | None = None,
+        completion_window: str = "24h",
+        metadata: dict[str, str] | None = None,
+        input_file_id: str | None = None,
+    ) -> bool:
+        """Insert a batch in ``validating``; False when the id exists already (a re-drop)."""
+        now = int(time.time())
+        window_s = 24 * 3600 if completion_window == "24h" else None
+        row = dict(
+            id=batch_id,
+            status="validating",
+            source=source,
+            content_sha256=content_sha256,
+            original_filename=original_filename,
+            completion_window=completion_window,
+            created_at=now,
+            expires_at=now + window_s if window_s else None,
+            batch_metadata=metadata or {},
+            input_file_id=input_file_id,
+            request_total=0,
+            request_completed=0,
+            request_failed=0,
+            updated_at=time.time(),
+        )
+        with self.engine.begin() as conn:
+            exists = conn.execute(sa.select(batches.c.id).where(batches.c.id == batch_id)).first()
+            if exists:
+                return False
+            conn.execute(batches.insert().values(**row))
+        return True
+
+    def get_batch(self, batch_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(sa.select(batches).where(batches.c.id == batch_id)).mappings().first()
+            )
+        return dict(row) if row else None
+
+    def list_batches(self, limit: int = 100) -> list[dict[str, Any]]:
+        query = sa.select(batches).order_by(batches.c.created_at.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def update_batch(self, batch_id: str, status: str | None = None, **fields: Any) -> None:
+        """Update fields; entering a status stamps its ``*_at`` column once."""
+        values = dict(fields, updated_at=time.time())
+        if status is not None:
+            if status not in BATCH_STATUSES:
+                raise ValueError(f"unknown batch status {status!r}")
+            values["status"] = status
+        with self.engine.begin() as conn:
+            if status in _STATUS_TIMESTAMP:
+                column = batches.c[_STATUS_TIMESTAMP[status]]
+                conn.execute(
+                    batches.update()
+                    .where(batches.c.id == batch_id, column.is_(None))
+                    .values({column: int(time.time())})
+                )
+            conn.execute(batches.update().where(batches.c.id == batch_id).values(**values))
+
+    def to_openai_batch(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The OpenAI Batch object of a catalog row."""
+        errors = row.get("errors")
+        return {
+            "id": row["id"],
+            "object": "batch",
+            "endpoint": row["endpoint"],
+            "errors": {"object": "list", "data": errors} if errors else None,
+            "input_file_id": row["input_file_id"],
+            "completion_window": row["completion_window"],
+            "status": row["status"],
+            "output_file_id": row["output_file_id"],
+            "error_file_id": row["error_file_id"],
+            "created_at": row["created_at"],
+            "in_progress_at": row["in_progress_at"],
+            "expires_at": row["expires_at"],
+            "finalizing_at": row["finalizing_at"],
+            "completed_at": row["completed_at"],
+            "failed_at": row["failed_at"],
+            "expired_at": row["expired_at"],
+            "cancelling_at": row["cancelling_at"],
+            "cancelled_at": row["cancelled_at"],
+            "request_counts": {
+                "total": row["request_total"],
+                "completed": row["request_completed"],
+                "failed": row["request_failed"],
+            },
+            "usage": row["usage"],
+            "metadata": row["batch_metadata"] or None,
+        }

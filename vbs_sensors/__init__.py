@@ -1,0 +1,5 @@
+"""Sensors and schedules."""
+
+from vbs_sensors.inbox import inbox_sensor
+
+all_sensors = [inbox_sensor]
