@@ -102,6 +102,9 @@ class BatchOptions(BaseModel):
         description="Set by the HTTP API; file drops get an id derived from their content.",
     )
     input_file_id: str | None = None
+    chunk_size: int | None = Field(
+        default=None, ge=1, le=50_000, description="Requests per checkpointed engine chunk."
+    )
 
     @field_validator("metadata")
     @classmethod

@@ -170,7 +170,8 @@ class VLLMEngine(InferenceEngine):
             if _device() == "cuda":
                 kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
             if runner == "pooling":
-                kwargs["runner"] = "pooling"
+                # Embedding models keep their own (short) context length.
+                kwargs.update(runner="pooling", max_model_len=None)
             _LOADED[key] = LLM(**kwargs)
             log.info("vLLM engine for %s ready in %.1fs", path, time.perf_counter() - started)
         return _LOADED[key]
@@ -217,13 +218,13 @@ class VLLMEngine(InferenceEngine):
             return []
         try:
             return llm.generate(prompts, params, use_tqdm=False)
-        except (ValueError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - isolated below, one request at a time
             log.warning("chunk refused (%s); retrying its requests one by one", exc)
         outputs: list[Any] = []
         for prompt, param in zip(prompts, params, strict=True):
             try:
                 outputs.append(llm.generate([prompt], [param], use_tqdm=False)[0])
-            except (ValueError, TypeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - becomes this request's error line
                 outputs.append(exc)
         return outputs
 
@@ -325,8 +326,10 @@ def _prepare_generation(
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         raise _RequestError(f"Invalid request: {first['msg']}", param=param) from exc
-    except ValueError as exc:
-        raise _RequestError(f"Invalid request: {exc}") from exc
+    except Exception as exc:  # model validators raise vLLM's own error types too
+        raise _RequestError(
+            f"Invalid request: {exc}", param=getattr(exc, "parameter", None)
+        ) from exc
 
     if chat:
         prompts = [_render_chat(body, tokenizer)]
@@ -348,8 +351,9 @@ def _prepare_generation(
     max_tokens = max_len - longest if requested is None else min(requested, max_len - longest)
     try:
         params = parsed.to_sampling_params(max_tokens, defaults)
-    except (ValueError, TypeError) as exc:
-        raise _RequestError(f"Invalid sampling parameters: {exc}") from exc
+    except Exception as exc:  # vLLM's validation errors do not all derive from ValueError
+        param = getattr(exc, "parameter", None)
+        raise _RequestError(f"Invalid request: {exc}", param=param) from exc
     extra = {"top_logprobs": bool(getattr(parsed, "logprobs", None))} if chat else {}
     return _Prepared(index, request, prompts, params, extra)
 

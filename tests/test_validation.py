@@ -1,0 +1,186 @@
+"""The bad-input suite: each malformed file fails with the right code, line and parameter."""
+
+import io
+import json
+
+import pytest
+
+from tests.conftest import chat_line
+from vbs_assets.validation import Limits, validate_batch_file
+
+
+def validate(data: bytes, limits: Limits | None = None, **kwargs):
+    rows = []
+    report = validate_batch_file(
+        io.BytesIO(data), size=len(data), limits=limits or Limits(), sink=rows.extend, **kwargs
+    )
+    return report, rows
+
+
+def good(n: int = 3) -> list[bytes]:
+    return [json.dumps(chat_line(f"r{i}", "hi")).encode() for i in range(n)]
+
+
+def only_error(report):
+    assert not report.ok
+    assert report.error_count == 1, report.errors
+    return report.errors[0]
+
+
+def test_valid_file_rows_keep_line_numbers_and_bodies():
+    report, rows = validate(b"\n".join(good(3)) + b"\n")
+    assert report.ok and report.request_count == 3
+    assert report.endpoint == "/v1/chat/completions"
+    assert report.models == {"SmolLM2-135M-Instruct": 3}
+    assert [r["line"] for r in rows] == [1, 2, 3]
+    assert json.loads(rows[0]["body"])["messages"][0]["content"] == "hi"
+    assert len(report.sha256) == 64
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "line", "param"),
+    [
+        (b"%s\n{not json\n", "invalid_json_line", 2, None),
+        (b"%s\n[1, 2]\n", "invalid_json_line", 2, None),
+        (
+            b'%s\n{"method": "POST", "url": "/v1/chat/completions", "body": {}}\n',
+            "missing_required_parameter",
+            2,
+            "custom_id",
+        ),
+        (
+            b'%s\n{"custom_id": "x", "url": "/v1/chat/completions", "body": {}}\n',
+            "missing_required_parameter",
+            2,
+            "method",
+        ),
+        (
+            b'%s\n{"custom_id": "x", "method": "GET", "url": "/v1/chat/completions", "body": {}}\n',
+            "invalid_method",
+            2,
+            "method",
+        ),
+        (
+            b'%s\n{"custom_id": "x", "method": "POST", "url": "/v1/images", "body": {}}\n',
+            "invalid_url",
+            2,
+            "url",
+        ),
+        (
+            b'%s\n{"custom_id": "x", "method": "POST", "url": "/v1/completions",'
+            b' "body": {"model": "m", "prompt": "p"}}\n',
+            "mismatched_url",
+            2,
+            "url",
+        ),
+        (
+            b'%s\n{"custom_id": "x", "method": "POST", "url": "/v1/chat/completions",'
+            b' "body": {"model": "m"}}\n',
+            "missing_required_parameter",
+            2,
+            "body.messages",
+        ),
+        (
+            b'%s\n{"custom_id": "x", "method": "POST", "url": "/v1/chat/completions",'
+            b' "body": {"model": "m", "messages": "hi"}}\n',
+            "invalid_request",
+            2,
+            "body.messages",
+        ),
+        (
+            b'%s\n{"custom_id": "x", "method": "POST", "url": "/v1/chat/completions",'
+            b' "body": {"model": "m", "messages": []}, "extra": 1}\n',
+            "invalid_request",
+            2,
+            "extra",
+        ),
+        (
+            b'%s\n{"custom_id": "r0", "method": "POST", "url": "/v1/chat/completions",'
+            b' "body": {"model": "m", "messages": [{"role": "user", "content": "x"}]}}\n',
+            "duplicate_custom_id",
+            2,
+            "custom_id",
+        ),
+        (b"%s\n\xff\xfe broken\n", "invalid_utf8", 2, None),
+    ],
+    ids=[
+        "invalid-json",
+        "not-an-object",
+        "missing-custom-id",
+        "missing-method",
+        "wrong-method",
+        "unknown-url",
+        "mixed-urls",
+        "missing-messages",
+        "bad-messages",
+        "unknown-field",
+        "duplicate-custom-id",
+        "invalid-utf8",
+    ],
+)
+def test_each_bad_line_is_named(data, code, line, param):
+    report, _ = validate(data % good(1)[0])
+    error = only_error(report)
+    assert (error.code, error.line, error.param) == (code, line, param)
+    assert error.message
+
+
+def test_every_bad_line_is_reported_not_only_the_first():
+    lines = good(2) + [b"{bad", b'{"custom_id": "r0"}'] + [b"nope"]
+    report, _ = validate(b"\n".join(lines))
+    assert [(e.code, e.line) for e in report.errors] == [
+        ("invalid_json_line", 3),
+        ("missing_required_parameter", 4),
+        ("invalid_json_line", 5),
+    ]
+
+
+def test_empty_file():
+    error = only_error(validate(b"")[0])
+    assert error.code == "empty_file"
+    error = only_error(validate(b"\n  \n\r\n")[0])
+    assert error.code == "empty_file"
+
+
+def test_blank_lines_are_skipped_and_still_counted_for_line_numbers():
+    data = b"\n".join([good(1)[0], b"", b"   ", b"{broken"])
+    error = only_error(validate(data)[0])
+    assert (error.code, error.line) == ("invalid_json_line", 4)
+    report, rows = validate(b"\n\n".join(good(2)) + b"\n\n")
+    assert report.ok and [r["line"] for r in rows] == [1, 3]
+
+
+def test_utf8_bom_and_crlf_are_accepted():
+    data = b"\xef\xbb\xbf" + b"\r\n".join(good(3)) + b"\r\n"
+    report, rows = validate(data)
+    assert report.ok and report.request_count == 3
+    assert [r["custom_id"] for r in rows] == ["r0", "r1", "r2"]
+
+
+def test_over_the_size_limit_is_refused_before_reading():
+    data = b"\n".join(good(3))
+    report, rows = validate(data, Limits(max_bytes=len(data) - 1))
+    error = only_error(report)
+    assert error.code == "file_too_large" and error.line is None
+    assert rows == [] and report.request_count == 0
+
+
+def test_over_the_request_limit_names_the_first_line_too_many():
+    data = b"\n".join(good(5))
+    report, _ = validate(data, Limits(max_requests=3))
+    error = only_error(report)
+    assert (error.code, error.line) == ("too_many_requests", 4)
+
+
+def test_declared_endpoint_wins_over_the_first_line():
+    report, _ = validate(b"\n".join(good(1)), endpoint="/v1/embeddings")
+    error = only_error(report)
+    assert (error.code, error.line) == ("mismatched_url", 1)
+
+
+def test_digest_covers_the_whole_file_even_after_an_early_stop():
+    import hashlib
+
+    data = b"\n".join(good(5))
+    report, _ = validate(data, Limits(max_requests=2))
+    assert report.sha256 == hashlib.sha256(data).hexdigest()
