@@ -157,6 +157,18 @@ def test_failing_requests_become_error_lines_and_the_batch_goes_on(chat_batch):
     assert row["usage"]["output_tokens"] > 0
 
 
+def test_catalog_row_is_an_openai_batch_object(chat_batch):
+    from openai.types import Batch
+
+    from vbs_resources import Catalog
+
+    batch = Batch.model_validate(Catalog.to_openai_batch(chat_batch["row"]))
+    assert batch.status == "completed" and batch.endpoint == "/v1/chat/completions"
+    assert (batch.request_counts.total, batch.request_counts.failed) == (12, 3)
+    assert batch.usage.output_tokens == chat_batch["row"]["usage"]["output_tokens"]
+    assert batch.expires_at - batch.created_at == 24 * 3600
+
+
 def test_metadata_reports_counts_tokens_and_a_preview(chat_batch):
     meta = metadata_of(chat_batch["result"], "batch_output")
     assert meta["completed"] == 9 and meta["failed"] == 3
@@ -251,6 +263,9 @@ class CrashAfterChunksEngineDouble:
 
     def describe(self) -> dict[str, str]:
         return self.inner.describe()
+
+    def start(self, endpoint: str) -> None:
+        self.inner.start(endpoint)
 
     def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         if len(self.calls) == self.chunks:

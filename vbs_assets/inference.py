@@ -207,6 +207,9 @@ def batch_output(
     )
 
     started = time.perf_counter()
+    engine.start(endpoint)
+    start_seconds = time.perf_counter() - started
+    context.log.info(f"engine ready in {start_seconds:.1f}s ({engine.describe()['engine']})")
     engine_seconds = 0.0
     new_completion_tokens = 0
     for requests in _pending_chunks(bucket, batch_id, progress.done, config.chunk_size):
@@ -257,6 +260,7 @@ def batch_output(
             "prompt_tokens": progress.prompt_tokens,
             "completion_tokens": progress.completion_tokens,
             "output_tokens_per_s": round(new_completion_tokens / max(engine_seconds, 1e-9), 1),
+            "engine_start_seconds": round(start_seconds, 2),
             "engine_seconds": round(engine_seconds, 2),
             "wall_seconds": round(wall, 2),
             **engine.describe(),

@@ -25,10 +25,35 @@ class IngestConfig(dg.Config):
     max_bytes: int = 200 * 1024 * 1024
 
 
-class _Invalid(Exception):
+class InvalidBatchFile(Exception):
     def __init__(self, report: ValidationReport) -> None:
         super().__init__(f"{report.error_count} validation errors")
         self.report = report
+
+
+def ingest_batch_file(
+    bucket: Bucket, batch_id: str, limits: Limits, endpoint: str | None = None
+) -> ValidationReport:
+    """Validate ``input.jsonl`` and write ``requests.parquet``, which appears only when every
+    line is valid (raises ``InvalidBatchFile`` with the report otherwise)."""
+    with bucket.atomic_writer(batch_file(batch_id, "requests.parquet")) as out:
+        writer = pq.ParquetWriter(out, REQUESTS_SCHEMA, compression="zstd")
+        try:
+            with bucket.open(batch_file(batch_id, "input.jsonl"), "rb") as fh:
+                report = validate_batch_file(
+                    fh,
+                    size=bucket.size(batch_file(batch_id, "input.jsonl")),
+                    limits=limits,
+                    endpoint=endpoint,
+                    sink=lambda rows: writer.write_table(
+                        pa.Table.from_pylist(rows, schema=REQUESTS_SCHEMA)
+                    ),
+                )
+        finally:
+            writer.close()
+        if not report.ok:
+            raise InvalidBatchFile(report)
+    return report
 
 
 def _errors_table(report: ValidationReport, limit: int = 20) -> str:
@@ -61,28 +86,11 @@ def batch_input(
     """
     batch_id = context.partition_key
     declared = (catalog.get_batch(batch_id) or {}).get("endpoint")
-    source = batch_file(batch_id, "input.jsonl")
-    size = bucket.size(source)
     limits = Limits(max_requests=config.max_requests, max_bytes=config.max_bytes)
+    size = bucket.size(batch_file(batch_id, "input.jsonl"))
     try:
-        with bucket.atomic_writer(batch_file(batch_id, "requests.parquet")) as out:
-            writer = pq.ParquetWriter(out, REQUESTS_SCHEMA, compression="zstd")
-            try:
-                with bucket.open(source, "rb") as fh:
-                    report = validate_batch_file(
-                        fh,
-                        size=size,
-                        limits=limits,
-                        endpoint=declared,
-                        sink=lambda rows: writer.write_table(
-                            pa.Table.from_pylist(rows, schema=REQUESTS_SCHEMA)
-                        ),
-                    )
-            finally:
-                writer.close()
-            if not report.ok:
-                raise _Invalid(report)
-    except _Invalid as invalid:
+        report = ingest_batch_file(bucket, batch_id, limits, declared)
+    except InvalidBatchFile as invalid:
         report = invalid.report
         catalog.update_batch(
             batch_id,

@@ -69,9 +69,12 @@ class Bucket(dg.ConfigurableResource):
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))
 
-    def read_text(self, rel: str) -> str:
+    def read_bytes(self, rel: str) -> bytes:
         with self.open(rel, "rb") as fh:
-            return fh.read().decode("utf-8")
+            return fh.read()
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a whole file so that readers see either the old or the new content, never half."""

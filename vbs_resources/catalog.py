@@ -164,7 +164,8 @@ class Catalog(dg.ConfigurableResource):
                 )
             conn.execute(batches.update().where(batches.c.id == batch_id).values(**values))
 
-    def to_openai_batch(self, row: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def to_openai_batch(row: dict[str, Any]) -> dict[str, Any]:
         """The OpenAI Batch object of a catalog row."""
         errors = row.get("errors")
         return {

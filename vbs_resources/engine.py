@@ -84,6 +84,9 @@ class InferenceEngine(dg.ConfigurableResource):
         """Engine facts for Dagster metadata (mode, models, device)."""
         raise NotImplementedError
 
+    def start(self, endpoint: str) -> None:
+        """Load what ``endpoint`` needs, so that start-up is not counted as generation time."""
+
     def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         raise NotImplementedError
 
@@ -101,7 +104,10 @@ class VLLMEngine(InferenceEngine):
     max_model_len: int | None = 2048
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
-    enforce_eager: bool = True
+    enforce_eager: bool | None = Field(
+        default=None,
+        description="None: eager on CPU (compiling costs ~80 s there for no speed), CUDA graphs on GPU.",
+    )
     cpu_kvcache_space_gib: int = Field(
         default=4, description="KV-cache GiB on CPU builds (VLLM_CPU_KVCACHE_SPACE)."
     )
@@ -124,6 +130,13 @@ class VLLMEngine(InferenceEngine):
             "device": _device(),
             "dtype": resolve_dtype(self.dtype),
         }
+
+    def start(self, endpoint: str) -> None:
+        if endpoint == "/v1/embeddings":
+            if self.embedding_model:
+                self._llm(self.embedding_model, "pooling")
+        else:
+            self._llm(self.model, "generate")
 
     def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         served = set(self.served_models(endpoint))
@@ -164,7 +177,9 @@ class VLLMEngine(InferenceEngine):
                 dtype=resolve_dtype(self.dtype),
                 max_model_len=self.max_model_len,
                 tensor_parallel_size=self.tensor_parallel_size,
-                enforce_eager=self.enforce_eager,
+                enforce_eager=(
+                    _device() == "cpu" if self.enforce_eager is None else self.enforce_eager
+                ),
                 seed=self.seed,
             )
             if _device() == "cuda":

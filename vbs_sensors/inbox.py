@@ -134,7 +134,8 @@ def inbox_sensor(
             original_filename=name,
             completion_window=options.completion_window,
             metadata=options.metadata,
-            input_file_id=options.input_file_id,
+            # A dropped file gets a content-derived file id, as an uploaded one gets its own.
+            input_file_id=options.input_file_id or f"file-{sha[:24]}",
         )
         new_partitions.append(batch_id)
         run_requests.append(
