@@ -51,7 +51,7 @@ def prepare_default_model(vbs_home: str | os.PathLike[str], dtype: str = "bfloat
     log.info("converting %s into %s", gguf_path, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     quantized = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, torch_dtype=torch.float32
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
     )
     # save_pretrained refuses a GGUF-quantized model: rebuild a plain Llama from its
     # dequantized weights.
