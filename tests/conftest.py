@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +20,8 @@ from vbs_resources import build_resources, vbs_home
 from vbs_resources.model_store import prepare_default_model
 
 MODEL = "SmolLM2-135M-Instruct"
+API_KEY = "test-key-0123456789"
+MAX_UPLOAD = 1_000_000
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +99,107 @@ def metadata_of(result, asset: str) -> dict[str, Any]:
         if e.asset_key.to_user_string() == asset
     ]
     return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Platform:
+    def __init__(self, home: Path, port: int, api_port: int, log: Path) -> None:
+        self.home, self.port, self.api_port, self.log = home, port, api_port, log
+        self.api_url = f"http://127.0.0.1:{api_port}/v1"
+        self.inbox = home / "bucket" / "inbox"
+        self.resources = build_resources({"VBS_HOME": str(home)})
+        self.instance = dg.DagsterInstance.from_config(str(home / "dagster"))
+
+    def drop(self, name: str, data: bytes) -> None:
+        """Write under a temporary name, then rename: the documented atomic drop."""
+        tmp = self.inbox / f".{name}.part"
+        tmp.write_bytes(data)
+        tmp.rename(self.inbox / name)
+
+    def runs(self, batch_id: str):
+        return self.instance.get_runs(dg.RunsFilter(tags={"vbs/batch_id": batch_id}))
+
+    def batch(self, batch_id: str):
+        return self.resources["catalog"].get_batch(batch_id)
+
+    def wait_batch(self, name: str, timeout: float = 60) -> str:
+        catalog = self.resources["catalog"]
+
+        def find():
+            rows = [r for r in catalog.list_batches() if r["original_filename"] == name]
+            return rows[0]["id"] if rows else None
+
+        return wait_for(find, timeout, f"a batch for {name}")
+
+    def wait_run_finished(self, batch_id: str, timeout: float = 60):
+        """The batch's latest run once it has finished (its checks run after the asset)."""
+        return wait_for(
+            lambda: (runs := self.runs(batch_id)) and runs[0].is_finished and runs[0],
+            timeout,
+            f"the run of {batch_id} to finish",
+        )
+
+    def wait_status(self, batch_id: str, statuses: set[str], timeout: float) -> dict:
+        return wait_for(
+            lambda: (row := self.batch(batch_id)) and row["status"] in statuses and row,
+            timeout,
+            f"{batch_id} to reach {statuses}",
+        )
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory, model_dir):
+    """`vbs serve` (Dagster webserver + daemon, and the HTTP API) on free loopback ports."""
+    home = tmp_path_factory.mktemp("platform") / "vbs"
+    (home / "bucket" / "inbox").mkdir(parents=True)
+    port, api_port = free_port(), free_port()
+    env = dict(
+        os.environ,
+        VBS_HOME=str(home),
+        VBS_MODEL=str(model_dir),
+        VBS_API_KEYS=f"{API_KEY},second-key",
+        VBS_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
+    )
+    command = [sys.executable, "-m", "vbs_cli.main", "serve", "--port", str(port)]
+    command += ["--api-port", str(api_port)]
+    log = home.parent / "vbs-serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def up(url):
+        def check():
+            try:
+                return urllib.request.urlopen(url, timeout=2).status == 200
+            except OSError:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                return False
+
+        return check
+
+    try:
+        wait_for(up(f"http://127.0.0.1:{port}/server_info"), 90, "the Dagster webserver")
+        wait_for(up(f"http://127.0.0.1:{api_port}/health"), 60, "the API server")
+        yield Platform(home, port, api_port, log)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

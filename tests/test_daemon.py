@@ -9,117 +9,22 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
-import urllib.request
-from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from tests.conftest import chat_line, jsonl, read_jsonl
-from vbs_cli.main import serve_command
-from vbs_resources import build_resources
+from tests.conftest import chat_line, jsonl, read_jsonl, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-class Platform:
-    def __init__(self, home: Path, port: int, proc: subprocess.Popen, log: Path) -> None:
-        self.home, self.port, self.proc, self.log = home, port, proc, log
-        self.inbox = home / "bucket" / "inbox"
-        self.resources = build_resources({"VBS_HOME": str(home)})
-        self.instance = dg.DagsterInstance.from_config(str(home / "dagster"))
-
-    def drop(self, name: str, data: bytes) -> None:
-        """Write under a temporary name, then rename: the documented atomic drop."""
-        tmp = self.inbox / f".{name}.part"
-        tmp.write_bytes(data)
-        tmp.rename(self.inbox / name)
-
-    def runs(self, batch_id: str):
-        return self.instance.get_runs(dg.RunsFilter(tags={"vbs/batch_id": batch_id}))
-
-    def batch(self, batch_id: str):
-        return self.resources["catalog"].get_batch(batch_id)
-
-    def wait_batch(self, name: str, timeout: float = 60) -> str:
-        catalog = self.resources["catalog"]
-
-        def find():
-            rows = [r for r in catalog.list_batches() if r["original_filename"] == name]
-            return rows[0]["id"] if rows else None
-
-        return wait_for(find, timeout, f"a batch for {name}")
-
-    def wait_run_finished(self, batch_id: str, timeout: float = 60):
-        """The batch's latest run once it has finished (its checks run after the asset)."""
-        return wait_for(
-            lambda: (runs := self.runs(batch_id)) and runs[0].is_finished and runs[0],
-            timeout,
-            f"the run of {batch_id} to finish",
-        )
-
-    def wait_status(self, batch_id: str, statuses: set[str], timeout: float) -> dict:
-        return wait_for(
-            lambda: (row := self.batch(batch_id)) and row["status"] in statuses and row,
-            timeout,
-            f"{batch_id} to reach {statuses}",
-        )
-
-
-@pytest.fixture(scope="module")
-def platform(tmp_path_factory, model_dir):
-    home = tmp_path_factory.mktemp("platform") / "vbs"
-    (home / "bucket" / "inbox").mkdir(parents=True)
-    port = free_port()
-    command, env = serve_command(home, "127.0.0.1", port)
-    env["VBS_MODEL"] = str(model_dir)
-    log = home / "dagster-dev.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}/server_info"
-
-    def up():
-        try:
-            return urllib.request.urlopen(url, timeout=2).status == 200
-        except OSError:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            return False
-
-    wait_for(up, 90, "the Dagster webserver")
-    platform = Platform(home, port, proc, log)
-    yield platform
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 def test_servers_listen_on_loopback_only(platform):
     out = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
-    mine = [line for line in out.splitlines() if f":{platform.port} " in line]
-    assert mine and all("127.0.0.1:" in line for line in mine)
+    for port in (platform.port, platform.api_port):
+        mine = [line for line in out.splitlines() if f":{port} " in line]
+        assert mine and all("127.0.0.1:" in line for line in mine)
 
 
 def test_slowly_written_file_waits_then_runs_to_completion(platform):
@@ -160,7 +65,8 @@ def test_identical_redrop_starts_no_second_run(platform):
     )
     time.sleep(3)  # a few more ticks: still nothing new
     assert len(platform.runs(batch_id)) == 1
-    assert len(platform.resources["catalog"].list_batches()) == 1
+    names = [r["original_filename"] for r in platform.resources["catalog"].list_batches()]
+    assert "slow-again.jsonl" not in names
 
 
 def _run_pids(instance, run_id: str) -> set[int]:

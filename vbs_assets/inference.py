@@ -140,8 +140,39 @@ def _finalize(bucket: Bucket, batch_id: str) -> None:
         for name in chunks:
             with bucket.open(batch_file(batch_id, f"{CHECKPOINT}/{name}"), "rb") as fh:
                 for raw in fh:
-                    status = json.loads(raw)["response"]["status_code"]
-                    (out if 200 <= status < 300 else err).write(raw)
+                    response = json.loads(raw)["response"]
+                    ok = response is not None and 200 <= response["status_code"] < 300
+                    (out if ok else err).write(raw)
+
+
+def _stop_reason(catalog: Catalog, batch_id: str) -> str | None:
+    """'cancelled' once a cancel was requested, 'expired' past the completion window."""
+    row = catalog.get_batch(batch_id) or {}
+    if row.get("status") in ("cancelling", "cancelled"):
+        return "cancelled"
+    if row.get("expires_at") and time.time() > row["expires_at"]:
+        return "expired"
+    return None
+
+
+def _register_result_files(bucket: Bucket, catalog: Catalog, batch_id: str) -> dict[str, str]:
+    """Give output.jsonl and errors.jsonl file ids, so the Files API can serve them."""
+    ids = {}
+    for name, column, purpose in (
+        ("output.jsonl", "output_file_id", "batch_output"),
+        ("errors.jsonl", "error_file_id", "batch_output"),
+    ):
+        path = batch_file(batch_id, name)
+        file_id = f"file-{name.split('.')[0]}-{batch_id.removeprefix('batch_')}"
+        catalog.create_file(
+            file_id,
+            filename=f"{batch_id}_{name}",
+            purpose=purpose,
+            size=bucket.size(path),
+            path=path,
+        )
+        ids[column] = file_id
+    return ids
 
 
 def _preview(bucket: Bucket, batch_id: str, rows: int = 5) -> str:
@@ -152,6 +183,9 @@ def _preview(bucket: Bucket, batch_id: str, rows: int = 5) -> str:
                 if len(lines) >= rows + 2:
                     break
                 line = json.loads(raw)
+                if line["response"] is None:
+                    lines.append(f"| {line['custom_id']} | - | {line['error']['code']} |")
+                    continue
                 body = line["response"]["body"] or {}
                 if "error" in body:
                     text = f"{body['error']['code']}: {body['error']['message']}"
@@ -212,7 +246,10 @@ def batch_output(
     context.log.info(f"engine ready in {start_seconds:.1f}s ({engine.describe()['engine']})")
     engine_seconds = 0.0
     new_completion_tokens = 0
+    stop = _stop_reason(catalog, batch_id)
     for requests in _pending_chunks(bucket, batch_id, progress.done, config.chunk_size):
+        if stop := stop or _stop_reason(catalog, batch_id):
+            break
         chunk_started = time.perf_counter()
         results = engine.run(endpoint, requests)
         engine_seconds += time.perf_counter() - chunk_started
@@ -238,12 +275,39 @@ def batch_output(
             f"{new_completion_tokens / max(engine_seconds, 1e-9):.0f} output tok/s"
         )
 
-    catalog.update_batch(batch_id, "finalizing")
+    if stop == "expired":
+        # OpenAI's semantics: what did not run before the window closed is an error line.
+        expired = [
+            {
+                "id": f"batch_req_{uuid.uuid4().hex}",
+                "custom_id": request.custom_id,
+                "response": None,
+                "error": {
+                    "code": "batch_expired",
+                    "message": "This request could not be executed before the "
+                    "completion window expired.",
+                },
+            }
+            for chunk in _pending_chunks(bucket, batch_id, progress.done, 4096)
+            for request in chunk
+        ]
+        bucket.write_bytes(
+            batch_file(batch_id, _chunk_name(progress.chunks)),
+            "".join(json.dumps(line) + "\n" for line in expired).encode(),
+        )
+        for line in expired:
+            progress.add(line)
+    if stop:
+        context.log.warning(f"{batch_id} {stop}: keeping {len(progress.done)}/{total} results")
+    else:
+        catalog.update_batch(batch_id, "finalizing")
     _finalize(bucket, batch_id)
     wall = time.perf_counter() - started
+    file_ids = _register_result_files(bucket, catalog, batch_id)
     catalog.update_batch(
         batch_id,
-        "completed",
+        stop or "completed",
+        **file_ids,
         request_completed=progress.completed,
         request_failed=progress.failed,
         usage=progress.usage,
@@ -294,9 +358,13 @@ def _iter_output_ids(bucket: Bucket, batch_id: str) -> Iterator[str]:
 
 
 @dg.asset_check(asset=batch_output, blocking=True)
-def output_complete(context: dg.AssetCheckExecutionContext, bucket: Bucket) -> dg.AssetCheckResult:
-    """Every input custom_id appears exactly once across output.jsonl and errors.jsonl."""
+def output_complete(
+    context: dg.AssetCheckExecutionContext, bucket: Bucket, catalog: Catalog
+) -> dg.AssetCheckResult:
+    """Every input custom_id appears exactly once across output.jsonl and errors.jsonl (at most
+    once for a cancelled batch, which keeps only what finished)."""
     batch_id = context.op_execution_context.partition_key
+    cancelled = (catalog.get_batch(batch_id) or {}).get("status") == "cancelled"
     with bucket.open(batch_file(batch_id, "requests.parquet"), "rb") as fh:
         expected = set(pq.read_table(fh, columns=["custom_id"]).column("custom_id").to_pylist())
     seen: dict[str, int] = {}
@@ -306,7 +374,7 @@ def output_complete(context: dg.AssetCheckExecutionContext, bucket: Bucket) -> d
     duplicated = sorted(k for k, n in seen.items() if n > 1)
     unexpected = sorted(seen.keys() - expected)
     return dg.AssetCheckResult(
-        passed=not (missing or duplicated or unexpected),
+        passed=not ((missing and not cancelled) or duplicated or unexpected),
         metadata={
             "expected": len(expected),
             "written": sum(seen.values()),

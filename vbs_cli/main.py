@@ -6,7 +6,10 @@ import argparse
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from vbs_resources import vbs_home
@@ -27,7 +30,8 @@ def dagster_home(home: Path) -> Path:
 
 
 def serve_command(home: Path, host: str, port: int) -> tuple[list[str], dict[str, str]]:
-    """The ``dagster dev`` command line and environment that run vbs on its embedded defaults."""
+    """The ``dagster dev`` command line and environment that run vbs on its embedded defaults
+    (the API server gets the same environment)."""
     env = dict(os.environ)
     env["VBS_HOME"] = str(home)
     env["DAGSTER_HOME"] = str(dagster_home(home))
@@ -59,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the Dagster webserver and daemon")
     serve.add_argument("--host", default=os.environ.get("VBS_DAGSTER_HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=int(os.environ.get("VBS_DAGSTER_PORT", "3000")))
+    serve.add_argument("--api-host", default=os.environ.get("VBS_API_HOST", "127.0.0.1"))
+    serve.add_argument("--api-port", type=int, default=int(os.environ.get("VBS_API_PORT", "8000")))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -69,11 +75,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     (home / "bucket" / "inbox").mkdir(parents=True, exist_ok=True)
     command, env = serve_command(home, args.host, args.port)
+    api = [sys.executable, "-m", "vbs_api.server", "--host", args.api_host]
+    api += ["--port", str(args.api_port)]
     print(
-        f"vbs: Dagster UI on http://{args.host}:{args.port}, drop files into {home}/bucket/inbox/"
+        f"vbs: Dagster UI on http://{args.host}:{args.port}, "
+        f"API on http://{args.api_host}:{args.api_port}/v1, "
+        f"drop files into {home}/bucket/inbox/",
+        flush=True,
     )
-    os.execve(command[0], command, env)
-    return 0  # pragma: no cover - execve does not return
+    return supervise([command, api], env)
+
+
+def supervise(commands: list[list[str]], env: dict[str, str]) -> int:
+    """Run the servers side by side; when one exits or we are told to stop, stop them all."""
+    procs = [subprocess.Popen(c, env=env) for c in commands]
+
+    def stop(*_: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    finally:
+        stop()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return max(p.returncode or 0 for p in procs)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,19 @@ batches = sa.Table(
 )
 
 
+files = sa.Table(
+    "files",
+    metadata_obj,
+    sa.Column("id", sa.String(80), primary_key=True),
+    sa.Column("filename", sa.String(255), nullable=False),
+    sa.Column("purpose", sa.String(32), nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("path", sa.String(512), nullable=False),  # bucket-relative, built by vbs
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("deleted", sa.Boolean, nullable=False, default=False),
+)
+
+
 def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -142,10 +155,83 @@ class Catalog(dg.ConfigurableResource):
             )
         return dict(row) if row else None
 
-    def list_batches(self, limit: int = 100) -> list[dict[str, Any]]:
-        query = sa.select(batches).order_by(batches.c.created_at.desc()).limit(limit)
+    def list_batches(self, limit: int = 100, after: str | None = None) -> list[dict[str, Any]]:
+        """Newest first; ``after`` is the id of the last batch of the previous page."""
+        order = (batches.c.created_at.desc(), batches.c.id.desc())
+        query = sa.select(batches).order_by(*order).limit(limit)
+        with self.engine.connect() as conn:
+            if after is not None:
+                anchor = conn.execute(
+                    sa.select(batches.c.created_at, batches.c.id).where(batches.c.id == after)
+                ).first()
+                if anchor is None:
+                    return []
+                query = query.where(
+                    sa.or_(
+                        batches.c.created_at < anchor.created_at,
+                        sa.and_(
+                            batches.c.created_at == anchor.created_at, batches.c.id < anchor.id
+                        ),
+                    )
+                )
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def count_batches_by_status(self) -> dict[str, int]:
+        query = sa.select(batches.c.status, sa.func.count()).group_by(batches.c.status)
+        with self.engine.connect() as conn:
+            return {status: n for status, n in conn.execute(query)}
+
+    # ---- files ---------------------------------------------------------------------------
+
+    def create_file(
+        self, file_id: str, *, filename: str, purpose: str, size: int, path: str
+    ) -> dict[str, Any]:
+        row = dict(
+            id=file_id,
+            filename=filename,
+            purpose=purpose,
+            bytes=size,
+            path=path,
+            created_at=int(time.time()),
+            deleted=False,
+        )
+        with self.engine.begin() as conn:
+            # Re-materializing a batch re-registers its result files under the same ids.
+            conn.execute(files.delete().where(files.c.id == file_id))
+            conn.execute(files.insert().values(**row))
+        return row
+
+    def get_file(self, file_id: str) -> dict[str, Any] | None:
+        query = sa.select(files).where(files.c.id == file_id, files.c.deleted.is_(False))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return dict(row) if row else None
+
+    def list_files(self, purpose: str | None = None, limit: int = 10_000) -> list[dict[str, Any]]:
+        query = sa.select(files).where(files.c.deleted.is_(False))
+        if purpose:
+            query = query.where(files.c.purpose == purpose)
+        query = query.order_by(files.c.created_at.desc(), files.c.id.desc()).limit(limit)
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
+
+    def delete_file(self, file_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(files.update().where(files.c.id == file_id).values(deleted=True))
+
+    @staticmethod
+    def to_openai_file(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": row["id"],
+            "object": "file",
+            "bytes": row["bytes"],
+            "created_at": row["created_at"],
+            "filename": row["filename"],
+            "purpose": row["purpose"],
+            "status": "processed",
+            "expires_at": None,
+            "status_details": None,
+        }
 
     def update_batch(self, batch_id: str, status: str | None = None, **fields: Any) -> None:
         """Update fields; entering a status stamps its ``*_at`` column once."""
@@ -155,6 +241,14 @@ class Catalog(dg.ConfigurableResource):
                 raise ValueError(f"unknown batch status {status!r}")
             values["status"] = status
         with self.engine.begin() as conn:
+            if status in ("in_progress", "finalizing"):
+                # A cancel requested meanwhile wins: the run sees it at its next chunk boundary.
+                current = conn.execute(
+                    sa.select(batches.c.status).where(batches.c.id == batch_id)
+                ).scalar()
+                if current == "cancelling":
+                    values.pop("status")
+                    status = None
             if status in _STATUS_TIMESTAMP:
                 column = batches.c[_STATUS_TIMESTAMP[status]]
                 conn.execute(

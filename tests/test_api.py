@@ -1,0 +1,150 @@
+"""The Batch API with the official `openai` client against `vbs serve` (API + Dagster daemon +
+vLLM on CPU)."""
+
+import json
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.conftest import API_KEY, MAX_UPLOAD, chat_line, jsonl, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client(platform):
+    return OpenAI(base_url=platform.api_url, api_key=API_KEY, max_retries=0)
+
+
+def wait_batch(client, batch_id, statuses, timeout=180):
+    return wait_for(
+        lambda: (b := client.batches.retrieve(batch_id)).status in statuses and b,
+        timeout,
+        f"{batch_id} to reach {statuses}",
+    )
+
+
+def upload(client, lines_or_bytes, name="jobs.jsonl"):
+    data = lines_or_bytes if isinstance(lines_or_bytes, bytes) else jsonl(lines_or_bytes)
+    return client.files.create(file=(name, data), purpose="batch")
+
+
+def test_upload_create_poll_and_download(client):
+    lines = [
+        chat_line(f"q{i}", "What is the capital of France?", temperature=0, max_tokens=16)
+        for i in range(3)
+    ]
+    file = upload(client, lines)
+    assert file.id.startswith("file-") and file.bytes == len(jsonl(lines))
+    assert client.files.retrieve(file.id).filename == "jobs.jsonl"
+    assert client.files.content(file.id).content == jsonl(lines)
+
+    batch = client.batches.create(
+        input_file_id=file.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"suite": "api"},
+    )
+    assert batch.status == "validating" and batch.metadata == {"suite": "api"}
+    done = wait_batch(client, batch.id, {"completed", "failed"})
+    assert done.status == "completed", done
+    assert (done.request_counts.total, done.request_counts.completed) == (3, 3)
+    assert done.completed_at >= done.in_progress_at >= done.created_at
+    assert done.usage.output_tokens > 0
+    results = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(r["custom_id"] for r in results) == ["q0", "q1", "q2"]
+    assert all(
+        "Paris" in r["response"]["body"]["choices"][0]["message"]["content"] for r in results
+    )
+    assert client.files.content(done.error_file_id).text == ""
+
+
+def test_malformed_file_gives_a_failed_batch_with_its_errors(client):
+    data = jsonl([chat_line("a", "hi")]) + b'{"custom_id": "b", "method": "GET"}\n'
+    batch = client.batches.create(
+        input_file_id=upload(client, data).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    failed = wait_batch(client, batch.id, {"failed", "completed"}, timeout=60)
+    assert failed.status == "failed" and failed.failed_at
+    (error,) = failed.errors.data
+    assert (error.code, error.line, error.param) == ("missing_required_parameter", 2, "url")
+
+
+def test_cancel_a_running_batch_keeps_what_finished(client):
+    lines = [
+        chat_line(f"c{i:02d}", f"Count to {i}.", temperature=0, max_tokens=32) for i in range(20)
+    ]
+    batch = client.batches.create(
+        input_file_id=upload(client, lines).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_body={"chunk_size": 2},
+    )
+    wait_for(
+        lambda: client.batches.retrieve(batch.id).request_counts.completed >= 2,
+        180,
+        "the first chunk",
+    )
+    assert client.batches.cancel(batch.id).status in {"cancelling", "cancelled"}
+    cancelled = wait_batch(client, batch.id, {"cancelled", "completed"}, timeout=120)
+    assert cancelled.status == "cancelled" and cancelled.cancelled_at
+    output = client.files.content(cancelled.output_file_id).text.splitlines()
+    ids = [json.loads(x)["custom_id"] for x in output]
+    assert len(ids) == len(set(ids)) == cancelled.request_counts.completed
+    assert 2 <= len(ids) < 20
+
+
+def test_list_batches_paginates_newest_first(client):
+    everything = client.batches.list(limit=100).data
+    assert len(everything) >= 3
+    first = client.batches.list(limit=2)
+    assert len(first.data) == 2 and first.has_more
+    rest = client.batches.list(limit=100, after=first.data[-1].id)
+    assert [b.id for b in first.data + rest.data] == [b.id for b in everything]
+    assert [b.id for b in client.batches.list(limit=1)] == [b.id for b in everything]
+
+
+def test_models_lists_the_served_models(client):
+    assert {m.id for m in client.models.list()} == {"SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"}
+
+
+def test_a_wrong_key_is_refused_in_openai_shape(platform):
+    bad = OpenAI(base_url=platform.api_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        bad.batches.list()
+    assert info.value.body["code"] == "invalid_api_key"
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as raw:
+        urllib.request.urlopen(f"{platform.api_url}/files")  # no Authorization header
+    assert raw.value.code == 401
+    assert json.loads(raw.value.read())["error"]["type"] == "authentication_error"
+
+
+def test_oversize_upload_is_413(client):
+    with pytest.raises(openai.APIStatusError) as info:
+        upload(client, b"x" * (MAX_UPLOAD + 1))
+    assert info.value.status_code == 413
+    assert info.value.body["code"] == "file_too_large"
+
+
+def test_unknown_ids_are_404(client):
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_doesnotexist")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(
+            input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
+        )
+
+
+def test_health_and_metrics(platform):
+    import urllib.request
+
+    base = platform.api_url.removesuffix("/v1")
+    assert json.loads(urllib.request.urlopen(f"{base}/health").read()) == {"status": "ok"}
+    metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
+    assert 'vbs_batches{status="completed"}' in metrics

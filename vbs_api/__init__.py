@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API (files, batches, models) over the Dagster pipeline."""

@@ -1,0 +1,274 @@
+"""The OpenAI-compatible Batch API over the Dagster pipeline.
+
+``files`` and ``batches`` behave as OpenAI's, so the official ``openai`` client works unchanged.
+Creating a batch hands its file to the same path as a file drop: a sidecar and the file are
+written into the bucket's inbox (sidecar first, file by atomic rename) and the inbox sensor
+takes it from there. The catalog is the shared state between this process, the sensor and the
+runs; nothing here talks to vLLM.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vbs_assets.schemas import ENDPOINTS, BatchOptions
+from vbs_resources import Bucket, Catalog, InferenceEngine
+from vbs_resources.catalog import TERMINAL_STATUSES
+
+UPLOAD_BLOCK = 1 << 20
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape ``{"error": {message, type, param, code}}``."""
+
+    def __init__(
+        self, status: int, message: str, *, code: str | None = None, param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    @property
+    def type(self) -> str:
+        return {
+            401: "authentication_error",
+            404: "invalid_request_error",
+            413: "invalid_request_error",
+        }.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+
+
+def _error_response(status: int, message: str, kind: str, code: Any, param: Any) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+class CreateBatch(BaseModel):
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = Field(default=None)
+    # vbs extension (the openai client sends it with extra_body): requests per checkpoint.
+    chunk_size: int | None = Field(default=None, ge=1, le=50_000)
+
+
+def create_app(
+    bucket: Bucket,
+    catalog: Catalog,
+    engine: InferenceEngine,
+    api_keys: list[str],
+    max_upload_bytes: int = 200 * 1024 * 1024,
+) -> FastAPI:
+    """The FastAPI app; ``api_keys`` empty means no authentication (loopback-only default)."""
+    app = FastAPI(title="vbs", version="0.1.0")
+    keys = [k.encode() for k in api_keys if k]
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc.status, exc.message, exc.type, exc.code, exc.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error_response(
+            exc.status_code, str(exc.detail), "invalid_request_error", None, None
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path"))
+        return _error_response(
+            400, f"Invalid value for '{param}': {first['msg']}", "invalid_request_error",
+            "invalid_request", param or None,
+        )  # fmt: skip
+
+    @app.exception_handler(Exception)
+    async def _server_error(_: Request, exc: Exception) -> JSONResponse:
+        return _error_response(500, "The server had an error.", "server_error", None, None)
+
+    def authorized(request: Request) -> None:
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        # Compare against every key, always, so timing says nothing about which key matched.
+        matched = False
+        for key in keys:
+            matched |= hmac.compare_digest(token.strip().encode(), key)
+        if scheme.lower() != "bearer" or not matched:
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    auth = [Depends(authorized)]
+
+    def get_file_row(file_id: str) -> dict[str, Any]:
+        row = catalog.get_file(file_id)
+        if row is None:
+            raise APIError(404, f"No such File object: {file_id}", param="id")
+        return row
+
+    def get_batch_row(batch_id: str) -> dict[str, Any]:
+        row = catalog.get_batch(batch_id)
+        if row is None:
+            raise APIError(404, f"No such Batch object: {batch_id}", param="id")
+        return row
+
+    # ---- files -------------------------------------------------------------------------
+
+    @app.post("/v1/files", dependencies=auth)
+    async def upload_file(
+        file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+    ) -> dict[str, Any]:
+        if purpose != "batch":
+            raise APIError(400, "Only purpose 'batch' is supported.", param="purpose")
+        filename = (file.filename or "upload.jsonl").rsplit("/", 1)[-1][:255]
+        if not filename.endswith(".jsonl"):
+            raise APIError(400, "Batch files must be .jsonl files.", param="file")
+        file_id = f"file-{uuid.uuid4().hex}"
+        path = f"files/{file_id}.jsonl"
+        size = 0
+        with bucket.atomic_writer(path) as out:
+            while block := await file.read(UPLOAD_BLOCK):
+                size += len(block)
+                if size > max_upload_bytes:
+                    raise APIError(
+                        413,
+                        f"File is larger than the {max_upload_bytes}-byte limit.",
+                        code="file_too_large",
+                        param="file",
+                    )
+                out.write(block)
+        row = catalog.create_file(file_id, filename=filename, purpose=purpose, size=size, path=path)
+        return Catalog.to_openai_file(row)
+
+    @app.get("/v1/files", dependencies=auth)
+    def list_files(purpose: str | None = None) -> dict[str, Any]:
+        data = [Catalog.to_openai_file(r) for r in catalog.list_files(purpose)]
+        return {"object": "list", "data": data, "has_more": False}
+
+    @app.get("/v1/files/{file_id}", dependencies=auth)
+    def retrieve_file(file_id: str) -> dict[str, Any]:
+        return Catalog.to_openai_file(get_file_row(file_id))
+
+    @app.get("/v1/files/{file_id}/content", dependencies=auth)
+    def file_content(file_id: str) -> StreamingResponse:
+        row = get_file_row(file_id)
+
+        def blocks() -> Any:
+            with bucket.open(row["path"], "rb") as fh:
+                while block := fh.read(UPLOAD_BLOCK):
+                    yield block
+
+        return StreamingResponse(blocks(), media_type="application/octet-stream")
+
+    @app.delete("/v1/files/{file_id}", dependencies=auth)
+    def delete_file(file_id: str) -> dict[str, Any]:
+        get_file_row(file_id)
+        catalog.delete_file(file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # ---- batches -----------------------------------------------------------------------
+
+    @app.post("/v1/batches", dependencies=auth)
+    def create_batch(request: CreateBatch) -> dict[str, Any]:
+        if request.endpoint not in ENDPOINTS:
+            raise APIError(
+                400, f"Unsupported endpoint; use one of {', '.join(ENDPOINTS)}.", param="endpoint"
+            )
+        if request.completion_window != "24h":
+            raise APIError(400, "completion_window must be '24h'.", param="completion_window")
+        source = get_file_row(request.input_file_id)
+        batch_id = f"batch_{uuid.uuid4().hex}"
+        try:
+            options = BatchOptions(
+                metadata=request.metadata or {},
+                batch_id=batch_id,
+                input_file_id=request.input_file_id,
+                chunk_size=request.chunk_size,
+            )
+        except ValidationError as exc:
+            raise APIError(400, exc.errors()[0]["msg"], param="metadata") from None
+        catalog.create_batch(
+            batch_id,
+            source="api",
+            content_sha256="",
+            original_filename=source["filename"],
+            metadata=options.metadata,
+            input_file_id=request.input_file_id,
+        )
+        catalog.update_batch(batch_id, endpoint=request.endpoint)
+        # Sidecar first, then the file by rename: the sensor never sees a file without options.
+        bucket.write_bytes(f"inbox/{batch_id}.metadata.json", options.model_dump_json().encode())
+        with (
+            bucket.atomic_writer(f"inbox/{batch_id}.jsonl") as out,
+            bucket.open(source["path"]) as src,
+        ):
+            while block := src.read(UPLOAD_BLOCK):
+                out.write(block)
+        return Catalog.to_openai_batch(get_batch_row(batch_id))
+
+    @app.get("/v1/batches/{batch_id}", dependencies=auth)
+    def retrieve_batch(batch_id: str) -> dict[str, Any]:
+        return Catalog.to_openai_batch(get_batch_row(batch_id))
+
+    @app.get("/v1/batches", dependencies=auth)
+    def list_batches(
+        after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    ) -> dict[str, Any]:
+        rows = catalog.list_batches(limit=limit + 1, after=after)
+        page = [Catalog.to_openai_batch(r) for r in rows[:limit]]
+        return {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(rows) > limit,
+        }
+
+    @app.post("/v1/batches/{batch_id}/cancel", dependencies=auth)
+    def cancel_batch(batch_id: str) -> dict[str, Any]:
+        row = get_batch_row(batch_id)
+        if row["status"] in TERMINAL_STATUSES:
+            raise APIError(400, f"Cannot cancel a batch that is {row['status']}.", param="batch_id")
+        if row["status"] != "cancelling":
+            catalog.update_batch(batch_id, "cancelling")
+        return Catalog.to_openai_batch(get_batch_row(batch_id))
+
+    # ---- service -----------------------------------------------------------------------
+
+    @app.get("/v1/models", dependencies=auth)
+    def list_models() -> dict[str, Any]:
+        names = {name for endpoint in ENDPOINTS for name in engine.served_models(endpoint)}
+        data = [
+            {"id": name, "object": "model", "created": int(time.time()), "owned_by": "vbs"}
+            for name in sorted(names)
+        ]
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        catalog.count_batches_by_status()  # the catalog answers
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics() -> PlainTextResponse:
+        counts = catalog.count_batches_by_status()
+        lines = [
+            "# HELP vbs_batches Batches by OpenAI status.",
+            "# TYPE vbs_batches gauge",
+        ]
+        for status in sorted(counts):
+            lines.append(f'vbs_batches{{status="{status}"}} {counts[status]}')
+        lines.append("# HELP vbs_queue_depth Batches waiting or running.")
+        lines.append("# TYPE vbs_queue_depth gauge")
+        waiting = sum(counts.get(s, 0) for s in ("validating", "in_progress", "finalizing"))
+        lines.append(f"vbs_queue_depth {waiting}")
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    return app
