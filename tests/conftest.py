@@ -22,6 +22,48 @@ from vbs_resources.model_store import prepare_default_model
 MODEL = "SmolLM2-135M-Instruct"
 API_KEY = "test-key-0123456789"
 MAX_UPLOAD = 1_000_000
+WEBHOOK_SECRET = "whsec_" + __import__("base64").b64encode(b"vbs-test-webhook-secret").decode()
+
+
+class WebhookReceiver:
+    """A local HTTP endpoint that records what it receives; answers the first ``fail_first``
+    requests with 500 to exercise retries."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        import http.server
+        import threading
+
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.fail_first = fail_first
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                failing = len(receiver.received) <= receiver.fail_first
+                self.send_response(500 if failing else 200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def events(self) -> list[tuple[dict[str, str], bytes]]:
+        return list(self.received)
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def webhook_receiver():
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
 
 
 @pytest.fixture(scope="session")
@@ -163,7 +205,7 @@ class Platform:
 
 
 @pytest.fixture(scope="session")
-def platform(tmp_path_factory, model_dir):
+def platform(tmp_path_factory, model_dir, webhook_receiver):
     """`vbs serve` (Dagster webserver + daemon, and the HTTP API) on free loopback ports."""
     home = tmp_path_factory.mktemp("platform") / "vbs"
     (home / "bucket" / "inbox").mkdir(parents=True)
@@ -174,6 +216,8 @@ def platform(tmp_path_factory, model_dir):
         VBS_MODEL=str(model_dir),
         VBS_API_KEYS=f"{API_KEY},second-key",
         VBS_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
+        VBS_WEBHOOK_URLS=webhook_receiver.url,
+        VBS_WEBHOOK_SECRET=WEBHOOK_SECRET,
     )
     command = [sys.executable, "-m", "vbs_cli.main", "serve", "--port", str(port)]
     command += ["--api-port", str(api_port)]

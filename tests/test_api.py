@@ -7,7 +7,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import API_KEY, MAX_UPLOAD, chat_line, jsonl, wait_for
+from tests.conftest import API_KEY, MAX_UPLOAD, WEBHOOK_SECRET, chat_line, jsonl, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +58,23 @@ def test_upload_create_poll_and_download(client):
         "Paris" in r["response"]["body"]["choices"][0]["message"]["content"] for r in results
     )
     assert client.files.content(done.error_file_id).text == ""
+
+
+def test_completion_webhook_is_signed_as_openai_signs(client, platform, webhook_receiver):
+    batch_id = next(b.id for b in client.batches.list() if b.status == "completed")
+    verifier = OpenAI(base_url=platform.api_url, api_key=API_KEY, webhook_secret=WEBHOOK_SECRET)
+
+    def delivered():
+        for headers, body in webhook_receiver.events():
+            event = verifier.webhooks.unwrap(body, headers)  # raises on a bad signature
+            if event.data.id == batch_id:
+                return event
+        return None
+
+    event = wait_for(delivered, 30, "the batch.completed webhook")
+    assert event.type == "batch.completed"
+    deliveries = platform.resources["catalog"].webhook_deliveries(batch_id)
+    assert [(d["event_type"], d["status_code"]) for d in deliveries] == [("batch.completed", 200)]
 
 
 def test_malformed_file_gives_a_failed_batch_with_its_errors(client):
@@ -148,3 +165,92 @@ def test_health_and_metrics(platform):
     assert json.loads(urllib.request.urlopen(f"{base}/health").read()) == {"status": "ok"}
     metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
     assert 'vbs_batches{status="completed"}' in metrics
+    assert 'vbs_requests_processed{outcome="completed"}' in metrics
+    assert 'vbs_tokens_processed{kind="output"}' in metrics
+    assert 'vbs_api_request_seconds_count{method="GET",route="/v1/batches/{batch_id}"}' in metrics
+
+
+def test_command_line_client_submits_waits_and_prints_results(platform, tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "cli.jsonl"
+    path.write_bytes(
+        jsonl([chat_line("cli", "What is the capital of France?", temperature=0, max_tokens=12)])
+    )
+    env = {**__import__("os").environ, "VBS_API_KEY": API_KEY}
+    base = [sys.executable, "-m", "vbs_cli.main"]
+    url = ["--api-url", platform.api_url]
+    submitted = subprocess.run(
+        [*base, "submit", str(path), "--wait", *url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.strip()
+    assert f"{batch_id} completed" in submitted.stderr
+    listed = subprocess.run([*base, "batches", *url], env=env, capture_output=True, text=True)
+    assert batch_id in listed.stdout and "completed" in listed.stdout
+    results = subprocess.run(
+        [*base, "results", batch_id, *url], env=env, capture_output=True, text=True
+    )
+    (line,) = [json.loads(x) for x in results.stdout.splitlines()]
+    assert "Paris" in line["response"]["body"]["choices"][0]["message"]["content"]
+
+
+def test_api_server_restarted_mid_batch_loses_nothing(platform):
+    """A second API process on the same state: killed with SIGKILL mid-batch and started again,
+    it still knows the file and the batch, which completes with every request once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "VBS_HOME": str(platform.home), "VBS_API_KEYS": API_KEY}
+    command = [sys.executable, "-m", "vbs_api.server", "--port", str(port)]
+
+    def start():
+        proc = subprocess.Popen(command, env=env, start_new_session=True)
+        wait_for(lambda: _healthy(port), 30, "the API to start")
+        return proc
+
+    proc = start()
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0)
+    lines = [chat_line(f"s{i}", f"Say {i}.", temperature=0, max_tokens=16) for i in range(8)]
+    file = upload(client, lines)
+    batch = client.batches.create(
+        input_file_id=file.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_body={"chunk_size": 2},
+    )
+    wait_for(lambda: client.batches.retrieve(batch.id).status == "in_progress", 120, "in_progress")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc = start()
+    try:
+        assert client.files.retrieve(file.id).bytes == len(jsonl(lines))
+        done = wait_batch(client, batch.id, {"completed", "failed"})
+        assert done.status == "completed" and done.request_counts.completed == 8
+        ids = [
+            json.loads(x)["custom_id"]
+            for x in client.files.content(done.output_file_id).text.splitlines()
+        ]
+        assert sorted(ids) == [f"s{i}" for i in range(8)]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def _healthy(port: int) -> bool:
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+    except OSError:
+        return False

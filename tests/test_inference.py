@@ -289,7 +289,10 @@ def test_rerun_after_a_crash_resumes_from_the_checkpoint(resources, instance, ho
     chunk_files = sorted(checkpoint.glob("chunk-*.jsonl"))
     assert [p.name for p in chunk_files] == ["chunk-00000.jsonl", "chunk-00001.jsonl"]
     stamps = {p.name: p.stat().st_mtime_ns for p in chunk_files}
-    assert resources["catalog"].get_batch(batch_id)["request_completed"] == 6
+    crashed = resources["catalog"].get_batch(batch_id)
+    assert crashed["request_completed"] == 6
+    # An exception in the step is final (not retried): the batch says so.
+    assert crashed["status"] == "failed" and crashed["errors"][0]["code"] == "engine_error"
 
     counting = CrashAfterChunksEngineDouble(resources["engine"], chunks=99)
     from vbs_assets.inference import batch_output, error_rate, output_complete
@@ -311,4 +314,5 @@ def test_rerun_after_a_crash_resumes_from_the_checkpoint(resources, instance, ho
     ok, errors = outputs(home, batch_id)
     assert sorted(ok) == [f"r{i:02d}" for i in range(10)] and not errors
     assert metadata_of(second, "batch_output")["resumed_requests"] == 6
+    assert resources["catalog"].get_batch(batch_id)["status"] == "completed"
     assert not checkpoint.exists()

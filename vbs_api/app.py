@@ -17,6 +17,13 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -256,19 +263,43 @@ def create_app(
         catalog.count_batches_by_status()  # the catalog answers
         return {"status": "ok"}
 
+    registry = CollectorRegistry()
+    latency = Histogram(
+        "vbs_api_request_seconds",
+        "API request latency by route.",
+        ["method", "route"],
+        registry=registry,
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+    )
+    batches_gauge = Gauge("vbs_batches", "Batches by OpenAI status.", ["status"], registry=registry)
+    queue_gauge = Gauge(
+        "vbs_queue_depth", "Batches validating, running or finalizing.", registry=registry
+    )
+    requests_gauge = Gauge(
+        "vbs_requests_processed", "Requests processed.", ["outcome"], registry=registry
+    )
+    tokens_gauge = Gauge("vbs_tokens_processed", "Tokens processed.", ["kind"], registry=registry)
+
+    @app.middleware("http")
+    async def _time_requests(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        latency.labels(request.method, path).observe(time.perf_counter() - started)
+        return response
+
     @app.get("/metrics")
     def metrics() -> PlainTextResponse:
         counts = catalog.count_batches_by_status()
-        lines = [
-            "# HELP vbs_batches Batches by OpenAI status.",
-            "# TYPE vbs_batches gauge",
-        ]
-        for status in sorted(counts):
-            lines.append(f'vbs_batches{{status="{status}"}} {counts[status]}')
-        lines.append("# HELP vbs_queue_depth Batches waiting or running.")
-        lines.append("# TYPE vbs_queue_depth gauge")
-        waiting = sum(counts.get(s, 0) for s in ("validating", "in_progress", "finalizing"))
-        lines.append(f"vbs_queue_depth {waiting}")
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        for status in sorted(set(counts) | {"validating", "in_progress", "completed", "failed"}):
+            batches_gauge.labels(status).set(counts.get(status, 0))
+        queue_gauge.set(sum(counts.get(s, 0) for s in ("validating", "in_progress", "finalizing")))
+        totals = catalog.totals()
+        requests_gauge.labels("completed").set(totals["requests_completed"])
+        requests_gauge.labels("failed").set(totals["requests_failed"])
+        tokens_gauge.labels("input").set(totals["input_tokens"])
+        tokens_gauge.labels("output").set(totals["output_tokens"])
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -21,7 +21,15 @@ from pydantic import Field
 
 from vbs_assets.ingest import batch_input
 from vbs_assets.partitions import batch_partitions
-from vbs_resources import Bucket, Catalog, EngineRequest, EngineResult, InferenceEngine, batch_file
+from vbs_resources import (
+    Bucket,
+    Catalog,
+    EngineRequest,
+    EngineResult,
+    InferenceEngine,
+    Webhooks,
+    batch_file,
+)
 
 CHECKPOINT = "checkpoint"
 
@@ -217,6 +225,7 @@ def batch_output(
     bucket: Bucket,
     catalog: Catalog,
     engine: InferenceEngine,
+    webhooks: Webhooks,
 ) -> dg.MaterializeResult:
     """The batch's results from vLLM: ``output.jsonl`` and ``errors.jsonl`` in OpenAI format.
 
@@ -224,6 +233,30 @@ def batch_output(
     becomes a line of ``errors.jsonl`` and the batch goes on. Resumes from its checkpoint after
     a crash.
     """
+    batch_id = context.partition_key
+    try:
+        return _run_batch(context, config, bucket, catalog, engine, webhooks)
+    except Exception as exc:
+        # Asset failures are not retried (dagster.yaml), so the batch ends here; a process
+        # that dies is another matter: it is retried, and never reaches this line.
+        message = f"{type(exc).__name__}: {exc}"[:500]
+        catalog.update_batch(
+            batch_id,
+            "failed",
+            errors=[{"code": "engine_error", "message": message, "line": None, "param": None}],
+        )
+        webhooks.batch_event(catalog, batch_id, "failed")
+        raise
+
+
+def _run_batch(
+    context: dg.AssetExecutionContext,
+    config: InferenceConfig,
+    bucket: Bucket,
+    catalog: Catalog,
+    engine: InferenceEngine,
+    webhooks: Webhooks,
+) -> dg.MaterializeResult:
     batch_id = context.partition_key
     row = catalog.get_batch(batch_id) or {}
     endpoint = row.get("endpoint") or "/v1/chat/completions"
@@ -313,6 +346,7 @@ def batch_output(
         usage=progress.usage,
     )
     bucket.remove_tree(batch_file(batch_id, CHECKPOINT))
+    webhooks.batch_event(catalog, batch_id, stop or "completed")
     return dg.MaterializeResult(
         metadata={
             "request_counts": dg.MetadataValue.json(

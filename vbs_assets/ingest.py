@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 
 from vbs_assets.partitions import batch_partitions
 from vbs_assets.validation import Limits, ValidationReport, validate_batch_file
-from vbs_resources import Bucket, Catalog, batch_file
+from vbs_resources import Bucket, Catalog, Webhooks, batch_file
 
 REQUESTS_SCHEMA = pa.schema(
     [
@@ -77,6 +77,7 @@ def batch_input(
     config: IngestConfig,
     bucket: Bucket,
     catalog: Catalog,
+    webhooks: Webhooks,
 ) -> dg.MaterializeResult:
     """The requests of one batch, validated against the OpenAI batch line format.
 
@@ -99,6 +100,7 @@ def batch_input(
             request_total=report.request_count,
             errors=[e.model_dump() for e in report.errors],
         )
+        webhooks.batch_event(catalog, batch_id, "failed")
         first = report.errors[0]
         where = f"line {first.line}: " if first.line else ""
         raise dg.Failure(

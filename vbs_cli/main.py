@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from vbs_cli import client
 from vbs_resources import vbs_home
 from vbs_resources.model_store import prepare_default_model
 
@@ -65,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=int(os.environ.get("VBS_DAGSTER_PORT", "3000")))
     serve.add_argument("--api-host", default=os.environ.get("VBS_API_HOST", "127.0.0.1"))
     serve.add_argument("--api-port", type=int, default=int(os.environ.get("VBS_API_PORT", "8000")))
+    client.add_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in ("submit", "batches", "results"):
+        return client.run(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     home = vbs_home()

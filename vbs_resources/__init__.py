@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
+
 from vbs_resources.bucket import Bucket, batch_file
 from vbs_resources.catalog import Catalog
 from vbs_resources.engine import EngineRequest, EngineResult, InferenceEngine, VLLMEngine
@@ -15,6 +17,7 @@ from vbs_resources.model_store import (
     default_embedding_model_dir,
     default_model_dir,
 )
+from vbs_resources.webhooks import Webhooks
 
 __all__ = [
     "Bucket",
@@ -23,6 +26,7 @@ __all__ = [
     "EngineResult",
     "InferenceEngine",
     "VLLMEngine",
+    "Webhooks",
     "batch_file",
     "build_resources",
     "vbs_home",
@@ -56,7 +60,11 @@ def build_resources(environ: dict[str, str] | None = None) -> dict[str, Any]:
         tensor_parallel_size=int(env.get("VBS_TENSOR_PARALLEL_SIZE", "1")),
         cpu_kvcache_space_gib=int(env.get("VBS_CPU_KVCACHE_GIB", "4")),
     )
+    urls = [u.strip() for u in env.get("VBS_WEBHOOK_URLS", "").split(",") if u.strip()]
+    # The secret is resolved from the environment at run time, never stored in run config.
+    secret = dg.EnvVar("VBS_WEBHOOK_SECRET") if env.get("VBS_WEBHOOK_SECRET") else None
     return {
+        "webhooks": Webhooks(urls=urls, secret=secret),
         "bucket": Bucket(url=env.get("VBS_BUCKET_URL") or str(home / "bucket")),
         "catalog": Catalog(url=env.get("VBS_CATALOG_URL") or f"sqlite:///{home / 'catalog.db'}"),
         "engine": engine,

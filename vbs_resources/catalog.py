@@ -86,6 +86,21 @@ files = sa.Table(
 )
 
 
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(80), nullable=False, index=True),
+    sa.Column("batch_id", sa.String(80), index=True),
+    sa.Column("event_type", sa.String(40), nullable=False),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("status_code", sa.Integer),
+    sa.Column("error", sa.String(500)),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
+
 def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -176,6 +191,21 @@ class Catalog(dg.ConfigurableResource):
                 )
             return [dict(r) for r in conn.execute(query).mappings()]
 
+    def totals(self) -> dict[str, int]:
+        """Requests and tokens processed over all batches (for /metrics)."""
+        query = sa.select(
+            sa.func.coalesce(sa.func.sum(batches.c.request_completed), 0),
+            sa.func.coalesce(sa.func.sum(batches.c.request_failed), 0),
+        )
+        with self.engine.connect() as conn:
+            completed, failed = conn.execute(query).one()
+            usages = conn.execute(sa.select(batches.c.usage)).scalars()
+            tokens = {"input_tokens": 0, "output_tokens": 0}
+            for usage in usages:
+                for key in tokens:
+                    tokens[key] += (usage or {}).get(key, 0)
+        return {"requests_completed": completed, "requests_failed": failed, **tokens}
+
     def count_batches_by_status(self) -> dict[str, int]:
         query = sa.select(batches.c.status, sa.func.count()).group_by(batches.c.status)
         with self.engine.connect() as conn:
@@ -218,6 +248,21 @@ class Catalog(dg.ConfigurableResource):
     def delete_file(self, file_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(files.update().where(files.c.id == file_id).values(deleted=True))
+
+    # ---- webhook deliveries --------------------------------------------------------------
+
+    def log_webhook_delivery(self, **fields: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(webhook_deliveries.insert().values(at=time.time(), **fields))
+
+    def webhook_deliveries(self, batch_id: str) -> list[dict[str, Any]]:
+        query = (
+            sa.select(webhook_deliveries)
+            .where(webhook_deliveries.c.batch_id == batch_id)
+            .order_by(webhook_deliveries.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
 
     @staticmethod
     def to_openai_file(row: dict[str, Any]) -> dict[str, Any]:
