@@ -316,3 +316,35 @@ def test_rerun_after_a_crash_resumes_from_the_checkpoint(resources, instance, ho
     assert metadata_of(second, "batch_output")["resumed_requests"] == 6
     assert resources["catalog"].get_batch(batch_id)["status"] == "completed"
     assert not checkpoint.exists()
+
+
+def test_past_the_completion_window_the_batch_expires_keeping_what_finished(
+    resources, instance, home
+):
+    lines = [chat_line(f"e{i}", f"Say {i}.", temperature=0, max_tokens=4) for i in range(6)]
+    batch_id = submit(resources, instance, lines)
+    catalog = resources["catalog"]
+    crashing = CrashAfterChunksEngineDouble(resources["engine"], chunks=1)
+    materialize_batch(
+        {**resources, "engine": crashing}, instance, batch_id, chunk_size=2, raise_on_error=False
+    )
+    catalog.update_batch(batch_id, expires_at=1)  # the window closed long ago
+    from vbs_assets.inference import batch_output, output_complete
+
+    result = dg.materialize(
+        [batch_output, output_complete],
+        partition_key=batch_id,
+        instance=instance,
+        resources=resources,
+        run_config=dg.RunConfig(ops={"batch_output": {"config": {"chunk_size": 2}}}),
+    )
+    assert result.success
+    row = catalog.get_batch(batch_id)
+    assert row["status"] == "expired" and row["expired_at"]
+    assert (row["request_completed"], row["request_failed"]) == (2, 4)
+    ok, errors = outputs(home, batch_id)
+    assert sorted(ok) == ["e0", "e1"]
+    assert {k: v["error"]["code"] for k, v in errors.items()} == {
+        f"e{i}": "batch_expired" for i in range(2, 6)
+    }
+    assert all(v["response"] is None for v in errors.values())
