@@ -45,11 +45,9 @@ class APIError(Exception):
 
     @property
     def type(self) -> str:
-        return {
-            401: "authentication_error",
-            404: "invalid_request_error",
-            413: "invalid_request_error",
-        }.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        if self.status == 401:
+            return "authentication_error"
+        return "invalid_request_error" if self.status < 500 else "server_error"
 
 
 def _error_response(status: int, message: str, kind: str, code: Any, param: Any) -> JSONResponse:

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from vbs_assets.ingest import batch_input
 from vbs_assets.partitions import batch_partitions
+from vbs_assets.schemas import BatchErrorEntry
 from vbs_resources import (
     Bucket,
     Catalog,
@@ -243,7 +244,7 @@ def batch_output(
         catalog.update_batch(
             batch_id,
             "failed",
-            errors=[{"code": "engine_error", "message": message, "line": None, "param": None}],
+            errors=[BatchErrorEntry(code="engine_error", message=message).model_dump()],
         )
         webhooks.batch_event(catalog, batch_id, "failed")
         raise

@@ -349,7 +349,9 @@ def _prepare_generation(
     if chat:
         prompts = [_render_chat(body, tokenizer)]
     else:
-        prompts = _completion_prompts(body["prompt"], tokenizer)
+        prompts = _token_lists(
+            body["prompt"], tokenizer, "prompt", "a string, a list of strings or token ids"
+        )
     longest = max(len(p) for p in prompts)
     if longest >= max_len:
         raise _RequestError(
@@ -396,31 +398,23 @@ def _render_chat(body: dict[str, Any], tokenizer: Any) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _completion_prompts(prompt: Any, tokenizer: Any) -> list[list[int]]:
-    if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return [tokenizer.encode(p) for p in prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
-        return [list(p) for p in prompt]
-    raise _RequestError(
-        "'prompt' must be a string, a list of strings or token ids.", param="prompt"
-    )
+def _token_lists(value: Any, tokenizer: Any, param: str, what: str) -> list[list[int]]:
+    """The OpenAI input shapes shared by ``prompt`` and ``input``: a string, a list of strings,
+    a list of token ids, or a list of such lists; one token list per text."""
+    if isinstance(value, str):
+        return [tokenizer.encode(value)]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return [tokenizer.encode(v) for v in value]
+        if all(isinstance(v, int) for v in value):
+            return [list(value)]
+        if all(isinstance(v, list) for v in value):
+            return [list(v) for v in value]
+    raise _RequestError(f"'{param}' must be {what}.", param=param)
 
 
 def _embedding_inputs(value: Any, tokenizer: Any, max_len: int) -> list[list[int]]:
-    if isinstance(value, str):
-        lists = [tokenizer.encode(value)]
-    elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        lists = [tokenizer.encode(v) for v in value]
-    elif isinstance(value, list) and value and all(isinstance(v, int) for v in value):
-        lists = [list(value)]
-    elif isinstance(value, list) and value and all(isinstance(v, list) for v in value):
-        lists = [list(v) for v in value]
-    else:
-        raise _RequestError("'input' must be a non-empty string or list.", param="input")
+    lists = _token_lists(value, tokenizer, "input", "a non-empty string or list")
     if max(len(t) for t in lists) > max_len:
         raise _RequestError(
             f"An input is longer than this model's {max_len}-token context.",
@@ -433,6 +427,11 @@ def _embedding_inputs(value: Any, tokenizer: Any, max_len: int) -> list[list[int
 # ---- response bodies -----------------------------------------------------------------------
 
 
+def _decoded(tokenizer: Any, token_id: int, logprob: Any) -> str:
+    """A logprob entry's token text (vLLM leaves ``decoded_token`` empty in some modes)."""
+    return (logprob.decoded_token if logprob else None) or tokenizer.decode([token_id])
+
+
 def _token_entry(token: str, logprob: float) -> dict[str, Any]:
     return {"token": token, "logprob": max(logprob, -9999.0), "bytes": list(token.encode())}
 
@@ -443,12 +442,12 @@ def _chat_logprobs(completion: Any, tokenizer: Any, top: int) -> dict[str, Any] 
     content = []
     for token_id, position in zip(completion.token_ids, completion.logprobs, strict=False):
         chosen = position.get(token_id)
-        token = (chosen.decoded_token if chosen else None) or tokenizer.decode([token_id])
-        entry = _token_entry(token, chosen.logprob if chosen else float("-inf"))
+        entry = _token_entry(
+            _decoded(tokenizer, token_id, chosen), chosen.logprob if chosen else float("-inf")
+        )
         ranked = sorted(position.items(), key=lambda kv: kv[1].rank or 0)[:top]
         entry["top_logprobs"] = [
-            _token_entry(lp.decoded_token or tokenizer.decode([tid]), lp.logprob)
-            for tid, lp in ranked
+            _token_entry(_decoded(tokenizer, tid, lp), lp.logprob) for tid, lp in ranked
         ]
         content.append(entry)
     return {"content": content, "refusal": None}
@@ -461,14 +460,11 @@ def _completion_logprobs(completion: Any, tokenizer: Any) -> dict[str, Any] | No
     offset = 0
     for token_id, position in zip(completion.token_ids, completion.logprobs, strict=False):
         chosen = position.get(token_id)
-        token = (chosen.decoded_token if chosen else None) or tokenizer.decode([token_id])
+        token = _decoded(tokenizer, token_id, chosen)
         tokens.append(token)
         token_logprobs.append(chosen.logprob if chosen else None)
         top_logprobs.append(
-            {
-                (lp.decoded_token or tokenizer.decode([tid])): lp.logprob
-                for tid, lp in position.items()
-            }
+            {_decoded(tokenizer, tid, lp): lp.logprob for tid, lp in position.items()}
         )
         offsets.append(offset)
         offset += len(token)
