@@ -60,6 +60,74 @@ def test_upload_create_poll_and_download(client):
     assert client.files.content(done.error_file_id).text == ""
 
 
+def test_created_batch_is_launched_without_the_inbox_sensor(client, platform):
+    """The API adds the partition and launches the run itself; the sensor is not involved."""
+    file = upload(client, [chat_line("d0", "Hi.", max_tokens=4)])
+    batch = client.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    # The run exists as soon as create returns: no waiting for a sensor tick.
+    [run] = platform.runs(batch.id)
+    assert run.tags["dagster/partition"] == batch.id
+    assert "dagster/sensor_name" not in run.tags
+    assert (platform.home / "bucket" / "batches" / batch.id / "input.jsonl").exists()
+    assert wait_batch(client, batch.id, {"completed", "failed"}).status == "completed"
+
+
+def in_process_api(platform, launcher, webhooks=None):
+    """A second API app on the platform's state, with its own launcher, served in-process."""
+    from fastapi.testclient import TestClient
+
+    from vbs_api.app import create_app
+
+    r = platform.resources
+    app = create_app(
+        r["bucket"], r["catalog"], r["engine"], [API_KEY], launcher=launcher, webhooks=webhooks
+    )
+    http = TestClient(app, base_url="http://testserver/v1")
+    return OpenAI(base_url="http://testserver/v1", api_key=API_KEY, http_client=http)
+
+
+def test_unreachable_dagster_hands_the_batch_to_the_inbox(platform):
+    from tests.conftest import free_port
+    from vbs_api.launch import BatchLauncher
+
+    api = in_process_api(platform, BatchLauncher(f"http://127.0.0.1:{free_port()}"))
+    file = upload(api, [chat_line("u0", "Hi.", max_tokens=4)])
+    batch = api.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert batch.status == "validating"
+    # The sensor takes it from the inbox and the same job runs it.
+    done = wait_batch(api, batch.id, {"completed", "failed"})
+    assert done.status == "completed" and done.request_counts.completed == 1
+    [run] = platform.runs(batch.id)
+    assert run.tags["dagster/sensor_name"] == "inbox_sensor"
+
+
+def test_a_refused_launch_fails_the_batch_with_the_reason(platform, webhook_receiver):
+    from vbs_api.launch import BatchLauncher
+    from vbs_resources.webhooks import Webhooks
+
+    launcher = BatchLauncher(f"http://127.0.0.1:{platform.port}", location="no_such_location")
+    hooks = Webhooks(urls=[webhook_receiver.url], secret=WEBHOOK_SECRET)
+    api = in_process_api(platform, launcher, hooks)
+    file = upload(api, [chat_line("f0", "Hi.", max_tokens=4)])
+    batch = api.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert batch.status == "failed"
+    [error] = batch.errors.data
+    assert error.code == "launch_failed" and "no_such_location" in error.message
+    assert platform.runs(batch.id) == []
+    # The failure is announced like any other (TestClient runs background tasks before
+    # returning the response).
+    events = [json.loads(body) for _, body in webhook_receiver.events()]
+    assert {"type": "batch.failed", "id": batch.id} in [
+        {"type": e["type"], "id": e["data"]["id"]} for e in events
+    ]
+
+
 def test_completion_webhook_is_signed_as_openai_signs(client, platform, webhook_receiver):
     batch_id = next(b.id for b in client.batches.list() if b.status == "completed")
     verifier = OpenAI(base_url=platform.api_url, api_key=API_KEY, webhook_secret=WEBHOOK_SECRET)

@@ -9,6 +9,7 @@ import os
 import uvicorn
 
 from vbs_api.app import create_app
+from vbs_api.launch import BatchLauncher
 from vbs_resources import build_resources
 
 log = logging.getLogger("vbs.api")
@@ -21,8 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     resources = build_resources()
     keys = [k.strip() for k in os.environ.get("VBS_API_KEYS", "").split(",") if k.strip()]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not keys:
-        logging.basicConfig(level=logging.INFO)
         log.warning("VBS_API_KEYS is not set: the API accepts requests without a key")
     app = create_app(
         resources["bucket"],
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
         resources["engine"],
         keys,
         max_upload_bytes=int(os.environ.get("VBS_MAX_UPLOAD_BYTES", str(200 * 1024 * 1024))),
+        launcher=BatchLauncher(url) if (url := os.environ.get("VBS_DAGSTER_URL")) else None,
+        webhooks=resources["webhooks"],
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

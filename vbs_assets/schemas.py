@@ -117,3 +117,16 @@ class BatchOptions(BaseModel):
             if len(item) > 512:
                 raise ValueError(f"metadata value of {key!r} is longer than 512 characters")
         return value
+
+    def run_config(self) -> dict[str, Any]:
+        """The ``batch_job`` run config these options ask for: the same whether the inbox sensor
+        or the HTTP API starts the run."""
+        if self.chunk_size is None:
+            return {}
+        return {"ops": {"batch_output": {"config": {"chunk_size": self.chunk_size}}}}
+
+
+def batch_run_tags(batch_id: str, source_file: str) -> dict[str, str]:
+    """Tags on every batch run, whoever starts it (``dagster/partition`` is added by Dagster for
+    a sensor's run request and by the API for a run it launches)."""
+    return {"vbs/batch_id": batch_id, "vbs/source_file": source_file[:200]}

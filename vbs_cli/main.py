@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     (home / "bucket" / "inbox").mkdir(parents=True, exist_ok=True)
     command, env = serve_command(home, args.host, args.port)
+    # The API launches the runs of the batches it creates through this webserver.
+    env.setdefault("VBS_DAGSTER_URL", f"http://{_loopback(args.host)}:{args.port}")
     api = [sys.executable, "-m", "vbs_api.server", "--host", args.api_host]
     api += ["--port", str(args.api_port)]
     print(
@@ -88,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     return supervise([command, api], env)
+
+
+def _loopback(host: str) -> str:
+    """Where to reach a server bound to ``host`` from this machine."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def supervise(commands: list[list[str]], env: dict[str, str]) -> int:

@@ -9,6 +9,7 @@ object: status lifecycle, ``*_at`` timestamps, ``request_counts``, ``usage``, ``
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import dagster as dg
@@ -84,6 +85,11 @@ files = sa.Table(
     sa.Column("created_at", sa.Integer, nullable=False),
     sa.Column("deleted", sa.Boolean, nullable=False, default=False),
 )
+
+
+# Point reads answer every API poll: built once, so each call only binds the id.
+_BATCH_BY_ID = sa.select(batches).where(batches.c.id == sa.bindparam("id"))
+_FILE_BY_ID = sa.select(files).where(files.c.id == sa.bindparam("id"), files.c.deleted.is_(False))
 
 
 webhook_deliveries = sa.Table(
@@ -163,18 +169,27 @@ class Catalog(dg.ConfigurableResource):
             conn.execute(batches.insert().values(**row))
         return True
 
-    def get_batch(self, batch_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = (
-                conn.execute(sa.select(batches).where(batches.c.id == batch_id)).mappings().first()
-            )
+    def read_connection(self) -> sa.Connection:
+        """A connection to hold for reads from one thread (the API's event loop), passed as
+        ``conn=`` to the read methods: it saves the pool checkout and reset that cost more than
+        a point read. Autocommit, so every read sees the latest committed state."""
+        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+    def _reading(self, conn: sa.Connection | None) -> AbstractContextManager[sa.Connection]:
+        return nullcontext(conn) if conn is not None else self.engine.connect()
+
+    def get_batch(self, batch_id: str, conn: sa.Connection | None = None) -> dict[str, Any] | None:
+        with self._reading(conn) as conn:
+            row = conn.execute(_BATCH_BY_ID, {"id": batch_id}).mappings().first()
         return dict(row) if row else None
 
-    def list_batches(self, limit: int = 100, after: str | None = None) -> list[dict[str, Any]]:
+    def list_batches(
+        self, limit: int = 100, after: str | None = None, conn: sa.Connection | None = None
+    ) -> list[dict[str, Any]]:
         """Newest first; ``after`` is the id of the last batch of the previous page."""
         order = (batches.c.created_at.desc(), batches.c.id.desc())
         query = sa.select(batches).order_by(*order).limit(limit)
-        with self.engine.connect() as conn:
+        with self._reading(conn) as conn:
             if after is not None:
                 anchor = conn.execute(
                     sa.select(batches.c.created_at, batches.c.id).where(batches.c.id == after)
@@ -231,18 +246,19 @@ class Catalog(dg.ConfigurableResource):
             conn.execute(files.insert().values(**row))
         return row
 
-    def get_file(self, file_id: str) -> dict[str, Any] | None:
-        query = sa.select(files).where(files.c.id == file_id, files.c.deleted.is_(False))
-        with self.engine.connect() as conn:
-            row = conn.execute(query).mappings().first()
+    def get_file(self, file_id: str, conn: sa.Connection | None = None) -> dict[str, Any] | None:
+        with self._reading(conn) as conn:
+            row = conn.execute(_FILE_BY_ID, {"id": file_id}).mappings().first()
         return dict(row) if row else None
 
-    def list_files(self, purpose: str | None = None, limit: int = 10_000) -> list[dict[str, Any]]:
+    def list_files(
+        self, purpose: str | None = None, limit: int = 10_000, conn: sa.Connection | None = None
+    ) -> list[dict[str, Any]]:
         query = sa.select(files).where(files.c.deleted.is_(False))
         if purpose:
             query = query.where(files.c.purpose == purpose)
         query = query.order_by(files.c.created_at.desc(), files.c.id.desc()).limit(limit)
-        with self.engine.connect() as conn:
+        with self._reading(conn) as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
 
     def delete_file(self, file_id: str) -> None:

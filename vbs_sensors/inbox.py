@@ -19,10 +19,9 @@ import posixpath
 import dagster as dg
 from pydantic import ValidationError
 
-from vbs_assets.inference import InferenceConfig
 from vbs_assets.jobs import batch_job
 from vbs_assets.partitions import batch_partitions
-from vbs_assets.schemas import BatchOptions
+from vbs_assets.schemas import BatchOptions, batch_run_tags
 from vbs_resources import Bucket, Catalog, batch_file
 from vbs_resources.bucket import BucketEntry
 
@@ -53,12 +52,6 @@ def _free_name(bucket: Bucket, folder: str, name: str) -> str:
         stem, ext = posixpath.splitext(name)
         candidate, n = f"{folder}/{stem}.{n}{ext}", n + 1
     return candidate
-
-
-def _run_config(options: BatchOptions) -> dg.RunConfig:
-    if options.chunk_size is None:
-        return dg.RunConfig()
-    return dg.RunConfig(ops={"batch_output": InferenceConfig(chunk_size=options.chunk_size)})
 
 
 @dg.sensor(
@@ -142,8 +135,8 @@ def inbox_sensor(
             dg.RunRequest(
                 run_key=f"{batch_id}:{sha}",
                 partition_key=batch_id,
-                run_config=_run_config(options),
-                tags={"vbs/batch_id": batch_id, "vbs/source_file": name[:200]},
+                run_config=options.run_config(),
+                tags=batch_run_tags(batch_id, name),
             )
         )
         if duplicate:
