@@ -1,10 +1,11 @@
 """The OpenAI-compatible Batch API over the Dagster pipeline.
 
 ``files`` and ``batches`` behave as OpenAI's, so the official ``openai`` client works unchanged.
-Creating a batch hands its file to the same path as a file drop: a sidecar and the file are
-written into the bucket's inbox (sidecar first, file by atomic rename) and the inbox sensor
-takes it from there. The catalog is the shared state between this process, the sensor and the
-runs; nothing here talks to vLLM.
+Creating a batch hands its file to the same path as a file drop: the file and its sidecar go
+where the inbox sensor puts them and the API launches the batch's run through Dagster at once
+(``vbs_api.launch``), or, while Dagster cannot be reached, they go into the inbox (sidecar
+first, file by atomic rename) for the sensor. The catalog is the shared state between this
+process, the sensor and the runs; nothing here talks to vLLM.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from prometheus_client import (
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vbs_api.launch import BatchLauncher, LaunchFailed, LaunchUnavailable
@@ -296,9 +298,15 @@ def create_app(
         log.info(f"{batch_id}: run {run_id} queued")
         return True
 
-    @app.get("/v1/batches/{batch_id}")
-    async def retrieve_batch(batch_id: str) -> JSONResponse:
+    async def retrieve_batch(request: Request) -> JSONResponse:
+        batch_id = request.path_params["batch_id"]
         return JSONResponse(Catalog.to_openai_batch(get_batch_row(batch_id, loop_reads)))
+
+    # The route clients poll, so a plain Starlette route matched before all others: FastAPI's
+    # request handler (parameter solving, response encoding) and the routes before it cost 40%
+    # of this request's CPU; without them the server answers about 3,200 retrieves a second
+    # instead of 2,100 (bench/api.py).
+    app.router.routes.insert(0, Route("/v1/batches/{batch_id}", retrieve_batch, methods=["GET"]))
 
     @app.get("/v1/batches")
     async def list_batches(

@@ -2,7 +2,8 @@
 
 When is a file complete? Either it was written under another name (one starting with ``.`` or
 not ending in ``.jsonl``, e.g. ``jobs.jsonl.part``) and renamed into place, which is atomic; or
-its size and modification time are unchanged between two ticks (one second apart). A file still
+its size and modification time are unchanged between two ticks (about five seconds apart:
+Dagster's sensor daemon evaluates sensors at most every 5 s). A file still
 growing is left for a later tick. An optional sidecar ``<name>.metadata.json`` (written *before*
 the ``.jsonl``) carries the OpenAI batch ``metadata`` and options.
 
