@@ -88,6 +88,43 @@ def in_process_api(platform, launcher, webhooks=None):
     return OpenAI(base_url="http://testserver/v1", api_key=API_KEY, http_client=http)
 
 
+def test_a_polled_batch_shows_every_commit_from_any_process(resources):
+    """Retrieves are answered from a cache while the catalog is unchanged; a commit from this
+    process or another (a run's progress) is seen by the very next poll."""
+    import subprocess
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from vbs_api.app import create_app
+
+    catalog = resources["catalog"]
+    catalog.create_batch("batch_poll0001", source="api", content_sha256="", input_file_id="f")
+    catalog.create_batch("batch_poll0002", source="api", content_sha256="", input_file_id="f")
+    app = create_app(resources["bucket"], catalog, resources["engine"], [API_KEY])
+    http = TestClient(app, base_url="http://testserver/v1")
+    api = OpenAI(base_url="http://testserver/v1", api_key=API_KEY, http_client=http)
+
+    assert api.batches.retrieve("batch_poll0001").status == "validating"
+    assert api.batches.retrieve("batch_poll0001").status == "validating"  # now from the cache
+    catalog.update_batch("batch_poll0001", "in_progress", request_completed=2)
+    polled = api.batches.retrieve("batch_poll0001")
+    assert (polled.status, polled.request_counts.completed) == ("in_progress", 2)
+
+    # Another process commits, as a run does.
+    writer = (
+        "import sys; from vbs_resources.catalog import Catalog; "
+        "Catalog(url=sys.argv[1]).update_batch('batch_poll0001', request_completed=5)"
+    )
+    subprocess.run([sys.executable, "-c", writer, catalog.url], check=True)
+    assert api.batches.retrieve("batch_poll0001").request_counts.completed == 5
+    # The other batch, cached before, is read again rather than served stale.
+    catalog.update_batch("batch_poll0002", "cancelling")
+    assert api.batches.retrieve("batch_poll0002").status == "cancelling"
+    with pytest.raises(openai.NotFoundError):
+        api.batches.retrieve("batch_nosuch0001")
+
+
 def test_unreachable_dagster_hands_the_batch_to_the_inbox(platform):
     from tests.conftest import free_port
     from vbs_api.launch import BatchLauncher

@@ -34,7 +34,14 @@ def main(argv: list[str] | None = None) -> None:
         launcher=BatchLauncher(url) if (url := os.environ.get("VBS_DAGSTER_URL")) else None,
         webhooks=resources["webhooks"],
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,
+    )
 
 
 if __name__ == "__main__":

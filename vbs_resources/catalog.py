@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -127,6 +128,8 @@ class Catalog(dg.ConfigurableResource):
         if self._engine is None:
             engine = sa.create_engine(self.url)
             if engine.dialect.name == "sqlite":
+                if engine.url.database not in (None, "", ":memory:"):
+                    Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
                 sa.event.listen(engine, "connect", _enable_sqlite_wal)
             metadata_obj.create_all(engine)
             self._engine = engine
@@ -174,6 +177,14 @@ class Catalog(dg.ConfigurableResource):
         ``conn=`` to the read methods: it saves the pool checkout and reset that cost more than
         a point read. Autocommit, so every read sees the latest committed state."""
         return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+    def change_counter(self, conn: sa.Connection) -> int | None:
+        """A number that moves whenever another connection commits to the catalog, read on
+        ``conn`` (SQLite's ``PRAGMA data_version``, straight from the driver: 7 us against 48 us
+        through SQLAlchemy). None for databases without one: then nothing read may be cached."""
+        if self.engine.dialect.name != "sqlite":
+            return None
+        return conn.connection.driver_connection.execute("PRAGMA data_version").fetchone()[0]
 
     def _reading(self, conn: sa.Connection | None) -> AbstractContextManager[sa.Connection]:
         return nullcontext(conn) if conn is not None else self.engine.connect()
