@@ -286,15 +286,11 @@ def create_app(
         catalog.update_batch(batch_id, endpoint=request.endpoint)
         if launcher is None or not launch_direct(batch_id, options, source, background):
             # Sidecar first, then the file by rename: the sensor never sees it without options.
-            sidecar = options.model_dump_json().encode()
-            bucket.write_bytes(f"inbox/{batch_id}.metadata.json", sidecar)
-            copy_file(source["path"], f"inbox/{batch_id}.jsonl")
+            bucket.write_bytes(
+                f"inbox/{batch_id}.metadata.json", options.model_dump_json().encode()
+            )
+            bucket.copy(source["path"], f"inbox/{batch_id}.jsonl")
         return Catalog.to_openai_batch(get_batch_row(batch_id))
-
-    def copy_file(source: str, target: str) -> None:
-        with bucket.atomic_writer(target) as out, bucket.open(source) as src:
-            while block := src.read(UPLOAD_BLOCK):
-                out.write(block)
 
     def launch_direct(
         batch_id: str, options: BatchOptions, source: dict[str, Any], background: BackgroundTasks
@@ -303,7 +299,7 @@ def create_app(
         webserver is unreachable, so the caller hands the batch to the inbox instead."""
         assert launcher is not None
         bucket.write_bytes(batch_file(batch_id, "sidecar.json"), options.model_dump_json().encode())
-        copy_file(source["path"], batch_file(batch_id, "input.jsonl"))
+        bucket.copy(source["path"], batch_file(batch_id, "input.jsonl"))
         try:
             run_id = launcher.launch(batch_id, options, source["filename"])
         except LaunchUnavailable as exc:

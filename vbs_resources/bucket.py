@@ -119,6 +119,12 @@ class Bucket(dg.ConfigurableResource):
             )
         return sorted(entries, key=lambda e: e.name)
 
+    def copy(self, src: str, dst: str, block: int = 1 << 20) -> None:
+        """Stream ``src`` into ``dst`` through ``atomic_writer``: ``dst`` appears whole or not."""
+        with self.atomic_writer(dst) as out, self.open(src) as fh:
+            while data := fh.read(block):
+                out.write(data)
+
     def move(self, src: str, dst: str) -> None:
         self.fs.makedirs(posixpath.dirname(self.path(dst)), exist_ok=True)
         self.fs.mv(self.path(src), self.path(dst))
