@@ -16,10 +16,13 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from vbs_resources import build_resources, vbs_home
+from vbs_resources import build_resources, load_settings
 from vbs_resources.model_store import prepare_default_model
 
 MODEL = "SmolLM2-135M-Instruct"
+# float32 everywhere in tests: bf16 on CPUs with native bf16 changes the tiny model's greedy
+# answers (ENVIRONMENT.md), and the tests assert robust facts such as "Paris".
+TEST_DTYPE = "float32"
 API_KEY = "test-key-0123456789"
 MAX_UPLOAD = 1_000_000
 WEBHOOK_SECRET = "whsec_" + __import__("base64").b64encode(b"vbs-test-webhook-secret").decode()
@@ -69,7 +72,7 @@ def webhook_receiver():
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The real SmolLM2 folder (`make test` prepares it in ./.vbs before pytest starts)."""
-    return prepare_default_model(vbs_home())
+    return prepare_default_model(load_settings().home)
 
 
 @pytest.fixture
@@ -77,9 +80,21 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "vbs"
 
 
+def settings_for(home: Path, model_dir: Path | None = None, **env: str):
+    """Settings of a test's own VBS_HOME (nothing read from the process environment)."""
+    values = {"VBS_HOME": str(home), "VBS_DTYPE": TEST_DTYPE, **env}
+    if model_dir is not None:
+        values["VBS_MODEL"] = str(model_dir)
+    return load_settings(values)
+
+
+def resources_for(home: Path, model_dir: Path | None = None, **env: str) -> dict[str, Any]:
+    return build_resources(settings_for(home, model_dir, **env))
+
+
 @pytest.fixture
 def resources(home: Path, model_dir: Path) -> dict[str, Any]:
-    return build_resources({"VBS_HOME": str(home), "VBS_MODEL": str(model_dir)})
+    return resources_for(home, model_dir)
 
 
 @pytest.fixture
@@ -164,7 +179,7 @@ class Platform:
         self.home, self.port, self.api_port, self.log = home, port, api_port, log
         self.api_url = f"http://127.0.0.1:{api_port}/v1"
         self.inbox = home / "bucket" / "inbox"
-        self.resources = build_resources({"VBS_HOME": str(home)})
+        self.resources = resources_for(home)
         self.instance = dg.DagsterInstance.from_config(str(home / "dagster"))
 
     def drop(self, name: str, data: bytes) -> None:
@@ -214,6 +229,7 @@ def platform(tmp_path_factory, model_dir, webhook_receiver):
         os.environ,
         VBS_HOME=str(home),
         VBS_MODEL=str(model_dir),
+        VBS_DTYPE=TEST_DTYPE,
         VBS_API_KEYS=f"{API_KEY},second-key",
         VBS_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
         VBS_WEBHOOK_URLS=webhook_receiver.url,

@@ -1,11 +1,16 @@
-"""The code location loads, names what it should, and stays light to load."""
+"""The code location loads, names what it should, stays light to load, and keeps its import
+direction (settings/layout/wire <- resources <- assets <- sensors <- definitions)."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import dagster as dg
 
-from vbs_assets.definitions import defs
+from vbs_definitions import defs
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_assets_checks_jobs_and_sensors():
@@ -20,8 +25,9 @@ def test_assets_checks_jobs_and_sensors():
         "output_complete",
         "error_rate",
     }
-    assert [s.name for s in defs.sensors] == ["inbox_sensor"]
+    assert sorted(s.name for s in defs.sensors) == ["batch_reconciler", "inbox_sensor"]
     assert defs.resolve_sensor_def("inbox_sensor").minimum_interval_seconds == 1
+    assert defs.resolve_sensor_def("batch_reconciler").minimum_interval_seconds == 5
     assert graph.get(dg.AssetKey("batch_output")).pools == {"gpu"}
 
 
@@ -33,7 +39,7 @@ def test_blocking_completeness_check():
 
 def test_loading_the_code_location_does_not_import_heavy_libraries():
     code = (
-        "import sys, vbs_assets.definitions; "
+        "import sys, vbs_definitions; "
         "print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -44,7 +50,61 @@ def test_workspace_and_instance_files_are_valid():
     import yaml
     from dagster._core.instance.config import dagster_instance_config
 
-    workspace = yaml.safe_load(open("workspace.yaml"))
-    assert workspace["load_from"][0]["python_module"]["module_name"] == "vbs_assets.definitions"
-    config, _ = dagster_instance_config(".", "dagster.yaml")
+    workspace = yaml.safe_load(open(ROOT / "workspace.yaml"))
+    assert workspace["load_from"][0]["python_module"]["module_name"] == "vbs_definitions"
+    config, _ = dagster_instance_config(str(ROOT), "dagster.yaml")
     assert config["run_retries"]["enabled"] and config["run_monitoring"]["enabled"]
+
+
+# Which vbs packages each package may import: the layers of DESIGN.md.
+ALLOWED = {
+    "vbs_resources": {"vbs_resources"},
+    "vbs_assets": {"vbs_resources", "vbs_assets"},
+    "vbs_sensors": {"vbs_resources", "vbs_assets", "vbs_sensors"},
+    "vbs_api": {"vbs_resources", "vbs_api"},
+    "vbs_cli": {"vbs_resources", "vbs_cli", "vbs_api"},
+    "vbs_definitions": {"vbs_resources", "vbs_assets", "vbs_sensors"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return {n for n in names if n.startswith("vbs_")}
+
+
+def test_packages_import_only_downwards():
+    offenders = []
+    for package, allowed in ALLOWED.items():
+        for path in sorted((ROOT / package).rglob("*.py")):
+            bad = _imports(path) - allowed
+            if bad:
+                offenders.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
+    assert offenders == []
+
+
+def test_only_the_settings_module_reads_the_environment():
+    readers = []
+    for package in ALLOWED:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            text = path.read_text()
+            for needle in ("os.environ.get(", "os.environ[", "os.getenv(", "environ.get("):
+                if needle in text and path.name != "settings.py":
+                    readers.append(f"{path.relative_to(ROOT)}: {needle}")
+    assert readers == []
+
+
+def test_status_is_written_only_by_the_lifecycle():
+    """``Catalog.transition`` changes a batch's status; only the lifecycle calls it."""
+    callers = [
+        str(path.relative_to(ROOT))
+        for package in ALLOWED
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if ".transition(" in path.read_text()
+    ]
+    assert callers == ["vbs_resources/lifecycle.py"]

@@ -4,15 +4,24 @@ A file dropped into the inbox waits for the sensor daemon, which evaluates senso
 five seconds. A batch created through the API needs no such wait: the API adds the batch's
 partition and launches ``batch_job`` for it directly, with the run config and tags the sensor
 would have used, so the run is the same one either way (same job, partition, assets and checks).
+If the webserver cannot be reached the batch is not lost: the reconciler sensor gives every
+batch without a run one.
+
+Messages of the exceptions below are safe to show a client: they never hold the webserver's URL
+(which may carry credentials); the log has the details.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import httpx
 
-from vbs_assets.schemas import BatchOptions, batch_run_tags
+from vbs_resources import layout as L
+from vbs_resources.settings import redact_url
+
+log = logging.getLogger("vbs.api")
 
 ADD_PARTITION = """
 mutation VbsAddBatchPartition($selector: RepositorySelector!, $name: String!, $key: String!) {
@@ -36,7 +45,7 @@ mutation VbsLaunchBatchRun($params: ExecutionParams!) {
 
 
 class LaunchUnavailable(Exception):
-    """The webserver could not be reached: nothing was launched, the inbox path can take over."""
+    """The webserver could not be reached: nothing was launched."""
 
 
 class LaunchFailed(Exception):
@@ -50,8 +59,8 @@ class BatchLauncher:
     def __init__(
         self,
         url: str,
-        location: str = "vbs",
-        repository: str = "__repository__",
+        location: str = L.CODE_LOCATION,
+        repository: str = L.REPOSITORY,
         timeout: float = 30.0,
     ) -> None:
         self.endpoint = url.rstrip("/") + "/graphql"
@@ -59,47 +68,51 @@ class BatchLauncher:
         self.timeout = timeout
 
     def _where(self) -> str:
-        return f"Dagster ({self.endpoint}, code location {self.selector['repositoryLocationName']})"
+        return f"Dagster (code location '{self.selector['repositoryLocationName']}')"
 
     def _call(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+        shown = redact_url(self.endpoint)
         try:
             response = httpx.post(
                 self.endpoint,
                 json={"query": query, "variables": variables},
                 timeout=self.timeout,
             )
-        except httpx.ConnectError as exc:
-            raise LaunchUnavailable(f"{self.endpoint}: {exc}") from exc
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            log.warning("Dagster at %s is unreachable: %s", shown, type(exc).__name__)
+            raise LaunchUnavailable(f"{self._where()} is unreachable") from None
+        except httpx.HTTPError as exc:
+            log.warning("Dagster at %s failed: %s", shown, type(exc).__name__)
+            raise LaunchUnavailable(f"{self._where()} did not answer") from None
         if response.status_code != 200:
-            raise LaunchFailed(f"{self.endpoint} answered {response.status_code}")
+            log.warning("Dagster at %s answered %s", shown, response.status_code)
+            raise LaunchFailed(f"{self._where()} answered HTTP {response.status_code}")
         body = response.json()
         if body.get("errors"):
-            raise LaunchFailed("; ".join(e.get("message", "") for e in body["errors"]))
+            log.warning("Dagster at %s refused: %s", shown, body["errors"])
+            raise LaunchFailed(f"{self._where()} refused the request")
         return body["data"]
 
-    def launch(self, batch_id: str, options: BatchOptions, source_file: str) -> str:
+    def launch(self, batch_id: str, run_config: dict[str, Any], tags: dict[str, str]) -> str:
         """Adds the partition (a repeat is harmless) and queues its run; returns the run id."""
         added = self._call(
-            ADD_PARTITION, {"selector": self.selector, "name": "batches", "key": batch_id}
+            ADD_PARTITION,
+            {"selector": self.selector, "name": L.BATCH_PARTITIONS, "key": batch_id},
         )["addDynamicPartition"]
         if added["__typename"] not in (
             "AddDynamicPartitionSuccess",
             "DuplicateDynamicPartitionError",
         ):
-            raise LaunchFailed(
-                f"{self._where()} refused the partition: "
-                f"{added['__typename']}: {added.get('message', '')}"
-            )
-        tags = {**batch_run_tags(batch_id, source_file), "dagster/partition": batch_id}
+            log.warning("partition refused: %s %s", added["__typename"], added.get("message"))
+            raise LaunchFailed(f"{self._where()} refused the partition: {added['__typename']}")
+        tags = {**tags, L.TAG_PARTITION: batch_id}
         params = {
-            "selector": {**self.selector, "jobName": "batch_job"},
-            "runConfigData": options.run_config(),
+            "selector": {**self.selector, "jobName": L.BATCH_JOB},
+            "runConfigData": run_config,
             "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
         }
         result = self._call(LAUNCH_RUN, {"params": params})["launchPipelineExecution"]
         if result["__typename"] != "LaunchRunSuccess":
-            detail = result.get("message") or "; ".join(
-                e["message"] for e in result.get("errors", [])
-            )
-            raise LaunchFailed(f"{self._where()} refused the run: {result['__typename']}: {detail}")
+            log.warning("run refused: %s %s", result["__typename"], result)
+            raise LaunchFailed(f"{self._where()} refused the run: {result['__typename']}")
         return result["run"]["runId"]

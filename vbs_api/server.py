@@ -4,45 +4,44 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import sys
 
 import uvicorn
 
 from vbs_api.app import create_app
 from vbs_api.launch import BatchLauncher
-from vbs_resources import build_resources
+from vbs_resources import load_settings
+from vbs_resources.settings import SettingsError
 
 log = logging.getLogger("vbs.api")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vbs-api")
-    parser.add_argument("--host", default=os.environ.get("VBS_API_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("VBS_API_PORT", "8000")))
+    parser.add_argument("--host", help="address to listen on (VBS_API_HOST)")
+    parser.add_argument("--port", type=int, help="port (VBS_API_PORT)")
     args = parser.parse_args(argv)
-    resources = build_resources()
-    keys = [k.strip() for k in os.environ.get("VBS_API_KEYS", "").split(",") if k.strip()]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if not keys:
-        log.warning("VBS_API_KEYS is not set: the API accepts requests without a key")
-    app = create_app(
-        resources["bucket"],
-        resources["catalog"],
-        resources["engine"],
-        keys,
-        max_upload_bytes=int(os.environ.get("VBS_MAX_UPLOAD_BYTES", str(200 * 1024 * 1024))),
-        launcher=BatchLauncher(url) if (url := os.environ.get("VBS_DAGSTER_URL")) else None,
-        webhooks=resources["webhooks"],
-    )
+    try:
+        overrides = {k: v for k, v in (("api_host", args.host), ("api_port", args.port)) if v}
+        settings = load_settings(**overrides)
+    except SettingsError as exc:
+        print(f"vbs-api: {exc}", file=sys.stderr)
+        return 2
+    if not settings.api_keys:
+        log.warning("VBS_API_KEYS is not set: the API accepts requests without a key (loopback)")
+    dagster = settings.dagster_url.get_secret_value() if settings.dagster_url else None
+    app = create_app(settings, launcher=BatchLauncher(dagster) if dagster else None)
     uvicorn.run(
         app,
-        host=args.host,
-        port=args.port,
+        host=settings.api_host,
+        port=settings.api_port,
         log_level="warning",
         access_log=False,
         proxy_headers=False,
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,1 +1,2 @@
-"""Assets, asset checks, partitions and the OpenAI line schemas of vbs."""
+"""Assets, asset checks, partitions and jobs of vbs, with the plain code under them
+(validation, the batch runner)."""

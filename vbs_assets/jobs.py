@@ -1,15 +1,16 @@
-"""Jobs the sensors launch."""
+"""Jobs the sensors and the API launch."""
 
 import dagster as dg
 
 from vbs_assets.inference import batch_output
 from vbs_assets.ingest import batch_input
 from vbs_assets.partitions import batch_partitions
+from vbs_resources.layout import BATCH_JOB
 
 # One process per run: the vLLM engine is loaded once, in the step that uses it, and a kill of
-# the run's process is a kill of the whole run, which the daemon's run monitoring then retries.
+# the run's process is a kill of the whole run, which the daemon then retries.
 batch_job = dg.define_asset_job(
-    "batch_job",
+    BATCH_JOB,
     selection=dg.AssetSelection.assets(batch_input, batch_output),
     partitions_def=batch_partitions,
     executor_def=dg.in_process_executor,

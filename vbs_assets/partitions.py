@@ -2,4 +2,6 @@
 
 import dagster as dg
 
-batch_partitions = dg.DynamicPartitionsDefinition(name="batches")
+from vbs_resources.layout import BATCH_PARTITIONS
+
+batch_partitions = dg.DynamicPartitionsDefinition(name=BATCH_PARTITIONS)

@@ -4,7 +4,10 @@ The file is read line by line in constant memory (only the set of ``custom_id``s
 by the request limit). Any format error fails the batch at validation; every error names its
 1-based physical line and, where one is at fault, the parameter, as OpenAI's ``errors.data[]``.
 Blank lines are skipped (as vLLM's ``run_batch`` does) but still count for line numbers; a UTF-8
-BOM on the first line and CRLF line ends are accepted.
+BOM on the first line and CRLF line ends are accepted. Lines are parsed by ``strict_json``, so
+what would break later (lone surrogates, ``NaN``, duplicate keys, deep nesting, huge numbers) is
+refused here, with its line and field; values quoted in messages are cut short, so no message
+grows with the input.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ValidationError
 
-from vbs_assets.schemas import BODY_MODELS, ENDPOINTS, BatchErrorEntry
+from vbs_resources.strict_json import JSONError, quote
+from vbs_resources.strict_json import loads as strict_loads
+from vbs_resources.wire import BODY_MODELS, ENDPOINTS, BatchErrorEntry
 
 MAX_REPORTED_ERRORS = 1000
 _BOM = b"\xef\xbb\xbf"
@@ -101,9 +106,9 @@ def _check_line(
     if unknown:
         return BatchErrorEntry(
             code="invalid_request",
-            message=f"Unrecognized request argument supplied: '{unknown[0]}'.",
+            message=f"Unrecognized request argument supplied: {quote(unknown[0])}.",
             line=line_no,
-            param=unknown[0],
+            param=unknown[0][:64],
         ), None
     custom_id = obj["custom_id"]
     if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 512:
@@ -116,7 +121,7 @@ def _check_line(
     if obj["method"] != "POST":
         return BatchErrorEntry(
             code="invalid_method",
-            message=f"Invalid HTTP method {obj['method']!r}: batch requests must use 'POST'.",
+            message=f"Invalid HTTP method {quote(obj['method'])}: batch requests must use 'POST'.",
             line=line_no,
             param="method",
         ), None
@@ -124,14 +129,14 @@ def _check_line(
     if url not in ENDPOINTS:
         return BatchErrorEntry(
             code="invalid_url",
-            message=f"Invalid URL {url!r}: supported are {', '.join(ENDPOINTS)}.",
+            message=f"Invalid URL {quote(url)}: supported are {', '.join(ENDPOINTS)}.",
             line=line_no,
             param="url",
         ), None
     if endpoint is not None and url != endpoint:
         return BatchErrorEntry(
             code="mismatched_url",
-            message=f"The URL {url!r} differs from the batch endpoint {endpoint!r}; "
+            message=f"The URL {quote(url)} differs from the batch endpoint {quote(endpoint)}; "
             "all requests of a batch must use the same URL.",
             line=line_no,
             param="url",
@@ -196,19 +201,20 @@ def validate_batch_file(
             break
         report.request_count += 1
         try:
-            obj = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            report.add_error(
-                "invalid_utf8",
-                f"This line is not valid UTF-8 (byte {exc.start + 1}).",
-                line=line_no,
-            )
-            continue
-        except json.JSONDecodeError as exc:
+            obj = strict_loads(raw)
+        except JSONError as exc:
+            if exc.kind == "utf8":
+                report.add_error(
+                    "invalid_utf8",
+                    f"This line {exc.message.removeprefix('the text ')}.",
+                    line=line_no,
+                )
+                continue
             report.add_error(
                 "invalid_json_line",
-                f"This line is not parseable as valid JSON: {exc.msg} (column {exc.colno}).",
+                f"This line is not parseable as valid JSON: {exc.message}.",
                 line=line_no,
+                param=exc.path[:200] if exc.path else None,
             )
             continue
         error, url = _check_line(line_no, obj, report.endpoint)
@@ -223,7 +229,7 @@ def validate_batch_file(
         if custom_id in seen:
             report.add_error(
                 "duplicate_custom_id",
-                f"The custom_id {custom_id!r} is a duplicate of another request's custom_id.",
+                f"The custom_id {quote(custom_id)} is a duplicate of another request's custom_id.",
                 line=line_no,
                 param="custom_id",
             )

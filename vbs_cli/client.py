@@ -1,26 +1,28 @@
-"""``vbs submit`` / ``vbs batches`` / ``vbs results``: the Batch API through the openai client."""
+"""``vbs submit`` / ``vbs batches`` / ``vbs results`` / ``vbs inbox``: the Batch API through the
+official openai client."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-TERMINAL = {"completed", "failed", "expired", "cancelled"}
+from vbs_resources import Settings
+from vbs_resources.wire import TERMINAL_STATUSES
+
+COMMANDS = ("submit", "batches", "results", "inbox")
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace, settings: Settings) -> Any:
     from openai import OpenAI
 
-    key = os.environ.get("VBS_API_KEY") or "none"
-    return OpenAI(base_url=args.api_url, api_key=key, max_retries=2)
+    key = settings.client_api_key or "none"
+    return OpenAI(base_url=args.api_url or settings.api_url, api_key=key, max_retries=2)
 
 
 def add_commands(sub: Any) -> None:
-    default_url = os.environ.get("VBS_API_URL", "http://127.0.0.1:8000/v1")
     submit = sub.add_parser("submit", help="upload a batch file and create a batch")
     submit.add_argument("file", type=Path)
     submit.add_argument("--endpoint", default="/v1/chat/completions")
@@ -31,18 +33,26 @@ def add_commands(sub: Any) -> None:
     results = sub.add_parser("results", help="print a batch's output (and errors) JSONL")
     results.add_argument("batch_id")
     results.add_argument("--errors", action="store_true", help="print the error file instead")
-    for parser in (submit, batches, results):
-        parser.add_argument("--api-url", default=default_url)
+    inbox = sub.add_parser("inbox", help="files in the inbox that cannot be taken, and why")
+    for parser in (submit, batches, results, inbox):
+        parser.add_argument("--api-url", help="the API's /v1 URL (VBS_API_URL)")
 
 
-def run(args: argparse.Namespace) -> int:
-    client = _client(args)
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    client = _client(args, settings)
     if args.command == "batches":
         for b in client.batches.list(limit=args.limit).data:
             counts = b.request_counts
             done = f"{counts.completed + counts.failed}/{counts.total}" if counts else "-"
             print(f"{b.id}  {b.status:<11}  {done:>11}  {b.endpoint}")
         return 0
+    if args.command == "inbox":
+        problems = client.get("/inbox", cast_to=object)["data"]
+        for problem in problems:
+            print(f"{problem['name']}: {problem['message']}")
+        if not problems:
+            print("the inbox has no problems")
+        return 1 if problems else 0
     if args.command == "results":
         batch = client.batches.retrieve(args.batch_id)
         file_id = batch.error_file_id if args.errors else batch.output_file_id
@@ -51,7 +61,11 @@ def run(args: argparse.Namespace) -> int:
             return 1
         sys.stdout.write(client.files.content(file_id).text)
         return 0
-    metadata = dict(pair.split("=", 1) for pair in args.metadata)
+    try:
+        metadata = dict(pair.split("=", 1) for pair in args.metadata)
+    except ValueError:
+        print("vbs: --metadata takes KEY=VALUE", file=sys.stderr)
+        return 2
     with open(args.file, "rb") as fh:
         uploaded = client.files.create(file=(args.file.name, fh), purpose="batch")
     batch = client.batches.create(
@@ -78,10 +92,11 @@ def _wait(client: Any, batch_id: str) -> str:
             bar.n = counts.completed + counts.failed
         bar.set_postfix_str(batch.status)
         bar.refresh()
-        if batch.status in TERMINAL:
+        if batch.status in TERMINAL_STATUSES:
             bar.close()
             print(f"{batch_id} {batch.status}", file=sys.stderr)
             for error in (batch.errors.data if batch.errors else [])[:10]:
-                print(f"  line {error.line}: {error.code}: {error.message}", file=sys.stderr)
+                where = f"line {error.line}: " if error.line else ""
+                print(f"  {where}{error.code}: {error.message}", file=sys.stderr)
             return batch.status
         time.sleep(1)

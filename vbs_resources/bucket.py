@@ -7,8 +7,8 @@ Paths handed to the bucket are always built by vbs from opaque ids, never taken 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import posixpath
-import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,11 +22,14 @@ from pydantic import PrivateAttr
 
 @dataclass(frozen=True)
 class BucketEntry:
-    """A file in a bucket folder, with what the inbox sensor needs to tell if it is still growing."""
+    """An entry of a bucket folder, with what the inbox sensor needs to tell if it is still
+    growing (size, modification time) and what it must refuse (folders, symbolic links)."""
 
     name: str
     size: int
     modified: str
+    is_dir: bool = False
+    is_link: bool = False
 
 
 class Bucket(dg.ConfigurableResource):
@@ -100,24 +103,40 @@ class Bucket(dg.ConfigurableResource):
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
 
-    def list_files(self, folder: str) -> list[BucketEntry]:
-        """Plain files directly inside ``folder`` (no recursion), sorted by name."""
+    def stage(self, rel: str) -> StagedFile:
+        """A file written piece by piece that appears at ``rel`` only on ``commit()``; ``abort()``
+        leaves nothing behind. For writes driven from outside (an upload read from a socket)."""
+        return StagedFile(self, rel)
+
+    def list_entries(self, folder: str) -> list[BucketEntry]:
+        """Everything directly inside ``folder`` (no recursion), sorted by name."""
         base = self.path(folder)
         if not self.fs.exists(base):
             return []
         entries = []
         for info in self.fs.ls(base, detail=True):
-            if info.get("type") != "file":
-                continue
             modified = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
             entries.append(
                 BucketEntry(
                     name=posixpath.basename(info["name"].rstrip("/")),
                     size=int(info.get("size") or 0),
                     modified=str(modified),
+                    is_dir=info.get("type") == "directory",
+                    is_link=bool(info.get("islink")),
                 )
             )
         return sorted(entries, key=lambda e: e.name)
+
+    def list_files(self, folder: str) -> list[BucketEntry]:
+        """Plain files directly inside ``folder`` (no folders, no links), sorted by name."""
+        return [e for e in self.list_entries(folder) if not e.is_dir and not e.is_link]
+
+    def sha256(self, rel: str, block: int = 1 << 20) -> str:
+        digest = hashlib.sha256()
+        with self.open(rel, "rb") as fh:
+            while data := fh.read(block):
+                digest.update(data)
+        return digest.hexdigest()
 
     def copy(self, src: str, dst: str, block: int = 1 << 20) -> None:
         """Stream ``src`` into ``dst`` through ``atomic_writer``: ``dst`` appears whole or not."""
@@ -129,16 +148,50 @@ class Bucket(dg.ConfigurableResource):
         self.fs.makedirs(posixpath.dirname(self.path(dst)), exist_ok=True)
         self.fs.mv(self.path(src), self.path(dst))
 
+    def remove(self, rel: str) -> None:
+        """Remove one file; a file that is already gone is fine."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.path(rel))
+
     def remove_tree(self, rel: str) -> None:
         if self.fs.exists(self.path(rel)):
             self.fs.rm(self.path(rel), recursive=True)
 
 
-_BATCH_ID = re.compile(r"^batch_[A-Za-z0-9]{8,64}$")
+class StagedFile:
+    """See ``Bucket.stage``: local buckets write a hidden sibling and rename it on commit; object
+    stores write the object itself (one PUT when closed) and delete it on abort."""
 
+    def __init__(self, bucket: Bucket, rel: str) -> None:
+        self.bucket, self.rel = bucket, rel
+        self.size = 0
+        self.digest = hashlib.sha256()
+        target = bucket.path(rel)
+        bucket.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        if bucket.is_local:
+            name = f".{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp"
+            self._written = f"{posixpath.dirname(target)}/{name}"
+            self._fh: IO[bytes] = open(self._written, "wb")  # noqa: SIM115 - closed in commit/abort
+        else:
+            self._written = target
+            self._fh = bucket.fs.open(target, "wb")
 
-def batch_file(batch_id: str, name: str) -> str:
-    """Path of one of a batch's files (``input.jsonl``, ``output.jsonl``, ...) in the bucket."""
-    if not _BATCH_ID.match(batch_id):
-        raise ValueError(f"{batch_id!r} is not a batch id")
-    return f"batches/{batch_id}/{name}"
+    def write(self, data: bytes) -> None:
+        self._fh.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+
+    def commit(self) -> str:
+        """Put the file in place; returns its sha256."""
+        self._fh.close()
+        if self._written != self.bucket.path(self.rel):
+            self.bucket.fs.mv(self._written, self.bucket.path(self.rel))
+        return self.digest.hexdigest()
+
+    def abort(self) -> None:
+        # fsspec's buffered object-store files can drop their upload instead of finishing it.
+        discard = getattr(self._fh, "discard", None)
+        with contextlib.suppress(Exception):
+            discard() if callable(discard) else self._fh.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.bucket.fs.rm(self._written)

@@ -1,14 +1,19 @@
 """The catalog: shared mutable state that several processes write at once.
 
-SQLAlchemy over SQLite in WAL mode by default (the sensor, run workers and the HTTP server write
-concurrently); any SQLAlchemy URL, Postgres in production. Batch rows follow the OpenAI Batch
-object: status lifecycle, ``*_at`` timestamps, ``request_counts``, ``usage``, ``metadata``,
-``errors``.
+SQLAlchemy over SQLite in WAL mode by default (the sensors, run workers and the HTTP server write
+concurrently); any SQLAlchemy URL, Postgres in production. The schema is defined here as tables
+for queries and changed only through Alembic migrations (``vbs_resources/migrations``); opening
+the catalog upgrades an older one first.
+
+Batch rows follow the OpenAI Batch object. Their ``status`` changes only through
+``transition``, one conditional update that ``vbs_resources.lifecycle`` drives; every other
+write to a batch row is refused once the batch is in a terminal status.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -17,20 +22,17 @@ import dagster as dg
 import sqlalchemy as sa
 from pydantic import PrivateAttr
 
-BATCH_STATUSES = (
-    "validating",
-    "failed",
-    "in_progress",
-    "finalizing",
-    "completed",
-    "expired",
-    "cancelling",
-    "cancelled",
+from vbs_resources.wire import (
+    BATCH_STATUSES,
+    TERMINAL_STATUSES,
+    BatchErrors,
+    BatchObject,
+    FileObject,
+    RequestCounts,
 )
-TERMINAL_STATUSES = frozenset({"failed", "completed", "expired", "cancelled"})
 
 # The timestamp column each status stamps when a batch enters it.
-_STATUS_TIMESTAMP = {
+STATUS_TIMESTAMP = {
     "in_progress": "in_progress_at",
     "finalizing": "finalizing_at",
     "completed": "completed_at",
@@ -72,8 +74,12 @@ batches = sa.Table(
     sa.Column("errors", sa.JSON),
     sa.Column("models", sa.JSON),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # Revision 2: the input file's sha256 when it was taken (checked again at validation),
+    # the run that holds the batch, and the options it runs with.
+    sa.Column("input_sha256", sa.String(64)),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("options", sa.JSON),
 )
-
 
 files = sa.Table(
     "files",
@@ -85,13 +91,9 @@ files = sa.Table(
     sa.Column("path", sa.String(512), nullable=False),  # bucket-relative, built by vbs
     sa.Column("created_at", sa.Integer, nullable=False),
     sa.Column("deleted", sa.Boolean, nullable=False, default=False),
+    sa.Column("sha256", sa.String(64)),
+    sa.Index("ix_files_created_at_id", "created_at", "id"),
 )
-
-
-# Point reads answer every API poll: built once, so each call only binds the id.
-_BATCH_BY_ID = sa.select(batches).where(batches.c.id == sa.bindparam("id"))
-_FILE_BY_ID = sa.select(files).where(files.c.id == sa.bindparam("id"), files.c.deleted.is_(False))
-
 
 webhook_deliveries = sa.Table(
     "webhook_deliveries",
@@ -107,6 +109,37 @@ webhook_deliveries = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
 )
 
+# The outbox: one row per event, written in the transaction that changed the status, so an event
+# exists exactly once whatever crashes; delivery is claimed, retried and recorded here.
+batch_events = sa.Table(
+    "batch_events",
+    metadata_obj,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("batch_id", sa.String(80), nullable=False, index=True),
+    sa.Column("type", sa.String(40), nullable=False),
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("claimed_until", sa.Float),
+    sa.Column("delivered_at", sa.Float),
+    sa.Column("gave_up_at", sa.Float),
+    sa.UniqueConstraint("batch_id", "type", name="uq_batch_events_batch_type"),
+)
+
+# What the inbox sensor could not take, and why: shown in its ticks and by GET /v1/inbox.
+inbox_problems = sa.Table(
+    "inbox_problems",
+    metadata_obj,
+    sa.Column("name", sa.String(512), primary_key=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("message", sa.String(1000), nullable=False),
+    sa.Column("first_seen", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+)
+
+# Point reads answer every API poll: built once, so each call only binds the id.
+_BATCH_BY_ID = sa.select(batches).where(batches.c.id == sa.bindparam("id"))
+_FILE_BY_ID = sa.select(files).where(files.c.id == sa.bindparam("id"), files.c.deleted.is_(False))
+_NOT_TERMINAL = batches.c.status.not_in(sorted(TERMINAL_STATUSES))
+
 
 def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
@@ -116,8 +149,21 @@ def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
+def open_engine(url: str) -> sa.Engine:
+    """A SQLAlchemy engine for the catalog at ``url``, upgraded to the newest schema."""
+    from vbs_resources.migrations import upgrade
+
+    engine = sa.create_engine(url)
+    if engine.dialect.name == "sqlite":
+        if engine.url.database not in (None, "", ":memory:"):
+            Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
+        sa.event.listen(engine, "connect", _enable_sqlite_wal)
+    upgrade(engine)
+    return engine
+
+
 class Catalog(dg.ConfigurableResource):
-    """Batch records (and later files, conquests, models) in one SQL database."""
+    """Batches, files, events and inbox problems (later conquests, models) in one database."""
 
     url: str
 
@@ -126,51 +172,8 @@ class Catalog(dg.ConfigurableResource):
     @property
     def engine(self) -> sa.Engine:
         if self._engine is None:
-            engine = sa.create_engine(self.url)
-            if engine.dialect.name == "sqlite":
-                if engine.url.database not in (None, "", ":memory:"):
-                    Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
-                sa.event.listen(engine, "connect", _enable_sqlite_wal)
-            metadata_obj.create_all(engine)
-            self._engine = engine
+            self._engine = open_engine(self.url)
         return self._engine
-
-    def create_batch(
-        self,
-        batch_id: str,
-        *,
-        source: str,
-        content_sha256: str,
-        original_filename: str | None = None,
-        completion_window: str = "24h",
-        metadata: dict[str, str] | None = None,
-        input_file_id: str | None = None,
-    ) -> bool:
-        """Insert a batch in ``validating``; False when the id exists already (a re-drop)."""
-        now = int(time.time())
-        window_s = 24 * 3600 if completion_window == "24h" else None
-        row = dict(
-            id=batch_id,
-            status="validating",
-            source=source,
-            content_sha256=content_sha256,
-            original_filename=original_filename,
-            completion_window=completion_window,
-            created_at=now,
-            expires_at=now + window_s if window_s else None,
-            batch_metadata=metadata or {},
-            input_file_id=input_file_id,
-            request_total=0,
-            request_completed=0,
-            request_failed=0,
-            updated_at=time.time(),
-        )
-        with self.engine.begin() as conn:
-            exists = conn.execute(sa.select(batches.c.id).where(batches.c.id == batch_id)).first()
-            if exists:
-                return False
-            conn.execute(batches.insert().values(**row))
-        return True
 
     def read_connection(self) -> sa.Connection:
         """A connection to hold for reads from one thread (the API's event loop), passed as
@@ -188,6 +191,40 @@ class Catalog(dg.ConfigurableResource):
 
     def _reading(self, conn: sa.Connection | None) -> AbstractContextManager[sa.Connection]:
         return nullcontext(conn) if conn is not None else self.engine.connect()
+
+    # ---- batches ----------------------------------------------------------------------------
+
+    def insert_batch(self, row: dict[str, Any]) -> bool:
+        """Insert a batch row; False when the id exists already (a re-drop, a repeated tick)."""
+        with self.engine.begin() as conn:
+            exists = conn.execute(sa.select(batches.c.id).where(batches.c.id == row["id"])).first()
+            if exists:
+                return False
+            conn.execute(batches.insert().values(**row, updated_at=time.time()))
+        return True
+
+    def delete_new_batch(self, batch_id: str) -> None:
+        """Undo ``insert_batch`` for a batch whose input could not be put in place: only while it
+        is ``validating`` and no run has taken it."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                batches.delete().where(
+                    batches.c.id == batch_id,
+                    batches.c.status == "validating",
+                    batches.c.run_id.is_(None),
+                )
+            )
+
+    def latest_batch_named(self, filename: str) -> dict[str, Any] | None:
+        query = (
+            sa.select(batches)
+            .where(batches.c.original_filename == filename)
+            .order_by(batches.c.created_at.desc())
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return dict(row) if row else None
 
     def get_batch(self, batch_id: str, conn: sa.Connection | None = None) -> dict[str, Any] | None:
         with self._reading(conn) as conn:
@@ -217,6 +254,76 @@ class Catalog(dg.ConfigurableResource):
                 )
             return [dict(r) for r in conn.execute(query).mappings()]
 
+    def unfinished_batches(self) -> list[dict[str, Any]]:
+        """Batches not yet in a terminal status, oldest first."""
+        query = sa.select(batches).where(_NOT_TERMINAL).order_by(batches.c.created_at)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def transition(
+        self,
+        batch_id: str,
+        to: str,
+        allowed_from: Iterable[str],
+        event: tuple[str, str] | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Move a batch to ``to`` if its status is one of ``allowed_from``, in one conditional
+        update that also stamps the status's ``*_at`` column and writes ``fields``; with
+        ``event`` (id, type) the event is recorded in the same transaction. Only
+        ``vbs_resources.lifecycle`` calls this. True when this call made the change."""
+        if to not in BATCH_STATUSES:
+            raise ValueError(f"unknown batch status {to!r}")
+        values: dict[str, Any] = dict(fields, status=to, updated_at=time.time())
+        now = int(time.time())
+        if to in STATUS_TIMESTAMP:
+            column = batches.c[STATUS_TIMESTAMP[to]]
+            values[column.name] = sa.func.coalesce(column, now)
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                batches.update()
+                .where(batches.c.id == batch_id, batches.c.status.in_(list(allowed_from)))
+                .values(**values)
+            ).rowcount
+            if changed and event is not None:
+                event_id, event_type = event
+                conn.execute(
+                    batch_events.insert().values(
+                        id=event_id, batch_id=batch_id, type=event_type, created_at=now
+                    )
+                )
+        return bool(changed)
+
+    def update_unfinished(self, batch_id: str, **fields: Any) -> bool:
+        """Write ``fields`` (counts, usage, endpoint, ...) unless the batch is in a terminal
+        status, which no write may change. True when the row was updated."""
+        if "status" in fields:
+            raise ValueError("status changes go through the lifecycle")
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                batches.update()
+                .where(batches.c.id == batch_id, _NOT_TERMINAL)
+                .values(**fields, updated_at=time.time())
+            ).rowcount
+        return bool(changed)
+
+    def claim(self, batch_id: str, run_id: str, holder: str | None) -> bool:
+        """Make ``run_id`` the batch's run if the run holding it is still ``holder`` (compare
+        and swap, so of two runs racing for a batch one wins). Refused for terminal batches."""
+        holder_is = batches.c.run_id.is_(None) if holder is None else batches.c.run_id == holder
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                batches.update()
+                .where(batches.c.id == batch_id, _NOT_TERMINAL, holder_is)
+                .values(run_id=run_id, updated_at=time.time())
+            ).rowcount
+        return bool(changed)
+
+    def count_batches_by_status(self) -> dict[str, int]:
+        query = sa.select(batches.c.status, sa.func.count()).group_by(batches.c.status)
+        with self.engine.connect() as conn:
+            return {status: n for status, n in conn.execute(query)}
+
     def totals(self) -> dict[str, int]:
         """Requests and tokens processed over all batches (for /metrics)."""
         query = sa.select(
@@ -232,15 +339,48 @@ class Catalog(dg.ConfigurableResource):
                     tokens[key] += (usage or {}).get(key, 0)
         return {"requests_completed": completed, "requests_failed": failed, **tokens}
 
-    def count_batches_by_status(self) -> dict[str, int]:
-        query = sa.select(batches.c.status, sa.func.count()).group_by(batches.c.status)
-        with self.engine.connect() as conn:
-            return {status: n for status, n in conn.execute(query)}
+    @staticmethod
+    def to_openai_batch(row: dict[str, Any]) -> BatchObject:
+        """The OpenAI Batch object of a catalog row."""
+        errors = row.get("errors")
+        return BatchObject(
+            id=row["id"],
+            endpoint=row["endpoint"],
+            errors=BatchErrors(data=errors) if errors else None,
+            input_file_id=row["input_file_id"],
+            completion_window=row["completion_window"],
+            status=row["status"],
+            output_file_id=row["output_file_id"],
+            error_file_id=row["error_file_id"],
+            created_at=row["created_at"],
+            in_progress_at=row["in_progress_at"],
+            expires_at=row["expires_at"],
+            finalizing_at=row["finalizing_at"],
+            completed_at=row["completed_at"],
+            failed_at=row["failed_at"],
+            expired_at=row["expired_at"],
+            cancelling_at=row["cancelling_at"],
+            cancelled_at=row["cancelled_at"],
+            request_counts=RequestCounts(
+                total=row["request_total"],
+                completed=row["request_completed"],
+                failed=row["request_failed"],
+            ),
+            usage=row["usage"],
+            metadata=row["batch_metadata"] or None,
+        )
 
-    # ---- files ---------------------------------------------------------------------------
+    # ---- files ------------------------------------------------------------------------------
 
     def create_file(
-        self, file_id: str, *, filename: str, purpose: str, size: int, path: str
+        self,
+        file_id: str,
+        *,
+        filename: str,
+        purpose: str,
+        size: int,
+        path: str,
+        sha256: str | None = None,
     ) -> dict[str, Any]:
         row = dict(
             id=file_id,
@@ -250,9 +390,10 @@ class Catalog(dg.ConfigurableResource):
             path=path,
             created_at=int(time.time()),
             deleted=False,
+            sha256=sha256,
         )
         with self.engine.begin() as conn:
-            # Re-materializing a batch re-registers its result files under the same ids.
+            # A batch's result files are registered under ids derived from the batch id.
             conn.execute(files.delete().where(files.c.id == file_id))
             conn.execute(files.insert().values(**row))
         return row
@@ -263,20 +404,137 @@ class Catalog(dg.ConfigurableResource):
         return dict(row) if row else None
 
     def list_files(
-        self, purpose: str | None = None, limit: int = 10_000, conn: sa.Connection | None = None
+        self,
+        purpose: str | None = None,
+        limit: int = 10_000,
+        after: str | None = None,
+        order: str = "desc",
+        conn: sa.Connection | None = None,
     ) -> list[dict[str, Any]]:
+        """Files by ``created_at`` (then id) in ``order``; ``after`` is the last id of the
+        previous page. Ask for one more than a page to learn whether there is another."""
+        desc = order == "desc"
+        keys = (files.c.created_at, files.c.id)
         query = sa.select(files).where(files.c.deleted.is_(False))
         if purpose:
             query = query.where(files.c.purpose == purpose)
-        query = query.order_by(files.c.created_at.desc(), files.c.id.desc()).limit(limit)
         with self._reading(conn) as conn:
+            if after is not None:
+                anchor = conn.execute(sa.select(*keys).where(files.c.id == after)).first()
+                if anchor is None:
+                    return []
+                beyond = (
+                    sa.tuple_(*keys) < tuple(anchor) if desc else sa.tuple_(*keys) > tuple(anchor)
+                )
+                query = query.where(beyond)
+            ordering = [k.desc() if desc else k.asc() for k in keys]
+            query = query.order_by(*ordering).limit(limit)
             return [dict(r) for r in conn.execute(query).mappings()]
 
-    def delete_file(self, file_id: str) -> None:
+    def delete_file(self, file_id: str) -> dict[str, Any] | None:
+        """Mark a file deleted; returns its row (the caller removes the bytes) or None."""
         with self.engine.begin() as conn:
+            row = conn.execute(_FILE_BY_ID, {"id": file_id}).mappings().first()
+            if row is None:
+                return None
             conn.execute(files.update().where(files.c.id == file_id).values(deleted=True))
+        return dict(row)
 
-    # ---- webhook deliveries --------------------------------------------------------------
+    @staticmethod
+    def to_openai_file(row: dict[str, Any]) -> FileObject:
+        return FileObject(
+            id=row["id"],
+            bytes=row["bytes"],
+            created_at=row["created_at"],
+            filename=row["filename"],
+            purpose=row["purpose"],
+        )
+
+    # ---- events and deliveries --------------------------------------------------------------
+
+    def get_event(self, event_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(batch_events).where(batch_events.c.id == event_id))
+            found = row.mappings().first()
+        return dict(found) if found else None
+
+    def batch_events_of(self, batch_id: str) -> list[dict[str, Any]]:
+        query = (
+            sa.select(batch_events)
+            .where(batch_events.c.batch_id == batch_id)
+            .order_by(batch_events.c.created_at)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def undelivered_events(self, older_than: float) -> list[dict[str, Any]]:
+        """Events nobody delivered or gave up on, created before ``older_than``, oldest first."""
+        query = (
+            sa.select(batch_events)
+            .where(
+                batch_events.c.delivered_at.is_(None),
+                batch_events.c.gave_up_at.is_(None),
+                batch_events.c.created_at < older_than,
+                sa.or_(
+                    batch_events.c.claimed_until.is_(None),
+                    batch_events.c.claimed_until < time.time(),
+                ),
+            )
+            .order_by(batch_events.c.created_at)
+            .limit(100)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def claim_event(self, event_id: str, seconds: float) -> bool:
+        """Take the delivery of an event for ``seconds``; False when another process has it or
+        it is done."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                batch_events.update()
+                .where(
+                    batch_events.c.id == event_id,
+                    batch_events.c.delivered_at.is_(None),
+                    batch_events.c.gave_up_at.is_(None),
+                    sa.or_(
+                        batch_events.c.claimed_until.is_(None),
+                        batch_events.c.claimed_until < now,
+                    ),
+                )
+                .values(claimed_until=now + seconds)
+            ).rowcount
+        return bool(changed)
+
+    def finish_event(self, event_id: str, delivered: bool) -> None:
+        column = "delivered_at" if delivered else "gave_up_at"
+        with self.engine.begin() as conn:
+            conn.execute(
+                batch_events.update()
+                .where(batch_events.c.id == event_id)
+                .values({column: time.time(), "claimed_until": None})
+            )
+
+    def release_event(self, event_id: str) -> None:
+        """Give an event's delivery back for a later try."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                batch_events.update()
+                .where(batch_events.c.id == event_id)
+                .values(claimed_until=None)
+            )
+
+    def delivery_attempts(
+        self, event_id: str, url: str | None = None, succeeded: bool = False
+    ) -> int:
+        """Delivery tries logged for an event (to ``url``; only the successful ones)."""
+        query = sa.select(sa.func.count()).where(webhook_deliveries.c.event_id == event_id)
+        if url is not None:
+            query = query.where(webhook_deliveries.c.url == url)
+        if succeeded:
+            query = query.where(webhook_deliveries.c.error.is_(None))
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar_one()
 
     def log_webhook_delivery(self, **fields: Any) -> None:
         with self.engine.begin() as conn:
@@ -291,73 +549,41 @@ class Catalog(dg.ConfigurableResource):
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
 
-    @staticmethod
-    def to_openai_file(row: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "id": row["id"],
-            "object": "file",
-            "bytes": row["bytes"],
-            "created_at": row["created_at"],
-            "filename": row["filename"],
-            "purpose": row["purpose"],
-            "status": "processed",
-            "expires_at": None,
-            "status_details": None,
-        }
+    # ---- inbox problems ---------------------------------------------------------------------
 
-    def update_batch(self, batch_id: str, status: str | None = None, **fields: Any) -> None:
-        """Update fields; entering a status stamps its ``*_at`` column once."""
-        values = dict(fields, updated_at=time.time())
-        if status is not None:
-            if status not in BATCH_STATUSES:
-                raise ValueError(f"unknown batch status {status!r}")
-            values["status"] = status
+    def set_inbox_problems(self, problems: dict[str, tuple[str, str]]) -> dict[str, str]:
+        """Replace the recorded problems with ``problems`` (name -> (kind, message)); returns the
+        ones that are new or whose message changed, to be reported once."""
+        now = time.time()
+        fresh: dict[str, str] = {}
         with self.engine.begin() as conn:
-            if status in ("in_progress", "finalizing"):
-                # A cancel requested meanwhile wins: the run sees it at its next chunk boundary.
-                current = conn.execute(
-                    sa.select(batches.c.status).where(batches.c.id == batch_id)
-                ).scalar()
-                if current == "cancelling":
-                    values.pop("status")
-                    status = None
-            if status in _STATUS_TIMESTAMP:
-                column = batches.c[_STATUS_TIMESTAMP[status]]
-                conn.execute(
-                    batches.update()
-                    .where(batches.c.id == batch_id, column.is_(None))
-                    .values({column: int(time.time())})
-                )
-            conn.execute(batches.update().where(batches.c.id == batch_id).values(**values))
+            known = {
+                r.name: r
+                for r in conn.execute(sa.select(inbox_problems.c.name, inbox_problems.c.message))
+            }
+            gone = set(known) - set(problems)
+            if gone:
+                conn.execute(inbox_problems.delete().where(inbox_problems.c.name.in_(gone)))
+            for name, (kind, message) in problems.items():
+                message = message[:1000]
+                if name not in known:
+                    conn.execute(
+                        inbox_problems.insert().values(
+                            name=name, kind=kind, message=message, first_seen=now, last_seen=now
+                        )
+                    )
+                    fresh[name] = message
+                else:
+                    conn.execute(
+                        inbox_problems.update()
+                        .where(inbox_problems.c.name == name)
+                        .values(kind=kind, message=message, last_seen=now)
+                    )
+                    if known[name].message != message:
+                        fresh[name] = message
+        return fresh
 
-    @staticmethod
-    def to_openai_batch(row: dict[str, Any]) -> dict[str, Any]:
-        """The OpenAI Batch object of a catalog row."""
-        errors = row.get("errors")
-        return {
-            "id": row["id"],
-            "object": "batch",
-            "endpoint": row["endpoint"],
-            "errors": {"object": "list", "data": errors} if errors else None,
-            "input_file_id": row["input_file_id"],
-            "completion_window": row["completion_window"],
-            "status": row["status"],
-            "output_file_id": row["output_file_id"],
-            "error_file_id": row["error_file_id"],
-            "created_at": row["created_at"],
-            "in_progress_at": row["in_progress_at"],
-            "expires_at": row["expires_at"],
-            "finalizing_at": row["finalizing_at"],
-            "completed_at": row["completed_at"],
-            "failed_at": row["failed_at"],
-            "expired_at": row["expired_at"],
-            "cancelling_at": row["cancelling_at"],
-            "cancelled_at": row["cancelled_at"],
-            "request_counts": {
-                "total": row["request_total"],
-                "completed": row["request_completed"],
-                "failed": row["request_failed"],
-            },
-            "usage": row["usage"],
-            "metadata": row["batch_metadata"] or None,
-        }
+    def list_inbox_problems(self, conn: sa.Connection | None = None) -> list[dict[str, Any]]:
+        query = sa.select(inbox_problems).order_by(inbox_problems.c.name)
+        with self._reading(conn) as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]

@@ -1,9 +1,16 @@
 """Webhooks as a result handler: batch events, signed as OpenAI signs its webhooks.
 
+Events come from the catalog's outbox (``batch_events``), where the lifecycle writes each one in
+the same transaction as the status change it announces, so an event exists exactly once. The
+process that made the change delivers it at once; an event whose delivery was cut short (the
+process died) is delivered by the reconciler sensor later, with the same ``webhook-id``, which
+receivers use to drop a repeat (Standard Webhooks).
+
 Signing follows Standard Webhooks (``webhook-id``, ``webhook-timestamp``, ``webhook-signature:
 v1,<base64 HMAC-SHA256 of "id.timestamp.body">``), so a receiver verifies vbs events with the
 official client's ``client.webhooks.unwrap(body, headers, secret=...)``. Deliveries are retried
-with exponential backoff; every attempt is logged in the catalog (never the secret).
+with exponential backoff and never follow a redirect (which would resend the signed event as a
+GET to wherever the redirect points); every attempt is logged in the catalog, never the secret.
 """
 
 from __future__ import annotations
@@ -11,27 +18,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import logging
 import time
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Callable
 
 import dagster as dg
+import httpx
 from pydantic import Field
 
 from vbs_resources.catalog import Catalog
+from vbs_resources.settings import redact_url
+from vbs_resources.wire import WebhookEvent, WebhookEventData
 
 log = logging.getLogger(__name__)
-
-BATCH_EVENTS = {
-    "completed": "batch.completed",
-    "failed": "batch.failed",
-    "cancelled": "batch.cancelled",
-    "expired": "batch.expired",
-}
 
 
 def _secret_bytes(secret: str) -> bytes:
@@ -51,84 +50,131 @@ class Webhooks(dg.ConfigurableResource):
     """Posts batch events to ``urls``; no URLs, no deliveries."""
 
     urls: list[str] = Field(default_factory=list)
-    secret: str | None = Field(default=None, description="whsec_... from VBS_WEBHOOK_SECRET")
+    secret: str | None = Field(
+        default=None,
+        description="whsec_... : in Dagster an EnvVar('VBS_WEBHOOK_SECRET'), resolved in the run",
+    )
     max_attempts: int = 5
     first_backoff_seconds: float = 1.0
     timeout_seconds: float = 10.0
 
-    def batch_event(
+    def _secret(self) -> str | None:
+        secret = self.secret
+        if isinstance(secret, dg.EnvVar):  # built outside Dagster: resolve it here
+            secret = secret.get_value()
+        return secret or None
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long one delivery of an event may take, all attempts and backoffs included."""
+        backoff = self.first_backoff_seconds * (2 ** max(self.max_attempts - 1, 0))
+        return len(self.urls) * self.max_attempts * self.timeout_seconds + backoff + 30
+
+    def deliver(
         self,
         catalog: Catalog,
-        batch_id: str,
-        status: str,
+        event_id: str,
         sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        """Deliver the event of a batch that reached ``status`` (if it has one) to every URL."""
-        event_type = BATCH_EVENTS.get(status)
-        if event_type is None or not self.urls:
-            return
-        event_id = f"evt_{uuid.uuid4().hex}"
-        created = int(time.time())
-        body = json.dumps(
-            {
-                "object": "event",
-                "id": event_id,
-                "type": event_type,
-                "created_at": created,
-                "data": {"id": batch_id},
-            }
-        ).encode()
+        attempts: int | None = None,
+    ) -> bool:
+        """Deliver one event from the outbox to every URL, with up to ``attempts`` tries each
+        (``max_attempts`` by default); False when another process has it, it was delivered
+        already, or a URL refused it. An event is given up once ``max_attempts`` tries were
+        made in all, by whichever processes made them."""
+        if not catalog.claim_event(event_id, self.lease_seconds):
+            return False
+        event = catalog.get_event(event_id)
+        if event is None:
+            return False
+        body = (
+            WebhookEvent(
+                id=event["id"],
+                type=event["type"],
+                created_at=event["created_at"],
+                data=WebhookEventData(id=event["batch_id"]),
+            )
+            .model_dump_json()
+            .encode()
+        )
+        delivered = True
         for url in self.urls:
-            self._deliver(catalog, url, batch_id, event_type, event_id, body, sleep)
+            if catalog.delivery_attempts(event_id, url, succeeded=True):
+                continue  # this receiver has it from an earlier try
+            delivered &= self._post(catalog, url, event, body, sleep, attempts or self.max_attempts)
+        made = catalog.delivery_attempts(event_id)
+        if delivered or made >= self.max_attempts * len(self.urls):
+            catalog.finish_event(event_id, delivered=delivered)
+        else:
+            catalog.release_event(event_id)
+        return delivered
 
-    def _deliver(
+    def deliver_pending(
+        self, catalog: Catalog, older_than_seconds: float = 30.0, budget_seconds: float = 20.0
+    ) -> int:
+        """One more try for each event whose delivery never happened or was cut short (the
+        reconciler calls this every tick, so ticks are the retries); returns how many went
+        through. Stops after ``budget_seconds``, leaving the rest for the next tick."""
+        done, started = 0, time.monotonic()
+        for event in catalog.undelivered_events(time.time() - older_than_seconds):
+            if time.monotonic() - started > budget_seconds:
+                break
+            if not self.urls:
+                catalog.finish_event(event["id"], delivered=True)
+                continue
+            done += self.deliver(catalog, event["id"], attempts=1)
+        return done
+
+    def _post(
         self,
         catalog: Catalog,
         url: str,
-        batch_id: str,
-        event_type: str,
-        event_id: str,
+        event: dict,
         body: bytes,
         sleep: Callable[[float], None],
+        attempts: int,
     ) -> bool:
-        for attempt in range(1, self.max_attempts + 1):
-            timestamp = int(time.time())
-            headers = {
-                "content-type": "application/json",
-                "user-agent": "vbs-webhooks/1",
-                "webhook-id": event_id,
-                "webhook-timestamp": str(timestamp),
-            }
-            if self.secret:
-                headers["webhook-signature"] = sign(self.secret, event_id, timestamp, body)
-            status_code, error = None, None
-            try:
-                request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout_seconds) as response:
-                    status_code = response.status
-            except urllib.error.HTTPError as exc:
-                status_code, error = exc.code, f"HTTP {exc.code}"
-            except OSError as exc:
-                error = f"{type(exc).__name__}: {exc}"[:500]
-            ok = status_code is not None and 200 <= status_code < 300
-            catalog.log_webhook_delivery(
-                event_id=event_id,
-                batch_id=batch_id,
-                event_type=event_type,
-                url=url,
-                attempt=attempt,
-                status_code=status_code,
-                error=error,
-            )
-            if ok:
-                return True
-            if attempt < self.max_attempts:
-                sleep(self.first_backoff_seconds * 2 ** (attempt - 1))
+        secret = self._secret()
+        first = catalog.delivery_attempts(event["id"], url) + 1
+        last = min(first + attempts - 1, self.max_attempts)
+        with httpx.Client(follow_redirects=False, timeout=self.timeout_seconds) as http:
+            for attempt in range(first, last + 1):
+                timestamp = int(time.time())
+                headers = {
+                    "content-type": "application/json",
+                    "user-agent": "vbs-webhooks/1",
+                    "webhook-id": event["id"],
+                    "webhook-timestamp": str(timestamp),
+                }
+                if secret:
+                    headers["webhook-signature"] = sign(secret, event["id"], timestamp, body)
+                status_code, error = None, None
+                try:
+                    status_code = http.post(url, content=body, headers=headers).status_code
+                    if 300 <= status_code < 400:
+                        error = f"HTTP {status_code}: redirects are not followed"
+                    elif status_code >= 400:
+                        error = f"HTTP {status_code}"
+                except httpx.HTTPError as exc:
+                    error = f"{type(exc).__name__}"
+                catalog.log_webhook_delivery(
+                    event_id=event["id"],
+                    batch_id=event["batch_id"],
+                    event_type=event["type"],
+                    url=url,
+                    attempt=attempt,
+                    status_code=status_code,
+                    error=error,
+                )
+                if error is None:
+                    return True
+                if attempt < last:
+                    sleep(self.first_backoff_seconds * 2 ** (attempt - first))
         log.warning(
-            "webhook %s for %s to %s failed after %d attempts",
-            event_type,
-            batch_id,
-            url,
+            "webhook %s for %s to %s failed (attempt %d of %d)",
+            event["type"],
+            event["batch_id"],
+            redact_url(url),
+            last,
             self.max_attempts,
         )
         return False

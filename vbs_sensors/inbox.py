@@ -1,50 +1,68 @@
 """The inbox sensor: a complete ``*.jsonl`` dropped into ``inbox/`` becomes a batch run.
 
 When is a file complete? Either it was written under another name (one starting with ``.`` or
-not ending in ``.jsonl``, e.g. ``jobs.jsonl.part``) and renamed into place, which is atomic; or
-its size and modification time are unchanged between two ticks (about five seconds apart:
-Dagster's sensor daemon evaluates sensors at most every 5 s). A file still
+ending in ``.part``/``.tmp``, e.g. ``jobs.jsonl.part``) and renamed into place, which is atomic;
+or its size and modification time (and its sidecar's) are unchanged between two ticks, about
+five seconds apart (Dagster's sensor daemon evaluates sensors at most every 5 s). A file still
 growing is left for a later tick. An optional sidecar ``<name>.metadata.json`` (written *before*
-the ``.jsonl``) carries the OpenAI batch ``metadata`` and options.
+the ``.jsonl``) carries the OpenAI batch ``metadata`` and options. The suffix is matched in any
+letter case (``JOBS.JSONL``).
 
 The batch id is derived from the content (file and sidecar), so the same bytes dropped again
-are recognized: the sensor says so, moves the copy to ``inbox/duplicates/`` and starts nothing.
-The cursor (what each file looked like on the previous tick) is stored by Dagster and survives
-daemon restarts.
+are recognized: the sensor says so, moves the copy to ``inbox/duplicates/`` and starts nothing;
+a drop can never name, and so never take over, another batch. The file's own sha256 is recorded
+when it is taken, and ``batch_input`` refuses a file that changed since (an appending writer
+that kept its handle open).
+
+Whatever cannot be taken (an invalid sidecar, a sub-folder, a symbolic link, a file that cannot
+be moved, a sidecar without its file) is a problem: shown in the tick, logged once when it
+appears or changes, kept in the catalog for ``GET /v1/inbox`` and ``vbs inbox``, and tried
+again on every tick, so fixing the cause is enough. The cursor (what each file looked like on
+the previous tick) is stored by Dagster and survives daemon restarts.
 """
+
+from __future__ import annotations
 
 import hashlib
 import json
 import posixpath
+from dataclasses import dataclass, field
 
 import dagster as dg
 from pydantic import ValidationError
 
 from vbs_assets.jobs import batch_job
 from vbs_assets.partitions import batch_partitions
-from vbs_assets.schemas import BatchOptions, batch_run_tags
-from vbs_resources import Bucket, Catalog, batch_file
+from vbs_resources import Bucket, Catalog, Webhooks
+from vbs_resources import layout as L
 from vbs_resources.bucket import BucketEntry
+from vbs_resources.lifecycle import BatchLifecycle
+from vbs_resources.strict_json import JSONError
+from vbs_resources.strict_json import loads as strict_loads
+from vbs_resources.wire import BatchOptions
 
-INBOX = "inbox"
-SIDECAR_SUFFIX = ".metadata.json"
-
-
-def _signature(entry: BucketEntry) -> list[object]:
-    return [entry.size, entry.modified]
-
-
-def _is_batch_file(name: str) -> bool:
-    return name.endswith(".jsonl") and not name.startswith(".")
+MAX_SIDECAR_BYTES = 64 * 1024
 
 
-def _content_hash(bucket: Bucket, rel: str, sidecar: bytes) -> str:
-    digest = hashlib.sha256()
-    with bucket.open(rel, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    digest.update(b"\0sidecar\0" + sidecar)
-    return digest.hexdigest()
+class InboxProblem(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+
+@dataclass
+class Tick:
+    """What one evaluation found and decided."""
+
+    seen: dict[str, list[object]] = field(default_factory=dict)
+    problems: dict[str, tuple[str, str]] = field(default_factory=dict)
+    waiting: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    run_requests: list[dg.RunRequest] = field(default_factory=list)
+
+
+def _signature(*entries: BucketEntry | None) -> list[object]:
+    return [[e.size, e.modified] for e in entries if e is not None]
 
 
 def _free_name(bucket: Bucket, folder: str, name: str) -> str:
@@ -55,105 +73,212 @@ def _free_name(bucket: Bucket, folder: str, name: str) -> str:
     return candidate
 
 
+def _options(bucket: Bucket, sidecar: BucketEntry | None) -> tuple[BatchOptions, bytes]:
+    if sidecar is None:
+        return BatchOptions(), b""
+    if sidecar.size > MAX_SIDECAR_BYTES:
+        raise InboxProblem(
+            "invalid_sidecar", f"{sidecar.name} is larger than {MAX_SIDECAR_BYTES} bytes"
+        )
+    raw = bucket.read_bytes(L.inbox_path(sidecar.name))
+    try:
+        return BatchOptions.model_validate(strict_loads(raw)), raw
+    except JSONError as exc:
+        where = f" at '{exc.path}'" if exc.path else ""
+        raise InboxProblem(
+            "invalid_sidecar", f"{sidecar.name} is not valid JSON{where}: {exc.message}"
+        ) from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise InboxProblem(
+            "invalid_sidecar", f"{sidecar.name}: '{loc[:80]}': {first['msg'][:200]}"
+        ) from None
+
+
+def _hashes(bucket: Bucket, rel: str, sidecar: bytes) -> tuple[str, str]:
+    """(sha256 of the file, sha256 of file and sidecar together: the batch's content)."""
+    input_sha = bucket.sha256(rel)
+    content = hashlib.sha256(f"{input_sha}\0sidecar\0".encode() + sidecar).hexdigest()
+    return input_sha, content
+
+
+def take(
+    bucket: Bucket,
+    lifecycle: BatchLifecycle,
+    name: str,
+    sidecar: BucketEntry | None,
+    log: dg.DagsterLogManager | None = None,
+) -> tuple[str, dg.RunRequest | None]:
+    """Turn one complete drop into a batch: record it, move its files into the batch's folder,
+    and return (batch id, the run to request); None for a duplicate of an earlier batch.
+    Raises ``InboxProblem`` when it cannot, leaving the files where they are."""
+    options, sidecar_bytes = _options(bucket, sidecar)
+    rel = L.inbox_path(name)
+    input_sha, content_sha = _hashes(bucket, rel, sidecar_bytes)
+    batch_id = L.content_batch_id(content_sha)
+    target = L.batch_file(batch_id, L.INPUT)
+    catalog = lifecycle.catalog
+    if catalog.get_batch(batch_id) is not None and bucket.exists(target):
+        moved_to = _free_name(bucket, L.INBOX_DUPLICATES, name)
+        try:
+            bucket.move(rel, moved_to)
+            if sidecar is not None:
+                bucket.move(
+                    L.inbox_path(sidecar.name),
+                    _free_name(bucket, L.INBOX_DUPLICATES, sidecar.name),
+                )
+        except OSError as exc:
+            raise InboxProblem("cannot_move", f"cannot move {name}: {exc.strerror}") from None
+        if log:
+            log.info(
+                f"{name} is identical to batch {batch_id}, which was submitted already: "
+                f"no new run; the copy was moved to {moved_to}"
+            )
+        return batch_id, None
+    # Recorded first, then moved: a tick that dies in between leaves the file in the inbox and
+    # the next tick finishes the move (the row exists, the input does not yet).
+    created = lifecycle.create(
+        batch_id,
+        source="inbox",
+        input_file_id=L.dropped_file_id(content_sha),
+        original_filename=name[:255],
+        content_sha256=content_sha,
+        input_sha256=input_sha,
+        completion_window=options.completion_window,
+        metadata=options.metadata,
+        options=options.model_dump(exclude_none=True, exclude={"metadata"}),
+    )
+    try:
+        if sidecar is not None:
+            bucket.move(L.inbox_path(sidecar.name), L.batch_file(batch_id, L.SIDECAR))
+        bucket.move(rel, target)
+    except OSError as exc:
+        if created:
+            catalog.delete_new_batch(batch_id)
+        raise InboxProblem("cannot_move", f"cannot move {name}: {exc.strerror}") from None
+    if log:
+        log.info(f"{name} -> batch {batch_id}")
+    return batch_id, dg.RunRequest(
+        run_key=f"{batch_id}:{input_sha}",
+        partition_key=batch_id,
+        run_config=options.run_config(),
+        tags=L.batch_run_tags(batch_id, name),
+    )
+
+
+def _orphan_sidecar(catalog: Catalog, name: str) -> str:
+    stem = L.batch_stem(name)
+    message = (
+        f"{name} has no {stem}.jsonl beside it: a sidecar is read when its .jsonl is taken, "
+        "so write the sidecar first"
+    )
+    for candidate in (f"{stem}.jsonl", f"{stem}.JSONL"):
+        taken = catalog.latest_batch_named(candidate)
+        if taken is not None:
+            return (
+                f"{name} arrived after {candidate} was taken as {taken['id']}, so it was not "
+                "applied; drop the file again with its sidecar written first"
+            )
+    return message
+
+
+def evaluate(
+    bucket: Bucket,
+    lifecycle: BatchLifecycle,
+    previous: dict[str, list[object]],
+    log: dg.DagsterLogManager | None = None,
+) -> Tick:
+    """One look at the inbox (the sensor's body, without Dagster's context)."""
+    tick = Tick()
+    entries = {e.name: e for e in bucket.list_entries(L.INBOX)}
+    sidecars = {
+        L.batch_stem(name).lower(): e
+        for name, e in entries.items()
+        if L.is_sidecar_name(name) and not e.is_dir and not e.is_link
+    }
+    batch_stems = {
+        L.batch_stem(name).lower()
+        for name, e in entries.items()
+        if L.is_batch_file_name(name) and not e.is_dir
+    }
+    for name, entry in entries.items():
+        if L.is_temporary_name(name) or (entry.is_dir and name in L.INBOX_OWN_FOLDERS):
+            continue
+        if entry.is_dir:
+            tick.problems[f"{name}/"] = (
+                "sub_folder",
+                f"sub-folders are not watched: move the files of {name}/ directly into inbox/",
+            )
+            continue
+        if entry.is_link:
+            tick.problems[name] = (
+                "symlink",
+                f"{name} is a symbolic link, which is not followed: copy the file into inbox/",
+            )
+            continue
+        if L.is_sidecar_name(name):
+            if L.batch_stem(name).lower() not in batch_stems:
+                signature = _signature(entry)
+                tick.seen[name] = signature
+                if previous.get(name) == signature:
+                    tick.problems[name] = (
+                        "orphan_sidecar",
+                        _orphan_sidecar(lifecycle.catalog, name),
+                    )
+            continue
+        if not L.is_batch_file_name(name):
+            tick.problems[name] = (
+                "not_a_batch_file",
+                f"{name} is not taken: only *.jsonl files (each with an optional "
+                "*.metadata.json sidecar) are",
+            )
+            continue
+        sidecar = sidecars.get(L.batch_stem(name).lower())
+        signature = _signature(entry, sidecar)
+        tick.seen[name] = signature
+        if previous.get(name) != signature:
+            tick.waiting.append(name)
+            continue
+        try:
+            batch_id, request = take(bucket, lifecycle, name, sidecar, log)
+        except InboxProblem as problem:
+            tick.problems[name] = (problem.kind, problem.message)
+            continue
+        tick.seen.pop(name, None)
+        if request is None:
+            tick.notes.append(f"{name}: duplicate of {batch_id}")
+        else:
+            tick.run_requests.append(request)
+    return tick
+
+
 @dg.sensor(
+    name=L.INBOX_SENSOR,
     job=batch_job,
     minimum_interval_seconds=1,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Turns each complete *.jsonl dropped into the bucket's inbox/ into a batch run.",
 )
 def inbox_sensor(
-    context: dg.SensorEvaluationContext, bucket: Bucket, catalog: Catalog
+    context: dg.SensorEvaluationContext, bucket: Bucket, catalog: Catalog, webhooks: Webhooks
 ) -> dg.SensorResult | dg.SkipReason:
     cursor = json.loads(context.cursor) if context.cursor else {}
-    previous: dict[str, list[object]] = cursor.get("seen", {})
-    reported: dict[str, list[object]] = cursor.get("reported", {})
-    entries = {e.name: e for e in bucket.list_files(INBOX)}
-
-    seen: dict[str, list[object]] = {}
-    run_requests: list[dg.RunRequest] = []
-    new_partitions: list[str] = []
-    notes: list[str] = []
-    for name, entry in entries.items():
-        if not _is_batch_file(name):
-            continue
-        signature = _signature(entry)
-        if previous.get(name) != signature:
-            seen[name] = signature  # new or still changing: look again next tick
-            notes.append(f"{name}: waiting until it stops changing")
-            continue
-        if reported.get(name) == signature:
-            seen[name] = signature  # already reported as unusable; unchanged since
-            continue
-        rel = f"{INBOX}/{name}"
-        sidecar_name = name[: -len(".jsonl")] + SIDECAR_SUFFIX
-        sidecar = bucket.open(f"{INBOX}/{sidecar_name}").read() if sidecar_name in entries else b""
-        try:
-            options = BatchOptions.model_validate_json(sidecar) if sidecar else BatchOptions()
-        except ValidationError as exc:
-            context.log.error(f"{sidecar_name} is not a valid batch sidecar; {name} stays: {exc}")
-            reported[name] = seen[name] = signature
-            continue
-        sha = _content_hash(bucket, rel, sidecar)
-        batch_id = options.batch_id or f"batch_{sha[:32]}"
-        target = batch_file(batch_id, "input.jsonl")
-        duplicate = bucket.exists(target)
-        try:
-            if duplicate:
-                moved_to = _free_name(bucket, f"{INBOX}/duplicates", name)
-                bucket.move(rel, moved_to)
-                if sidecar:
-                    bucket.move(
-                        f"{INBOX}/{sidecar_name}",
-                        _free_name(bucket, f"{INBOX}/duplicates", sidecar_name),
-                    )
-                context.log.info(
-                    f"{name} is identical to batch {batch_id}, which was submitted already: "
-                    f"no new run; the copy was moved to {moved_to}"
-                )
-            else:
-                if sidecar:
-                    bucket.move(f"{INBOX}/{sidecar_name}", batch_file(batch_id, "sidecar.json"))
-                bucket.move(rel, target)
-                context.log.info(f"{name} -> batch {batch_id}")
-        except OSError as exc:
-            context.log.error(f"could not move {rel}; it stays in the inbox: {exc}")
-            reported[name] = seen[name] = signature
-            continue
-        # A tick that died after the move is completed by the next one; both steps below are
-        # idempotent (the catalog keeps the first record, Dagster drops a repeated run key).
-        catalog.create_batch(
-            batch_id,
-            source="api" if options.batch_id else "inbox",
-            content_sha256=sha,
-            original_filename=name,
-            completion_window=options.completion_window,
-            metadata=options.metadata,
-            # A dropped file gets a content-derived file id, as an uploaded one gets its own.
-            input_file_id=options.input_file_id or f"file-{sha[:24]}",
-        )
-        new_partitions.append(batch_id)
-        run_requests.append(
-            dg.RunRequest(
-                run_key=f"{batch_id}:{sha}",
-                partition_key=batch_id,
-                run_config=options.run_config(),
-                tags=batch_run_tags(batch_id, name),
-            )
-        )
-        if duplicate:
-            notes.append(f"{name}: duplicate of {batch_id}")
-    # Forget reports about files that are gone, so the cursor stays as small as the inbox.
-    new_cursor = json.dumps(
-        {"seen": seen, "reported": {k: v for k, v in reported.items() if k in entries}},
-        sort_keys=True,
-    )
-    if not run_requests:
+    lifecycle = BatchLifecycle(catalog, webhooks)
+    tick = evaluate(bucket, lifecycle, cursor.get("seen", {}), context.log)
+    for name, message in catalog.set_inbox_problems(tick.problems).items():
+        context.log.warning(f"inbox: {name}: {message}")
+    new_cursor = json.dumps({"seen": tick.seen}, sort_keys=True)
+    if not tick.run_requests:
         context.update_cursor(new_cursor)
-        return dg.SkipReason("; ".join(notes) or f"no complete *.jsonl in {INBOX}/")
+        parts = [f"{n}: {m}" for n, (_, m) in sorted(tick.problems.items())]
+        parts += [f"{n}: waiting until it stops changing" for n in tick.waiting]
+        parts += tick.notes
+        return dg.SkipReason("; ".join(parts) or f"no complete *.jsonl in {L.INBOX}/")
     return dg.SensorResult(
-        run_requests=run_requests,
+        run_requests=tick.run_requests,
         dynamic_partitions_requests=[
-            batch_partitions.build_add_request(sorted(set(new_partitions)))
+            batch_partitions.build_add_request(sorted({r.partition_key for r in tick.run_requests}))
         ],
         cursor=new_cursor,
     )

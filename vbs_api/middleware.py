@@ -1,0 +1,117 @@
+"""Plain ASGI middleware (Starlette's ``BaseHTTPMiddleware`` costs more per request than the
+handlers it would wrap): API keys, request body limits, request latency."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from prometheus_client import Histogram
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vbs_api.errors import APIError
+
+
+class BearerAuth:
+    """Every ``/v1/`` request needs ``Authorization: Bearer <key>`` with one of ``keys``; no keys
+    means no check (loopback only, see ``vbs_api.app``)."""
+
+    def __init__(self, app: ASGIApp, keys: list[bytes]) -> None:
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.keys and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = Headers(scope=scope).get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            # Compare against every key, always, so timing says nothing about which matched.
+            matched = False
+            for key in self.keys:
+                matched |= hmac.compare_digest(token.strip().encode(), key)
+            if scheme.lower() != "bearer" or not matched:
+                error = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Caps request bodies: ``upload_bytes`` for uploads (``POST /v1/files``), ``json_bytes`` for
+    everything else. A declared ``Content-Length`` over the cap is refused before a byte of the
+    body is read; a body that grows past the cap (chunked) is cut off there."""
+
+    # Room for the multipart envelope around an upload's file (boundaries, part headers).
+    ENVELOPE = 64 * 1024
+
+    def __init__(self, app: ASGIApp, upload_bytes: int, json_bytes: int) -> None:
+        self.app, self.upload_bytes, self.json_bytes = app, upload_bytes, json_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        upload = scope["path"].rstrip("/") == "/v1/files"
+        limit = self.upload_bytes + self.ENVELOPE if upload else self.json_bytes
+        what = "File" if upload else "Request body"
+        shown = self.upload_bytes if upload else self.json_bytes
+        error = APIError(
+            413,
+            f"{what} is larger than the {shown}-byte limit.",
+            code="file_too_large" if upload else "request_too_large",
+            param="file" if upload else None,
+        )
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await self._refuse(error, scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(error, scope, receive, send)
+
+    @staticmethod
+    async def _refuse(error: APIError, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error.response()
+        # The rest of the body is never read: the connection cannot be reused.
+        response.headers["connection"] = "close"
+        await response(scope, receive, send)
+
+
+class Latency:
+    """Observes each request's latency by route template."""
+
+    def __init__(self, app: ASGIApp, histogram: Histogram) -> None:
+        self.app, self.histogram = app, histogram
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.histogram.labels(scope["method"], route).observe(time.perf_counter() - started)

@@ -1,0 +1,116 @@
+"""``/v1/batches``: create, retrieve, list, cancel, as OpenAI's Batch API."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.routing import Route
+
+from vbs_api.errors import APIError
+from vbs_api.state import state
+from vbs_resources import Catalog
+from vbs_resources.strict_json import JSONError
+from vbs_resources.strict_json import loads as strict_loads
+from vbs_resources.wire import CreateBatchRequest
+
+router = APIRouter(prefix="/v1/batches")
+
+
+async def json_body(request: Request) -> object:
+    """The request's JSON, parsed strictly (the body is already capped by ``BodyLimit``)."""
+    try:
+        return strict_loads(await request.body())
+    except JSONError as exc:
+        raise APIError(
+            400,
+            f"The request body is not valid JSON: {exc.message}.",
+            code="invalid_json",
+            param=exc.path[:80] if exc.path else None,
+        ) from None
+
+
+@router.post("")
+async def create_batch(request: Request) -> JSONResponse:
+    body = await json_body(request)
+    try:
+        create = CreateBatchRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])[:80] or None
+        raise APIError(
+            400, f"Invalid value for '{param}': {first['msg'][:200]}", param=param
+        ) from None
+    created = await run_in_threadpool(state(request).service.create_batch, create)
+    return JSONResponse(created.model_dump())
+
+
+class PollCache:
+    """Encoded batch objects, valid while the catalog's change counter stands still: any commit
+    (a run's progress, a cancel, a new batch) moves it and empties the cache, so a poll never
+    sees an older state than a read would. With no counter (not SQLite) nothing is kept."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+        self.bodies: dict[str, bytes] = {}
+
+    def get(self, key: str, version: int | None) -> bytes | None:
+        if version is None or version != self.version or len(self.bodies) > self.MAX_ENTRIES:
+            self.version = version
+            self.bodies.clear()
+            return None
+        return self.bodies.get(key)
+
+    def put(self, key: str, body: bytes) -> bytes:
+        if self.version is not None:
+            self.bodies[key] = body
+        return body
+
+
+async def retrieve_batch(request: Request) -> Response:
+    vbs = state(request)
+    batch_id = request.path_params["batch_id"]
+    polled: PollCache = vbs.extras["poll_cache"]
+    body = polled.get(batch_id, vbs.catalog.change_counter(vbs.reads))
+    if body is None:
+        row = vbs.catalog.get_batch(batch_id, vbs.reads)
+        if row is None:
+            raise APIError(404, f"No such Batch object: {batch_id[:100]}", param="id")
+        body = polled.put(batch_id, Catalog.to_openai_batch(row).model_dump_json().encode())
+    return Response(body, media_type="application/json")
+
+
+# The route clients poll: a plain Starlette route matched before all others, answered from the
+# cache while the catalog is unchanged (under bench/api.py's load this takes the server from
+# 0.5 ms of CPU per retrieve to 0.2 ms).
+retrieve_route = Route("/v1/batches/{batch_id}", retrieve_batch, methods=["GET"])
+
+
+@router.get("")
+async def list_batches(
+    request: Request,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JSONResponse:
+    vbs = state(request)
+    rows = vbs.catalog.list_batches(limit=limit + 1, after=after, conn=vbs.reads)
+    page = [Catalog.to_openai_batch(r).model_dump() for r in rows[:limit]]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(rows) > limit,
+        }
+    )
+
+
+@router.post("/{batch_id}/cancel")
+def cancel_batch(request: Request, batch_id: str) -> JSONResponse:
+    return JSONResponse(state(request).service.cancel_batch(batch_id).model_dump())

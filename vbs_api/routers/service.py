@@ -1,0 +1,70 @@
+"""Service routes: ``/v1/models``, ``/v1/inbox`` (vbs), ``/health`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from vbs_api.state import state
+from vbs_resources.wire import BATCH_STATUSES, ENDPOINTS
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+def list_models(request: Request) -> dict[str, Any]:
+    engine = state(request).engine
+    names = {name for endpoint in ENDPOINTS for name in engine.served_models(endpoint)}
+    data = [
+        {"id": name, "object": "model", "created": int(time.time()), "owned_by": "vbs"}
+        for name in sorted(names)
+    ]
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/inbox")
+async def inbox(request: Request) -> dict[str, Any]:
+    """What the inbox sensor could not take, and why (a vbs extension)."""
+    vbs = state(request)
+    problems = vbs.catalog.list_inbox_problems(vbs.reads)
+    data = [
+        {
+            "name": p["name"],
+            "kind": p["kind"],
+            "message": p["message"],
+            "first_seen": int(p["first_seen"]),
+            "last_seen": int(p["last_seen"]),
+        }
+        for p in problems
+    ]
+    return {"object": "list", "data": data}
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, str]:
+    vbs = state(request)
+    vbs.catalog.get_batch("batch_healthcheck", vbs.reads)  # the catalog answers
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> PlainTextResponse:
+    vbs = state(request)
+    gauges = vbs.extras["gauges"]
+    counts = vbs.catalog.count_batches_by_status()
+    # Every status, every time: a status no batch is in any more reads 0, not its last value.
+    for status in BATCH_STATUSES:
+        gauges["batches"].labels(status).set(counts.get(status, 0))
+    gauges["queue"].set(sum(counts.get(s, 0) for s in ("validating", "in_progress", "finalizing")))
+    totals = vbs.catalog.totals()
+    gauges["requests"].labels("completed").set(totals["requests_completed"])
+    gauges["requests"].labels("failed").set(totals["requests_failed"])
+    gauges["tokens"].labels("input").set(totals["input_tokens"])
+    gauges["tokens"].labels("output").set(totals["output_tokens"])
+    return PlainTextResponse(
+        generate_latest(vbs.extras["registry"]), media_type=CONTENT_TYPE_LATEST
+    )

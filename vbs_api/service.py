@@ -1,0 +1,144 @@
+"""What the Batch API does, apart from HTTP: files and batches over the catalog, the bucket and
+the batch lifecycle. Plain synchronous code (the routers call it from worker threads, never on
+the event loop); nothing here talks to vLLM or runs a batch.
+
+A created batch is put where the inbox sensor would put a dropped one (its input and options in
+``batches/<id>/``), recorded through the lifecycle, and its run launched through Dagster at
+once. Everything is checked before anything is written, so a refused request leaves no trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from vbs_api.errors import APIError
+from vbs_api.launch import BatchLauncher, LaunchFailed, LaunchUnavailable
+from vbs_resources import Bucket, Catalog
+from vbs_resources import layout as L
+from vbs_resources.lifecycle import BatchLifecycle
+from vbs_resources.wire import (
+    ENDPOINTS,
+    TERMINAL_STATUSES,
+    BatchErrorEntry,
+    BatchObject,
+    BatchOptions,
+    CreateBatchRequest,
+    FileObject,
+)
+
+log = logging.getLogger("vbs.api")
+
+
+class BatchService:
+    def __init__(
+        self,
+        bucket: Bucket,
+        catalog: Catalog,
+        lifecycle: BatchLifecycle,
+        launcher: BatchLauncher | None = None,
+    ) -> None:
+        self.bucket, self.catalog, self.lifecycle = bucket, catalog, lifecycle
+        self.launcher = launcher
+
+    # ---- files -------------------------------------------------------------------------------
+
+    def file_row(self, file_id: str) -> dict[str, Any]:
+        row = self.catalog.get_file(file_id)
+        if row is None:
+            raise APIError(404, f"No such File object: {file_id[:100]}", param="id")
+        return row
+
+    def register_upload(
+        self, file_id: str, filename: str, purpose: str, size: int, sha256: str
+    ) -> FileObject:
+        row = self.catalog.create_file(
+            file_id,
+            filename=filename,
+            purpose=purpose,
+            size=size,
+            path=L.uploaded_file(file_id),
+            sha256=sha256,
+        )
+        return Catalog.to_openai_file(row)
+
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        """The file's row and its bytes; a batch made from it keeps its own copy."""
+        row = self.catalog.delete_file(file_id)
+        if row is None:
+            raise APIError(404, f"No such File object: {file_id[:100]}", param="id")
+        self.bucket.remove(row["path"])
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # ---- batches ----------------------------------------------------------------------------
+
+    def batch_row(self, batch_id: str) -> dict[str, Any]:
+        row = self.catalog.get_batch(batch_id)
+        if row is None:
+            raise APIError(404, f"No such Batch object: {batch_id[:100]}", param="id")
+        return row
+
+    def create_batch(self, request: CreateBatchRequest) -> BatchObject:
+        if request.endpoint not in ENDPOINTS:
+            raise APIError(
+                400, f"Unsupported endpoint; use one of {', '.join(ENDPOINTS)}.", param="endpoint"
+            )
+        if request.completion_window != "24h":
+            raise APIError(400, "completion_window must be '24h'.", param="completion_window")
+        source = self.file_row(request.input_file_id)
+        if source["purpose"] != "batch":
+            raise APIError(
+                400,
+                f"File {source['id']} has purpose '{source['purpose']}'; a batch's input must be "
+                "a file uploaded with purpose 'batch'.",
+                param="input_file_id",
+            )
+        options = BatchOptions(metadata=request.metadata or {}, chunk_size=request.chunk_size)
+        batch_id = L.new_batch_id()
+        # Input and options first, then the record: a crash in between leaves an unknown folder,
+        # never a batch without its input.
+        self.bucket.copy(source["path"], L.batch_file(batch_id, L.INPUT))
+        self.bucket.write_bytes(
+            L.batch_file(batch_id, L.SIDECAR),
+            json.dumps({**options.model_dump(exclude_none=True), "batch_id": batch_id}).encode(),
+        )
+        self.lifecycle.create(
+            batch_id,
+            source="api",
+            input_file_id=source["id"],
+            original_filename=source["filename"],
+            input_sha256=source.get("sha256"),
+            endpoint=request.endpoint,
+            metadata=options.metadata,
+            options=options.model_dump(exclude_none=True, exclude={"metadata"}),
+        )
+        self._launch(batch_id, options, source["filename"])
+        return Catalog.to_openai_batch(self.batch_row(batch_id))
+
+    def _launch(self, batch_id: str, options: BatchOptions, filename: str) -> None:
+        if self.launcher is None:
+            return  # the reconciler sensor starts it
+        try:
+            run_id = self.launcher.launch(
+                batch_id, options.run_config(), L.batch_run_tags(batch_id, filename)
+            )
+        except LaunchUnavailable:
+            log.warning(f"{batch_id}: Dagster is unreachable; the reconciler will start it")
+            return
+        except LaunchFailed as exc:
+            self.lifecycle.fail(
+                batch_id, [BatchErrorEntry(code="launch_failed", message=str(exc)[:500])]
+            )
+            return
+        log.info(f"{batch_id}: run {run_id} queued")
+
+    def cancel_batch(self, batch_id: str) -> BatchObject:
+        before = self.batch_row(batch_id)["status"]
+        if before in TERMINAL_STATUSES:
+            raise APIError(400, f"Cannot cancel a batch that is {before}.", param="batch_id")
+        after = self.lifecycle.request_cancel(batch_id)
+        if after in TERMINAL_STATUSES and after != "cancelled":
+            # It ended between the read and the cancel: the cancel came too late.
+            raise APIError(400, f"Cannot cancel a batch that is {after}.", param="batch_id")
+        return Catalog.to_openai_batch(self.batch_row(batch_id))

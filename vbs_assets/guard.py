@@ -1,0 +1,51 @@
+"""How the batch assets end when something goes wrong, the same way in each.
+
+- The run cannot proceed (``RunRefused``: the batch is unknown, not validated yet, or held by
+  another run): the run fails, tagged ``vbs/refused``, and the batch is left exactly as it was;
+  the reconciler sensor starts a whole ``batch_job`` run for it if it still needs one.
+- Anything else unexpected: the batch ends ``failed`` with an error entry that names the run
+  (never the exception's text, which may hold paths, URLs or credentials), then the run fails
+  without a retry. A process that dies never reaches this code: the daemon retries its run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import dagster as dg
+
+from vbs_assets.runner import RunRefused
+from vbs_resources import layout as L
+from vbs_resources.lifecycle import BatchLifecycle
+from vbs_resources.wire import BatchErrorEntry
+
+
+@contextlib.contextmanager
+def batch_step(
+    context: dg.AssetExecutionContext, lifecycle: BatchLifecycle, code: str
+) -> Iterator[None]:
+    batch_id = context.partition_key
+    try:
+        yield
+    except dg.Failure:
+        raise  # already decided by the step (a batch that failed validation)
+    except RunRefused as refused:
+        context.instance.add_run_tags(context.run_id, {L.TAG_REFUSED: str(refused)[:200]})
+        raise dg.Failure(
+            description=f"This run cannot proceed and left {batch_id} unchanged: {refused}",
+            allow_retries=False,
+        ) from None
+    except Exception:
+        context.log.exception(f"{batch_id}: unexpected error")
+        lifecycle.fail(
+            batch_id,
+            [
+                BatchErrorEntry(
+                    code=code,
+                    message=f"The batch stopped on an internal error; Dagster run "
+                    f"{context.run_id} has the details.",
+                )
+            ],
+        )
+        raise

@@ -1,0 +1,162 @@
+"""``vbs serve``: the Dagster webserver and daemon (``dagster dev``) and the Batch API, side by
+side, stopped together.
+
+One platform per ``VBS_HOME`` at a time (a lock file the kernel releases when the process dies).
+Stopping (Ctrl-C, SIGTERM) ends the batch runs in flight with SIGKILL first, exactly as a crash
+would, so that Dagster does not record them as terminated by a user (which would cancel their
+batches); the next start resumes them from their checkpoints through the reconciler. Then the
+servers get SIGTERM, and whatever is left after a few seconds SIGKILL: nothing outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+
+from vbs_resources import Settings
+from vbs_resources.settings import is_loopback
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+GRACE_SECONDS = 8.0
+
+
+def dagster_home(settings: Settings) -> Path:
+    """``$VBS_HOME/dagster`` holding the embedded instance config (a copy of dagster.yaml)."""
+    target = settings.dagster_home
+    target.mkdir(parents=True, exist_ok=True)
+    config = target / "dagster.yaml"
+    source = PROJECT_ROOT / "dagster.yaml"
+    if not config.exists() or config.read_bytes() != source.read_bytes():
+        shutil.copyfile(source, config)
+    return target
+
+
+def serve_commands(settings: Settings) -> tuple[list[list[str]], dict[str, str]]:
+    """The ``dagster dev`` and API server command lines and their environment."""
+    dagster_home(settings)
+    reach = "127.0.0.1" if settings.dagster_host in ("0.0.0.0", "::", "") else settings.dagster_host
+    extra = {}
+    if settings.dagster_url is None:
+        # The API launches the runs of the batches it creates through this webserver.
+        extra["VBS_DAGSTER_URL"] = f"http://{reach}:{settings.dagster_port}"
+    env = settings.child_environment(**extra)
+    dagster = Path(sys.executable).with_name("dagster")
+    webserver = [str(dagster), "dev", "-h", settings.dagster_host, "-p", str(settings.dagster_port)]
+    webserver += ["-w", str(PROJECT_ROOT / "workspace.yaml")]
+    api = [sys.executable, "-m", "vbs_api.server", "--host", settings.api_host]
+    api += ["--port", str(settings.api_port)]
+    return [webserver, api], env
+
+
+@contextlib.contextmanager
+def platform_lock(settings: Settings) -> Iterator[None]:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    path = settings.home / "serve.lock"
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise SystemExit(
+                f"vbs: another `vbs serve` (pid {holder}) runs on {settings.home}; stop it first"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def serve(settings: Settings) -> int:
+    (Path(settings.resolved_bucket_url) / "inbox").mkdir(parents=True, exist_ok=True)
+    if not is_loopback(settings.dagster_host):
+        print(
+            f"vbs: warning: the Dagster UI on {settings.dagster_host} has no authentication",
+            file=sys.stderr,
+        )
+    with platform_lock(settings):
+        from vbs_resources.catalog import open_engine
+
+        open_engine(settings.resolved_catalog_url).dispose()  # upgrade the catalog once, here
+        commands, env = serve_commands(settings)
+        print(
+            f"vbs: Dagster UI on http://{settings.dagster_host}:{settings.dagster_port}, "
+            f"API on http://{settings.api_host}:{settings.api_port}/v1, "
+            f"drop files into {settings.resolved_bucket_url}/inbox/",
+            flush=True,
+        )
+        return supervise(commands, env)
+
+
+def _tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _signal(processes: list[psutil.Process], sig: int) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(sig)
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Runs first (SIGKILL, as a crash), then the servers (SIGTERM), then anything left."""
+    descendants = [p for proc in procs for p in _tree(proc)]
+    servers = {p.pid for proc in procs for p in _tree(proc) if p.ppid() == proc.pid}
+    # Below the servers: the code server's run workers (and their engines).
+    _signal(
+        [
+            p
+            for p in descendants
+            if p.pid not in servers and p.ppid() not in {pr.pid for pr in procs}
+        ],
+        signal.SIGKILL,
+    )
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + GRACE_SECONDS
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(deadline - time.monotonic(), 0.1))
+    leftovers = [p for p in descendants if p.is_running()]
+    _signal(leftovers, signal.SIGKILL)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    psutil.wait_procs(leftovers, timeout=5)
+
+
+def supervise(commands: list[list[str]], env: dict[str, str]) -> int:
+    """Run the servers side by side; when one exits or we are told to stop, stop them all."""
+    procs = [subprocess.Popen(c, env=env) for c in commands]
+    stopping = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not stopping and all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+    finally:
+        started = time.monotonic()
+        stop(procs)
+        print(f"vbs: stopped in {time.monotonic() - started:.1f}s", flush=True)
+    return 0 if stopping else max(p.returncode or 0 for p in procs)

@@ -1,0 +1,21 @@
+"""The one ``Definitions`` object of the vbs code location (``workspace.yaml`` loads it).
+
+It sits outside the packages it gathers, so that sensors can import assets and nothing imports
+the definitions: settings/layout/wire <- resources <- assets <- sensors <- definitions.
+"""
+
+import dagster as dg
+
+from vbs_assets.inference import batch_output, error_rate, output_complete
+from vbs_assets.ingest import batch_input
+from vbs_assets.jobs import batch_job
+from vbs_resources import build_resources, load_settings
+from vbs_sensors import all_sensors
+
+defs = dg.Definitions(
+    assets=[batch_input, batch_output],
+    asset_checks=[output_complete, error_rate],
+    jobs=[batch_job],
+    sensors=all_sensors,
+    resources=build_resources(load_settings(), for_dagster=True),
+)

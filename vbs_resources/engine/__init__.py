@@ -1,0 +1,97 @@
+"""The inference engine: one interface, one implementation per deployment shape.
+
+``InferenceEngine`` is what ``batch_output`` talks to: it runs OpenAI request bodies for one
+endpoint and returns one ``EngineResult`` per request, a request that cannot run being an error
+result while the rest of the chunk goes on. ``VLLMEngine`` (mode ``in_process``) runs vLLM's
+offline ``LLM`` inside the run; a ``server`` mode (an OpenAI-compatible vLLM deployment shared by
+many runs) is another implementation of the same interface.
+
+The modules below split the work: ``requests`` turns a body into prompts and sampling
+parameters, ``responses`` turns vLLM outputs into OpenAI bodies, ``hardware`` decides device,
+dtype and the environment vLLM reads, ``vllm_local`` is the resource.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+
+from vbs_resources.wire import ErrorBody, ErrorDetail
+
+
+@dataclass
+class EngineRequest:
+    custom_id: str
+    body: dict[str, Any]
+
+
+@dataclass
+class EngineResult:
+    """The outcome of one request: a response body (2xx) or an OpenAI error body."""
+
+    custom_id: str
+    status_code: int
+    body: dict[str, Any]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status_code < 300
+
+
+class RequestError(ValueError):
+    """Why one request cannot run; it becomes that request's error line."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 400,
+        code: str = "invalid_request",
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code, self.code, self.param = status_code, code, param
+
+    def result(self, custom_id: str) -> EngineResult:
+        return error_result(custom_id, self.status_code, self.code, str(self), self.param)
+
+
+def error_result(
+    custom_id: str, status_code: int, code: str, message: str, param: str | None = None
+) -> EngineResult:
+    kind = "invalid_request_error" if status_code < 500 else "server_error"
+    body = ErrorBody(error=ErrorDetail(message=message, type=kind, param=param, code=code))
+    return EngineResult(custom_id, status_code, body.model_dump())
+
+
+class InferenceEngine(dg.ConfigurableResource):
+    """Runs OpenAI request bodies for one endpoint and returns one result per request."""
+
+    def served_models(self, endpoint: str) -> list[str]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, str]:
+        """Engine facts for Dagster metadata (mode, models, device)."""
+        raise NotImplementedError
+
+    def start(self, endpoint: str) -> None:
+        """Load what ``endpoint`` needs, so that start-up is not counted as generation time."""
+
+    def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
+        raise NotImplementedError
+
+
+from vbs_resources.engine.vllm_local import VLLMEngine  # noqa: E402 - needs the interface above
+
+__all__ = [
+    "EngineRequest",
+    "EngineResult",
+    "InferenceEngine",
+    "RequestError",
+    "VLLMEngine",
+    "error_result",
+]

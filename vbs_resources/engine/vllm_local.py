@@ -1,0 +1,246 @@
+"""``VLLMEngine``: vLLM's offline ``LLM`` in the run's own process (mode ``in_process``).
+
+All requests of a chunk go to the engine at once, which is the fastest way through a large
+batch. vLLM is imported lazily, so loading the code location stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pydantic import Field
+
+from vbs_resources.engine import (
+    EngineRequest,
+    EngineResult,
+    InferenceEngine,
+    RequestError,
+    error_result,
+)
+from vbs_resources.engine.hardware import configure_vllm_env, detect_device, resolve_dtype
+from vbs_resources.engine.requests import (
+    Prepared,
+    RenderPolicy,
+    embedding_inputs,
+    prepare_generation,
+)
+from vbs_resources.engine.responses import chat_response, completion_response, embedding_response
+
+log = logging.getLogger(__name__)
+
+# vLLM engines live as long as the process: Dagster builds a resource per run, but a test
+# session (or a long-lived executor) must not load the same weights twice.
+_LOADED: dict[tuple[Any, ...], Any] = {}
+
+
+class VLLMEngine(InferenceEngine):
+    """vLLM's offline ``LLM`` in this process (mode ``in_process``), imported lazily."""
+
+    model: str = Field(description="Local model folder (or hub id where a hub is reachable).")
+    served_model_name: str = "SmolLM2-135M-Instruct"
+    embedding_model: str | None = Field(
+        default=None, description="Model folder for /v1/embeddings; None serves no embeddings."
+    )
+    embedding_served_name: str = "all-MiniLM-L6-v2"
+    dtype: str = "auto"
+    max_model_len: int | None = 2048
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    enforce_eager: bool | None = Field(
+        default=None,
+        description="None: eager on CPU (compiling costs ~80 s there for no speed), CUDA graphs on GPU.",
+    )
+    cpu_kvcache_space_gib: int = Field(
+        default=4, description="KV-cache GiB on CPU builds (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    cuda_visible_devices: str | None = Field(
+        default=None, description="CUDA_VISIBLE_DEVICES as set for vbs; '' hides every GPU."
+    )
+    trust_request_chat_template: bool = False
+    seed: int = 0
+
+    # ---- interface -------------------------------------------------------------------------
+
+    @property
+    def device(self) -> str:
+        return detect_device(self.cuda_visible_devices)
+
+    def served_models(self, endpoint: str) -> list[str]:
+        if endpoint == "/v1/embeddings":
+            return [self.embedding_served_name] if self.embedding_model else []
+        return [self.served_model_name]
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "engine": "vllm/in_process",
+            "model": self.served_model_name,
+            "model_path": self.model,
+            "device": self.device,
+            "dtype": resolve_dtype(self.dtype, self.device),
+        }
+
+    def start(self, endpoint: str) -> None:
+        if endpoint == "/v1/embeddings":
+            if self.embedding_model:
+                self._llm(self.embedding_model, "pooling")
+        else:
+            self._llm(self.model, "generate")
+
+    def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
+        served = set(self.served_models(endpoint))
+        results: list[EngineResult | None] = [None] * len(requests)
+        runnable: list[tuple[int, EngineRequest]] = []
+        for i, request in enumerate(requests):
+            model = request.body.get("model")
+            if model not in served:
+                results[i] = error_result(
+                    request.custom_id,
+                    404,
+                    "model_not_found",
+                    f"The model {_name(model)} does not exist or is not served for {endpoint}; "
+                    f"served: {sorted(served)}.",
+                    "model",
+                )
+            else:
+                runnable.append((i, request))
+        if runnable:
+            run = self._run_embeddings if endpoint == "/v1/embeddings" else self._run_generation
+            for (i, _), result in zip(
+                runnable, run(endpoint, [r for _, r in runnable]), strict=True
+            ):
+                results[i] = result
+        return [r for r in results if r is not None]
+
+    # ---- engines ---------------------------------------------------------------------------
+
+    def _llm(self, path: str, runner: str) -> Any:
+        device = self.device
+        key = (path, runner, self.dtype, self.max_model_len, self.tensor_parallel_size, self.seed)
+        if key not in _LOADED:
+            configure_vllm_env(device, self.cpu_kvcache_space_gib)
+            from vllm import LLM
+
+            started = time.perf_counter()
+            kwargs: dict[str, Any] = dict(
+                model=path,
+                dtype=resolve_dtype(self.dtype, device),
+                max_model_len=self.max_model_len,
+                tensor_parallel_size=self.tensor_parallel_size,
+                enforce_eager=device == "cpu" if self.enforce_eager is None else self.enforce_eager,
+                seed=self.seed,
+            )
+            if device == "cuda":
+                kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+            if runner == "pooling":
+                # Embedding models keep their own (short) context length.
+                kwargs.update(runner="pooling", max_model_len=None)
+            _LOADED[key] = LLM(**kwargs)
+            log.info("vLLM engine for %s ready in %.1fs", path, time.perf_counter() - started)
+        return _LOADED[key]
+
+    def _run_generation(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
+        llm = self._llm(self.model, "generate")
+        tokenizer = llm.get_tokenizer()
+        model_config = llm.llm_engine.model_config
+        max_len = model_config.max_model_len
+        defaults = model_config.get_diff_sampling_param()
+        chat = endpoint == "/v1/chat/completions"
+        policy = RenderPolicy(trust_request_chat_template=self.trust_request_chat_template)
+
+        results: list[EngineResult | None] = [None] * len(requests)
+        prepared: list[Prepared] = []
+        for i, request in enumerate(requests):
+            try:
+                prepared.append(
+                    prepare_generation(i, request, chat, tokenizer, max_len, defaults, policy)
+                )
+            except RequestError as exc:
+                results[i] = exc.result(request.custom_id)
+            except Exception as exc:  # noqa: BLE001 - one request's problem, never the chunk's
+                log.warning("request %r could not be prepared: %r", request.custom_id[:64], exc)
+                results[i] = error_result(
+                    request.custom_id, 400, "invalid_request", "The request could not be prepared."
+                )
+
+        flat_prompts = [{"prompt_token_ids": p} for item in prepared for p in item.prompts]
+        flat_params = [item.params for item in prepared for _ in item.prompts]
+        outputs = self._generate_isolated(llm, flat_prompts, flat_params)
+        build = chat_response if chat else completion_response
+        cursor = 0
+        for item in prepared:
+            item_outputs = outputs[cursor : cursor + len(item.prompts)]
+            cursor += len(item.prompts)
+            failed = next((o for o in item_outputs if isinstance(o, Exception)), None)
+            if failed is not None:
+                results[item.index] = error_result(
+                    item.request.custom_id, 400, "invalid_request", _engine_message(failed)
+                )
+                continue
+            results[item.index] = build(item, item_outputs, self.served_model_name, tokenizer)
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _generate_isolated(llm: Any, prompts: list[Any], params: list[Any]) -> list[Any]:
+        """Generate all at once; if vLLM refuses the set, find the refused ones one by one."""
+        if not prompts:
+            return []
+        try:
+            return llm.generate(prompts, params, use_tqdm=False)
+        except Exception as exc:  # noqa: BLE001 - isolated below, one request at a time
+            log.warning("chunk refused (%s); retrying its requests one by one", exc)
+        outputs: list[Any] = []
+        for prompt, param in zip(prompts, params, strict=True):
+            try:
+                outputs.append(llm.generate([prompt], [param], use_tqdm=False)[0])
+            except Exception as exc:  # noqa: BLE001 - becomes this request's error line
+                outputs.append(exc)
+        return outputs
+
+    def _run_embeddings(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
+        assert self.embedding_model is not None
+        llm = self._llm(self.embedding_model, "pooling")
+        tokenizer = llm.get_tokenizer()
+        max_len = llm.llm_engine.model_config.max_model_len
+        results: list[EngineResult | None] = [None] * len(requests)
+        inputs: list[tuple[int, list[list[int]], str]] = []
+        for i, request in enumerate(requests):
+            try:
+                token_lists = embedding_inputs(request.body.get("input"), tokenizer, max_len)
+                encoding = request.body.get("encoding_format") or "float"
+                if encoding not in ("float", "base64"):
+                    raise RequestError(
+                        f"Invalid encoding_format {_name(encoding)}: use 'float' or 'base64'.",
+                        param="encoding_format",
+                    )
+                if request.body.get("dimensions") is not None:
+                    raise RequestError(
+                        "This model does not support 'dimensions'.", param="dimensions"
+                    )
+                inputs.append((i, token_lists, encoding))
+            except RequestError as exc:
+                results[i] = exc.result(request.custom_id)
+        flat = [{"prompt_token_ids": t} for _, lists, _ in inputs for t in lists]
+        outputs = llm.embed(flat, use_tqdm=False) if flat else []
+        cursor = 0
+        for i, lists, encoding in inputs:
+            chunk = outputs[cursor : cursor + len(lists)]
+            cursor += len(lists)
+            tokens = sum(len(t) for t in lists)
+            results[i] = embedding_response(
+                requests[i].custom_id, chunk, encoding, self.embedding_served_name, tokens
+            )
+        return [r for r in results if r is not None]
+
+
+def _name(value: Any) -> str:
+    from vbs_resources.strict_json import quote
+
+    return quote(value, 80)
+
+
+def _engine_message(exc: Exception) -> str:
+    from vbs_resources.strict_json import quote
+
+    return f"The engine refused the request: {quote(str(exc), 300)}"

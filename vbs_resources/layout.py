@@ -1,0 +1,174 @@
+"""Where things live: bucket paths, ids and Dagster names, in one place.
+
+The sensor, the assets, the API and the CLI build every bucket path and every Dagster name
+through these functions, never from string literals, so a layout change is made here once.
+Ids are opaque (``batch_<hex>``, ``file-<hex>``); no path is ever built from a client's text.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+# ---- Dagster names -----------------------------------------------------------------------
+
+CODE_LOCATION = "vbs"
+REPOSITORY = "__repository__"  # the implicit repository of a Definitions object
+BATCH_JOB = "batch_job"
+BATCH_PARTITIONS = "batches"
+BATCH_GROUP = "batches"
+INBOX_SENSOR = "inbox_sensor"
+RECONCILE_SENSOR = "batch_reconciler"
+
+TAG_BATCH_ID = "vbs/batch_id"
+TAG_SOURCE_FILE = "vbs/source_file"
+# Set by a run that found it could not proceed (and left the batch untouched).
+TAG_REFUSED = "vbs/refused"
+TAG_PARTITION = "dagster/partition"
+
+
+def batch_run_tags(batch_id: str, source_file: str) -> dict[str, str]:
+    """Tags on every batch run, whoever starts it (``dagster/partition`` is added by Dagster for
+    a sensor's run request and by the API for a run it launches)."""
+    return {TAG_BATCH_ID: batch_id, TAG_SOURCE_FILE: source_file[:200]}
+
+
+# ---- ids ---------------------------------------------------------------------------------
+
+BATCH_ID_PATTERN = r"^batch_[A-Za-z0-9]{8,64}$"
+FILE_ID_PATTERN = r"^file-[A-Za-z0-9-]{8,80}$"
+_BATCH_ID = re.compile(BATCH_ID_PATTERN)
+_FILE_ID = re.compile(FILE_ID_PATTERN)
+
+
+def is_batch_id(value: str) -> bool:
+    return bool(_BATCH_ID.match(value))
+
+
+def new_batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex}"
+
+
+def content_batch_id(sha256: str) -> str:
+    """A dropped file's batch id, derived from its content (file and sidecar)."""
+    return f"batch_{sha256[:32]}"
+
+
+def new_file_id() -> str:
+    return f"file-{uuid.uuid4().hex}"
+
+
+def dropped_file_id(sha256: str) -> str:
+    """A dropped file's input file id, derived from its content as an upload gets its own."""
+    return f"file-{sha256[:24]}"
+
+
+def result_file_id(batch_id: str, kind: str) -> str:
+    """The file id of a batch's ``output`` or ``errors`` file."""
+    return f"file-{kind}-{batch_id.removeprefix('batch_')}"
+
+
+def new_request_line_id() -> str:
+    return f"batch_req_{uuid.uuid4().hex}"
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+def new_event_id() -> str:
+    return f"evt_{uuid.uuid4().hex}"
+
+
+# ---- the inbox ---------------------------------------------------------------------------
+
+INBOX = "inbox"
+INBOX_DUPLICATES = f"{INBOX}/duplicates"
+# Folders vbs itself keeps inside the inbox; any other sub-folder is reported.
+INBOX_OWN_FOLDERS = frozenset({"duplicates"})
+SIDECAR_SUFFIX = ".metadata.json"
+BATCH_SUFFIX = ".jsonl"
+
+
+def inbox_path(name: str) -> str:
+    return f"{INBOX}/{name}"
+
+
+def is_hidden(name: str) -> bool:
+    """Names the sensor never considers: written under these, then renamed into place."""
+    return name.startswith(".")
+
+
+def is_batch_file_name(name: str) -> bool:
+    return not is_hidden(name) and name.lower().endswith(BATCH_SUFFIX)
+
+
+def is_sidecar_name(name: str) -> bool:
+    return not is_hidden(name) and name.lower().endswith(SIDECAR_SUFFIX)
+
+
+def is_temporary_name(name: str) -> bool:
+    """The documented write-then-rename names (``jobs.jsonl.part``, ``.jobs.jsonl``, ...)."""
+    lowered = name.lower()
+    return is_hidden(name) or lowered.endswith((".part", ".tmp", ".partial", ".crdownload"))
+
+
+def batch_stem(name: str) -> str:
+    """``jobs`` for ``jobs.jsonl`` and for ``jobs.metadata.json`` (any letter case)."""
+    lowered = name.lower()
+    for suffix in (SIDECAR_SUFFIX, BATCH_SUFFIX):
+        if lowered.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def sidecar_name(batch_file_name: str) -> str:
+    return batch_stem(batch_file_name) + SIDECAR_SUFFIX
+
+
+# ---- a batch's folder ----------------------------------------------------------------------
+
+INPUT = "input.jsonl"
+SIDECAR = "sidecar.json"
+REQUESTS = "requests.parquet"
+OUTPUT = "output.jsonl"
+ERRORS = "errors.jsonl"
+CHECKPOINT = "checkpoint"
+CHECKPOINT_MANIFEST = f"{CHECKPOINT}/manifest.json"
+_CHUNK = re.compile(r"^chunk-(\d{5,})\.jsonl$")
+
+
+def batch_folder(batch_id: str) -> str:
+    if not is_batch_id(batch_id):
+        raise ValueError(f"{batch_id[:80]!r} is not a batch id")
+    return f"batches/{batch_id}"
+
+
+def batch_file(batch_id: str, name: str) -> str:
+    """Path of one of a batch's files (``INPUT``, ``OUTPUT``, ...) in the bucket."""
+    return f"{batch_folder(batch_id)}/{name}"
+
+
+def checkpoint_folder(batch_id: str) -> str:
+    return batch_file(batch_id, CHECKPOINT)
+
+
+def chunk_file(batch_id: str, index: int) -> str:
+    return batch_file(batch_id, f"{CHECKPOINT}/chunk-{index:05d}.jsonl")
+
+
+def chunk_index(name: str) -> int | None:
+    """The index of a checkpoint chunk's file name, None for any other name."""
+    match = _CHUNK.match(name)
+    return int(match.group(1)) if match else None
+
+
+# ---- uploaded files ------------------------------------------------------------------------
+
+FILES = "files"
+
+
+def uploaded_file(file_id: str) -> str:
+    if not _FILE_ID.match(file_id):
+        raise ValueError(f"{file_id[:80]!r} is not a file id")
+    return f"{FILES}/{file_id}.jsonl"

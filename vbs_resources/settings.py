@@ -1,0 +1,238 @@
+"""Every setting of a vbs deployment, read from the environment in this one module.
+
+``Settings()`` reads ``VBS_*`` variables (and the few standard ones vbs honours, such as
+``CUDA_VISIBLE_DEVICES``) into one typed object that the resources, the API server and the CLI
+receive; nothing else reads ``os.environ``. Secrets are ``SecretStr``: their repr is masked, so
+they never reach a log line or an error message by accident, and code that needs the value asks
+for it with ``get_secret_value()`` where it uses it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MB = 1024 * 1024
+
+# Environment variables whose values are secrets: Dagster resources get them as ``dg.EnvVar``
+# (resolved in the run, never shown in the UI), plain processes as resolved values.
+SECRET_VARIABLES = {
+    "webhook_secret": "VBS_WEBHOOK_SECRET",
+    "catalog_url": "VBS_CATALOG_URL",
+}
+
+
+class SettingsError(ValueError):
+    """A setting is missing, malformed or unsafe; the message names the variable."""
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",")]
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """True for names that only this machine can reach (``127.0.0.1``, ``::1``, ``localhost``)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user, password and query: safe for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class Settings(BaseSettings):
+    """The deployment's settings; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VBS_", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    home: Path = Field(default=Path(".vbs"), description="State: bucket, catalog, Dagster home.")
+    bucket_url: str | None = Field(default=None, description="fsspec URL; $VBS_HOME/bucket.")
+    catalog_url: SecretStr | None = Field(
+        default=None, description="SQLAlchemy URL; sqlite:///$VBS_HOME/catalog.db."
+    )
+
+    # ---- engine -------------------------------------------------------------------------
+    model: str | None = Field(default=None, description="Model folder; the prepared SmolLM2.")
+    served_model_name: str = "SmolLM2-135M-Instruct"
+    embedding_model: str | None = Field(
+        default=None, description="Embedding model folder; the packaged all-MiniLM-L6-v2."
+    )
+    embedding_served_name: str = "all-MiniLM-L6-v2"
+    dtype: str = "auto"
+    max_model_len: int = Field(default=2048, ge=16)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    cpu_kvcache_gib: int = Field(default=4, ge=1)
+    trust_request_chat_template: bool = Field(
+        default=False,
+        description="Let a request replace the model's chat template (vLLM's "
+        "--trust-request-chat-template); off, such requests get an error line.",
+    )
+    cuda_visible_devices: str | None = Field(
+        default=None, validation_alias=AliasChoices("CUDA_VISIBLE_DEVICES")
+    )
+
+    # ---- Dagster ------------------------------------------------------------------------
+    dagster_host: str = "127.0.0.1"
+    dagster_port: int = Field(default=3000, ge=1, le=65535)
+    dagster_url: SecretStr | None = Field(
+        default=None, description="Where the API launches runs (GraphQL); set by `vbs serve`."
+    )
+
+    # ---- API server ---------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    api_keys: Annotated[list[SecretStr] | None, NoDecode] = Field(
+        default=None, description="Comma-separated keys; unset means no authentication."
+    )
+    api_insecure_no_auth: bool = Field(
+        default=False,
+        description="Allow a non-loopback API host without keys (only behind an "
+        "authenticating proxy).",
+    )
+    api_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Extra Host header names accepted when no keys are set.",
+    )
+    max_upload_bytes: int = Field(default=200 * MB, ge=1)
+    max_json_bytes: int = Field(default=1 * MB, ge=1024)
+
+    # ---- clients (CLI) ------------------------------------------------------------------
+    api_url: str = "http://127.0.0.1:8000/v1"
+    api_key: SecretStr | None = Field(
+        default=None, description="The key the CLI sends; the first of VBS_API_KEYS if unset."
+    )
+
+    # ---- webhooks -----------------------------------------------------------------------
+    webhook_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_secret: SecretStr | None = None
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        keys = _split_commas(value)
+        if isinstance(keys, list) and any(not str(k) for k in keys):
+            raise ValueError(
+                "VBS_API_KEYS holds an empty key: give comma-separated keys, or unset it "
+                "to run without authentication on loopback"
+            )
+        return keys
+
+    @field_validator("webhook_urls", "api_allowed_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return [v for v in _split_commas(value) if v] if value is not None else []
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise ValueError(f"webhook URL {redact_url(url)!r} is not http(s)")
+        return value
+
+    @field_validator("home")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _safe_api_binding(self) -> Settings:
+        if not self.api_keys and not is_loopback(self.api_host) and not self.api_insecure_no_auth:
+            raise ValueError(
+                f"the API would listen on {self.api_host} without authentication: set "
+                "VBS_API_KEYS, or VBS_API_INSECURE_NO_AUTH=true behind an authenticating proxy"
+            )
+        return self
+
+    # ---- derived values -------------------------------------------------------------------
+
+    @property
+    def resolved_bucket_url(self) -> str:
+        return self.bucket_url or str(self.home / "bucket")
+
+    @property
+    def resolved_catalog_url(self) -> str:
+        if self.catalog_url is not None:
+            return self.catalog_url.get_secret_value()
+        return f"sqlite:///{self.home / 'catalog.db'}"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @property
+    def client_api_key(self) -> str | None:
+        """The key the CLI sends: ``VBS_API_KEY``, else the first server key."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        return self.api_keys[0].get_secret_value() if self.api_keys else None
+
+    def with_overrides(self, **values: Any) -> Settings:
+        """A copy with some settings replaced (command-line options win over the environment);
+        validated again, so an override cannot make the settings unsafe."""
+        return Settings.model_validate({**self.model_dump(), **values})
+
+    def child_environment(self, **extra: str) -> dict[str, str]:
+        """The environment for processes vbs starts (Dagster, the API server): this process's
+        environment, with the settings that were resolved here made explicit, and caches kept
+        inside ``VBS_HOME``."""
+        env = dict(os.environ)
+        env["VBS_HOME"] = str(self.home)
+        env["DAGSTER_HOME"] = str(self.dagster_home)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("VLLM_CACHE_ROOT", str(self.home / "cache" / "vllm"))
+        env.setdefault("HF_HOME", str(self.home / "cache" / "hf"))
+        env.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+        env.update(extra)
+        return env
+
+
+def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """``Settings`` from ``environ`` (the process environment when None), raising
+    ``SettingsError`` with the variable named when a value is wrong."""
+    from pydantic import ValidationError
+
+    try:
+        if environ is None:
+            return Settings(**overrides)
+        # Read only from the given mapping: a test's or a child's environment.
+        fields = {}
+        for name, info in Settings.model_fields.items():
+            alias = info.validation_alias
+            keys = list(alias.choices) if isinstance(alias, AliasChoices) else []
+            keys.append(f"VBS_{name.upper()}")
+            for key in keys:
+                if isinstance(key, str) and key in environ:
+                    fields[name] = environ[key]
+                    break
+        return Settings.model_validate({**fields, **overrides})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(p) for p in first["loc"]) or "settings"
+        variable = f"VBS_{name.upper()}" if first["loc"] else "VBS_* settings"
+        raise SettingsError(f"{variable}: {first['msg']}") from None

@@ -1,0 +1,233 @@
+"""The batch reconciler: every unfinished batch follows its Dagster run, whatever happened.
+
+The runs do the work and move their batches through the lifecycle; this sensor covers what a
+run cannot say for itself, every few seconds:
+
+- **A run whose process is gone** (the whole platform was killed: power loss, OOM, container
+  restart). With Dagster's default run launcher nothing notices that the process of a ``STARTED``
+  run no longer exists; the reconciler checks the process ids Dagster recorded and reports such
+  a run failed, and Dagster's run retries resume it from its checkpoint.
+- **A run that ended without ending its batch**: terminated from the Dagster UI (``CANCELED``)
+  means ``cancelled`` with the finished results kept, as an API cancel; failed for good (its
+  retries spent) means ``failed``, finished results kept; a run that refused to proceed, or
+  materialized only part of the job, gets a whole ``batch_job`` run in its place.
+- **A batch with no run at all** (the process that recorded it died before its run was
+  requested, or Dagster could not be reached from the API) gets one.
+- **A cancel or an expiry with no run to see it** ends the batch.
+- **Webhook events whose delivery was cut short** are delivered.
+
+Every action is idempotent and bounded (a batch gets at most ``MAX_RUNS`` runs), so a repeated
+tick, or one that dies half-way, changes nothing that the next would not.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+
+from vbs_assets.jobs import batch_job
+from vbs_assets.partitions import batch_partitions
+from vbs_assets.runner import finish
+from vbs_resources import Bucket, Catalog, Webhooks
+from vbs_resources import layout as L
+from vbs_resources.lifecycle import BatchLifecycle
+from vbs_resources.wire import BatchErrorEntry, BatchOptions
+
+# A batch recorded this long ago without a run gets one (its recorder normally requests the
+# run within a second; this leaves room for a slow daemon).
+NO_RUN_GRACE_SECONDS = 15
+# A batch whose input never arrived is failed after this long.
+INPUT_GRACE_SECONDS = 600
+MAX_RUNS = 6
+
+ACTIVE = {
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+}
+_PID = re.compile(r"\(pid: (\d+)\)")
+
+
+@dataclass
+class Reconciliation:
+    run_requests: list[dg.RunRequest] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+
+
+# ---- runs whose process is gone --------------------------------------------------------------
+
+
+def _process_alive(pid: int, started_before: float) -> bool:
+    """True when ``pid`` is a live process created before ``started_before`` (a process with a
+    recycled pid, started after a reboot or restart, does not count)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() < started_before
+    except psutil.Error:
+        return False
+
+
+def run_pids(instance: dg.DagsterInstance, run_id: str) -> set[int]:
+    """The processes executing a run, as Dagster's own engine events name them."""
+    pids: set[int] = set()
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+        pids.update(int(p) for p in _PID.findall(entry.user_message or ""))
+    return pids
+
+
+def release_orphaned_runs(instance: dg.DagsterInstance, job_name: str = L.BATCH_JOB) -> list[str]:
+    """Report ``STARTED``/``CANCELING`` runs whose processes are all gone as failed/canceled.
+    Only for Dagster's default run launcher, whose runs are processes of this machine; other
+    launchers have Dagster's own run monitoring."""
+    from dagster._core.launcher import DefaultRunLauncher
+
+    if not isinstance(instance.run_launcher, DefaultRunLauncher):
+        return []
+    actions = []
+    records = instance.get_run_records(
+        dg.RunsFilter(
+            job_name=job_name,
+            statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING],
+        )
+    )
+    for record in records:
+        run = record.dagster_run
+        pids = run_pids(instance, run.run_id)
+        started = (record.start_time or record.create_timestamp.timestamp()) + 30
+        if not pids or any(_process_alive(pid, started) for pid in pids):
+            continue
+        message = (
+            f"The run's processes ({', '.join(map(str, sorted(pids)))}) are gone: the platform "
+            "was stopped or killed while it ran."
+        )
+        if run.status == dg.DagsterRunStatus.CANCELING:
+            instance.report_run_canceled(run, message)
+        else:
+            instance.report_run_failed(run, message)
+        actions.append(f"run {run.run_id}: process gone, reported {run.status.value.lower()}")
+    return actions
+
+
+# ---- batches and their runs -------------------------------------------------------------------
+
+
+def _request(row: dict[str, Any], attempt: int) -> dg.RunRequest:
+    options = BatchOptions.model_validate({**(row.get("options") or {}), "metadata": {}})
+    return dg.RunRequest(
+        run_key=f"{row['id']}:reconcile:{attempt}",
+        partition_key=row["id"],
+        run_config=options.run_config(),
+        tags=L.batch_run_tags(row["id"], row.get("original_filename") or ""),
+    )
+
+
+def reconcile_batch(
+    instance: dg.DagsterInstance,
+    bucket: Bucket,
+    lifecycle: BatchLifecycle,
+    row: dict[str, Any],
+    now: float,
+    inbox_names: set[str],
+) -> tuple[str | None, dg.RunRequest | None]:
+    """What to do for one unfinished batch: (a note of what was done, a run to request)."""
+    batch_id = row["id"]
+    runs = instance.get_runs(dg.RunsFilter(tags={L.TAG_BATCH_ID: batch_id}), limit=MAX_RUNS + 1)
+    if any(run.status in ACTIVE or run.is_complete_and_waiting_to_retry for run in runs):
+        return None, None  # its run will see a cancel or an expiry at its next chunk
+    sha = row.get("input_sha256")
+
+    def end(status: str, errors: list[BatchErrorEntry] | None = None) -> str | None:
+        done = finish(bucket, lifecycle.catalog, lifecycle, batch_id, status, sha, errors=errors)
+        return f"{batch_id}: {status}" if done else None
+
+    if row["status"] == "cancelling":
+        return end("cancelled"), None
+    if row.get("expires_at") and now > row["expires_at"]:
+        return end("expired"), None
+    latest = runs[0] if runs else None
+    if latest is not None and latest.status == dg.DagsterRunStatus.CANCELED:
+        return end("cancelled"), None  # terminated from Dagster: as an API cancel
+    if latest is not None and latest.status == dg.DagsterRunStatus.FAILURE:
+        if L.TAG_REFUSED not in latest.tags:
+            error = BatchErrorEntry(
+                code="run_failed",
+                message=f"The batch's run {latest.run_id} failed and will not be retried; the "
+                "results it finished are kept.",
+            )
+            return end("failed", [error]), None
+    if len(runs) >= MAX_RUNS:
+        error = BatchErrorEntry(
+            code="run_failed", message=f"The batch could not be run in {len(runs)} runs."
+        )
+        return end("failed", [error]), None
+    if latest is None:
+        if now - row["created_at"] < NO_RUN_GRACE_SECONDS:
+            return None, None
+        if not bucket.exists(L.batch_file(batch_id, L.INPUT)):
+            if row.get("original_filename") in inbox_names:
+                return None, None  # the inbox sensor is still moving it in
+            if now - row["created_at"] < INPUT_GRACE_SECONDS:
+                return None, None
+            error = BatchErrorEntry(code="input_missing", message="The input file never arrived.")
+            lifecycle.fail(batch_id, [error])
+            return f"{batch_id}: failed, input missing", None
+    # No run yet, or the last one refused or ran only part of the job: a whole run.
+    return f"{batch_id}: run requested", _request(row, len(runs))
+
+
+def reconcile(
+    instance: dg.DagsterInstance,
+    bucket: Bucket,
+    catalog: Catalog,
+    webhooks: Webhooks,
+    now: float | None = None,
+) -> Reconciliation:
+    """One pass over runs, batches and events (the sensor's body, without Dagster's context)."""
+    now = time.time() if now is None else now
+    lifecycle = BatchLifecycle(catalog, webhooks)
+    result = Reconciliation(actions=release_orphaned_runs(instance))
+    inbox_names = {e.name for e in bucket.list_entries(L.INBOX)}
+    for row in catalog.unfinished_batches():
+        note, request = reconcile_batch(instance, bucket, lifecycle, row, now, inbox_names)
+        if note:
+            result.actions.append(note)
+        if request is not None:
+            result.run_requests.append(request)
+    delivered = webhooks.deliver_pending(catalog)
+    if delivered:
+        result.actions.append(f"{delivered} webhook event(s) delivered late")
+    return result
+
+
+@dg.sensor(
+    name=L.RECONCILE_SENSOR,
+    job=batch_job,
+    minimum_interval_seconds=5,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Makes every unfinished batch follow its run: resumes runs whose process died, "
+    "ends batches whose run was terminated or failed for good, runs batches that have none.",
+)
+def batch_reconciler(
+    context: dg.SensorEvaluationContext, bucket: Bucket, catalog: Catalog, webhooks: Webhooks
+) -> dg.SensorResult | dg.SkipReason:
+    result = reconcile(context.instance, bucket, catalog, webhooks)
+    for action in result.actions:
+        context.log.info(action)
+    if not result.run_requests:
+        return dg.SkipReason("; ".join(result.actions) or "every unfinished batch has its run")
+    return dg.SensorResult(
+        run_requests=result.run_requests,
+        dynamic_partitions_requests=[
+            batch_partitions.build_add_request(
+                sorted({r.partition_key for r in result.run_requests})
+            )
+        ],
+    )
