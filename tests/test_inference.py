@@ -14,10 +14,11 @@ from tests.conftest import (
     materialize_batch,
     metadata_of,
     read_jsonl,
+    resources_for,
     submit,
 )
-from vbs_assets.schemas import BatchRequestOutput
-from vbs_resources import EngineRequest, EngineResult, build_resources
+from vbs_resources import EngineRequest, EngineResult
+from vbs_resources.wire import BatchRequestOutput
 
 PARIS = "What is the capital of France?"
 CITY_SCHEMA = {
@@ -46,7 +47,7 @@ def outputs(home: Path, batch_id: str) -> tuple[dict[str, dict], dict[str, dict]
 @pytest.fixture(scope="module")
 def chat_batch(tmp_path_factory, model_dir):
     home = tmp_path_factory.mktemp("chat") / "vbs"
-    resources = build_resources({"VBS_HOME": str(home), "VBS_MODEL": str(model_dir)})
+    resources = resources_for(home, model_dir)
     lines = [
         chat_line("paris", PARIS, temperature=0, max_tokens=24),
         chat_line("short", PARIS, temperature=0, max_tokens=3),
@@ -63,6 +64,13 @@ def chat_batch(tmp_path_factory, model_dir):
         },
         chat_line("too-long", "word " * 3000, max_tokens=4),
         chat_line("bad-param", PARIS, temperature=-1),
+        chat_line("n2-greedy", PARIS, temperature=0, n=2, max_tokens=8),
+        chat_line(
+            "own-template",
+            PARIS,
+            max_tokens=4,
+            chat_template_kwargs={"chat_template": "{% for i in range(10**9) %}x{% endfor %}"},
+        ),
     ]
     with dg.instance_for_test() as instance:
         batch_id = submit(resources, instance, lines)
@@ -97,6 +105,8 @@ def test_every_request_is_answered_once_in_openai_format(chat_batch):
         "unknown-model",
         "too-long",
         "bad-param",
+        "n2-greedy",
+        "own-template",
     }
     assert not set(ok) & set(errors)
     for line in ok.values():
@@ -126,6 +136,14 @@ def test_sampling_parameters_reach_vllm(chat_batch):
     assert content(ok["seed-a"]) == content(ok["seed-b"])
 
 
+def test_greedy_with_n_gives_n_identical_choices_as_openai_does(chat_batch):
+    body = chat_batch["ok"]["n2-greedy"]["response"]["body"]
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert content(chat_batch["ok"]["n2-greedy"], 0) == content(chat_batch["ok"]["n2-greedy"], 1)
+    one = body["usage"]["completion_tokens"] // 2
+    assert one > 0 and body["usage"]["completion_tokens"] == 2 * one
+
+
 def test_logprobs_have_one_entry_per_token_with_top_alternatives(chat_batch):
     body = chat_batch["ok"]["logprobs"]["response"]["body"]
     entries = body["choices"][0]["logprobs"]["content"]
@@ -149,10 +167,12 @@ def test_failing_requests_become_error_lines_and_the_batch_goes_on(chat_batch):
         "unknown-model": (404, "model_not_found"),
         "too-long": (400, "context_length_exceeded"),
         "bad-param": (400, "invalid_request"),
+        "own-template": (400, "invalid_request"),
     }
+    assert errors["own-template"]["response"]["body"]["error"]["param"] == "chat_template"
     row = chat_batch["row"]
     assert row["status"] == "completed"
-    assert (row["request_total"], row["request_completed"], row["request_failed"]) == (12, 9, 3)
+    assert (row["request_total"], row["request_completed"], row["request_failed"]) == (14, 10, 4)
     assert row["completed_at"] >= row["in_progress_at"] >= row["created_at"]
     assert row["usage"]["output_tokens"] > 0
 
@@ -162,21 +182,21 @@ def test_catalog_row_is_an_openai_batch_object(chat_batch):
 
     from vbs_resources import Catalog
 
-    batch = Batch.model_validate(Catalog.to_openai_batch(chat_batch["row"]))
+    batch = Batch.model_validate(Catalog.to_openai_batch(chat_batch["row"]).model_dump())
     assert batch.status == "completed" and batch.endpoint == "/v1/chat/completions"
-    assert (batch.request_counts.total, batch.request_counts.failed) == (12, 3)
+    assert (batch.request_counts.total, batch.request_counts.failed) == (14, 4)
     assert batch.usage.output_tokens == chat_batch["row"]["usage"]["output_tokens"]
     assert batch.expires_at - batch.created_at == 24 * 3600
 
 
 def test_metadata_reports_counts_tokens_and_a_preview(chat_batch):
     meta = metadata_of(chat_batch["result"], "batch_output")
-    assert meta["completed"] == 9 and meta["failed"] == 3
+    assert meta["completed"] == 10 and meta["failed"] == 4
     assert meta["completion_tokens"] == chat_batch["row"]["usage"]["output_tokens"]
     assert meta["output_tokens_per_s"] > 0 and meta["engine"] == "vllm/in_process"
     assert "| paris | 200 |" in meta["preview"]
     meta_in = metadata_of(chat_batch["result"], "batch_input")
-    assert meta_in["request_count"] == 12 and meta_in["endpoint"] == "/v1/chat/completions"
+    assert meta_in["request_count"] == 14 and meta_in["endpoint"] == "/v1/chat/completions"
 
 
 def test_completions_endpoint(resources, instance, home):
@@ -251,12 +271,19 @@ def test_invalid_file_fails_the_batch_with_line_numbered_errors(resources, insta
     assert not resources["bucket"].exists(f"batches/{batch_id}/requests.parquet")
 
 
+class SimulatedKill(BaseException):
+    """Stands in for the run's process dying (a BaseException, as a signal's, so nothing in the
+    step handles it): the batch is not failed, its run is left behind."""
+
+
 class CrashAfterChunksEngineDouble:
     """Failure injection (a process death cannot happen inside an in-process test run): wraps
-    the real engine, counts what it is asked to run, and raises after ``chunks`` chunks."""
+    the real engine, counts what it is asked to run, and raises ``error`` after ``chunks``
+    chunks."""
 
-    def __init__(self, inner, chunks: int) -> None:
+    def __init__(self, inner, chunks: int, error: BaseException | None = None) -> None:
         self.inner, self.chunks, self.calls = inner, chunks, []
+        self.error = error or SimulatedKill()
 
     def served_models(self, endpoint: str) -> list[str]:
         return self.inner.served_models(endpoint)
@@ -269,9 +296,20 @@ class CrashAfterChunksEngineDouble:
 
     def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         if len(self.calls) == self.chunks:
-            raise RuntimeError("injected crash")
+            raise self.error
         self.calls.append([r.custom_id for r in requests])
         return self.inner.run(endpoint, requests)
+
+
+def killed_run(resources, instance, batch_id, chunks, chunk_size):
+    """Materialize until the engine 'dies' after ``chunks`` chunks; the run is then reported
+    failed, as the reconciler does for a run whose process is gone."""
+    crashing = CrashAfterChunksEngineDouble(resources["engine"], chunks=chunks)
+    with pytest.raises(SimulatedKill):
+        materialize_batch({**resources, "engine": crashing}, instance, batch_id, chunk_size)
+    [run] = [r for r in instance.get_runs() if r.tags.get("dagster/partition") == batch_id]
+    if not run.is_finished:
+        instance.report_run_failed(run, "process gone")
 
 
 def test_rerun_after_a_crash_resumes_from_the_checkpoint(resources, instance, home):
@@ -280,19 +318,13 @@ def test_rerun_after_a_crash_resumes_from_the_checkpoint(resources, instance, ho
         for i in range(10)
     ]
     batch_id = submit(resources, instance, lines)
-    crashing = CrashAfterChunksEngineDouble(resources["engine"], chunks=2)
-    first = materialize_batch(
-        {**resources, "engine": crashing}, instance, batch_id, chunk_size=3, raise_on_error=False
-    )
-    assert not first.success
+    killed_run(resources, instance, batch_id, chunks=2, chunk_size=3)
     checkpoint = home / "bucket" / "batches" / batch_id / "checkpoint"
     chunk_files = sorted(checkpoint.glob("chunk-*.jsonl"))
     assert [p.name for p in chunk_files] == ["chunk-00000.jsonl", "chunk-00001.jsonl"]
     stamps = {p.name: p.stat().st_mtime_ns for p in chunk_files}
     crashed = resources["catalog"].get_batch(batch_id)
-    assert crashed["request_completed"] == 6
-    # An exception in the step is final (not retried): the batch says so.
-    assert crashed["status"] == "failed" and crashed["errors"][0]["code"] == "engine_error"
+    assert (crashed["status"], crashed["request_completed"]) == ("in_progress", 6)
 
     counting = CrashAfterChunksEngineDouble(resources["engine"], chunks=99)
     from vbs_assets.inference import batch_output, error_rate, output_complete
@@ -318,17 +350,74 @@ def test_rerun_after_a_crash_resumes_from_the_checkpoint(resources, instance, ho
     assert not checkpoint.exists()
 
 
+def test_an_exception_in_the_step_fails_the_batch_without_internals(resources, instance):
+    batch_id = submit(resources, instance, [chat_line("a", "hi", max_tokens=2)] * 1)
+    boom = RuntimeError("secret path /etc/vbs and http://user:pw@dagster:3000")
+    crashing = CrashAfterChunksEngineDouble(resources["engine"], chunks=0, error=boom)
+    result = materialize_batch(
+        {**resources, "engine": crashing}, instance, batch_id, raise_on_error=False
+    )
+    assert not result.success
+    row = resources["catalog"].get_batch(batch_id)
+    assert row["status"] == "failed"
+    [error] = row["errors"]
+    assert error["code"] == "engine_error" and result.run_id in error["message"]
+    assert "secret" not in error["message"] and "pw@" not in error["message"]
+    assert [e["type"] for e in resources["catalog"].batch_events_of(batch_id)] == ["batch.failed"]
+
+
+def test_a_second_run_never_races_an_active_one(resources, instance):
+    """While the run holding a batch is alive another run for it refuses and changes nothing."""
+    from vbs_assets.runner import BatchRunner, RunRefused
+    from vbs_resources.lifecycle import BatchLifecycle
+
+    batch_id = submit(resources, instance, [chat_line("a", "hi", max_tokens=2)])
+    from vbs_assets.ingest import batch_input
+
+    dg.materialize([batch_input], partition_key=batch_id, instance=instance, resources=resources)
+    catalog = resources["catalog"]
+    assert catalog.claim(batch_id, "run-holding", None)
+    lifecycle = BatchLifecycle(catalog)
+    runner = BatchRunner(
+        resources["bucket"], catalog, lifecycle, resources["engine"], "run-second", lambda _: True
+    )
+    before = catalog.get_batch(batch_id)
+    with pytest.raises(RunRefused, match="run-holding"):
+        runner.run(batch_id, 256)
+    assert catalog.get_batch(batch_id) == before
+    # Once the holder is gone (failed, canceled), the next run takes over.
+    runner.run_is_active = lambda _: False
+    assert runner.run(batch_id, 256).status == "completed"
+
+
+def test_a_request_that_breaks_preparation_is_only_its_own_error_line(resources):
+    """A body that slipped past validation (here a string max_tokens) fails alone."""
+    engine = resources["engine"]
+    requests = [
+        EngineRequest("bad", {**chat_line("bad", PARIS)["body"], "max_tokens": "100"}),
+        EngineRequest("good", chat_line("good", PARIS, temperature=0, max_tokens=12)["body"]),
+        EngineRequest(
+            "kwargs",
+            {**chat_line("kwargs", PARIS)["body"], "chat_template_kwargs": {"tokenize": True}},
+        ),
+    ]
+    results = {r.custom_id: r for r in engine.run("/v1/chat/completions", requests)}
+    assert results["bad"].status_code == 400
+    assert results["bad"].body["error"]["param"] == "max_tokens"
+    assert results["kwargs"].status_code == 400
+    assert (
+        results["good"].ok and "Paris" in results["good"].body["choices"][0]["message"]["content"]
+    )
+
+
 def test_past_the_completion_window_the_batch_expires_keeping_what_finished(
     resources, instance, home
 ):
     lines = [chat_line(f"e{i}", f"Say {i}.", temperature=0, max_tokens=4) for i in range(6)]
     batch_id = submit(resources, instance, lines)
     catalog = resources["catalog"]
-    crashing = CrashAfterChunksEngineDouble(resources["engine"], chunks=1)
-    materialize_batch(
-        {**resources, "engine": crashing}, instance, batch_id, chunk_size=2, raise_on_error=False
-    )
-    catalog.update_batch(batch_id, expires_at=1)  # the window closed long ago
+    killed_run(resources, instance, batch_id, chunks=1, chunk_size=2)
+    catalog.update_unfinished(batch_id, expires_at=1)  # the window closed long ago
     from vbs_assets.inference import batch_output, output_complete
 
     result = dg.materialize(

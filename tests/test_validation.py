@@ -6,6 +6,7 @@ import json
 import pytest
 
 from tests.conftest import chat_line
+from tests.corpus import BAD_LINES, ODD_BUT_VALID, bad_file, param_matches
 from vbs_assets.validation import Limits, validate_batch_file
 
 
@@ -184,3 +185,34 @@ def test_digest_covers_the_whole_file_even_after_an_early_stop():
     data = b"\n".join(good(5))
     report, _ = validate(data, Limits(max_requests=2))
     assert report.sha256 == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("bad", BAD_LINES, ids=[b.name for b in BAD_LINES])
+def test_hostile_lines_fail_validation_naming_line_and_field(bad):
+    """The adversarial corpus: no line crashes validation; each is named, with its field, and
+    every message stays short whatever the input's size."""
+    report, rows = validate(bad_file(bad))
+    error = only_error(report)
+    assert (error.code, error.line) == (bad.code, 2), error
+    assert param_matches(bad.param, error.param), error
+    assert len(error.message) < 400 and len(error.param or "") <= 200
+    json.dumps(error.model_dump()).encode("utf-8")  # storable and servable as it is
+    assert rows == []  # nothing of an invalid file is written
+
+
+def test_odd_but_valid_lines_pass():
+    report, rows = validate(b"\n".join(ODD_BUT_VALID) + b"\n")
+    assert report.ok, report.errors
+    assert len(rows) == len(ODD_BUT_VALID)
+    for row in rows:  # what reaches Parquet is encodable
+        row["body"].encode("utf-8")
+        row["custom_id"].encode("utf-8")
+
+
+def test_errors_stay_bounded_for_a_file_of_huge_bad_lines():
+    """1,000 lines each with a 100 KB method: the stored errors stay small."""
+    bad = json.dumps({**json.loads(good(1)[0]), "method": "M" * 100_000}).encode()
+    report, _ = validate(b"\n".join([bad] * 1000))
+    assert report.error_count == 1000
+    stored = json.dumps([e.model_dump() for e in report.errors])
+    assert len(stored) < 300_000

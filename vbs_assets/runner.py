@@ -364,8 +364,16 @@ class BatchRunner:
         else:
             self.lifecycle.finalizing(batch_id)
         status = stop or "completed"
-        finish(self.bucket, self.catalog, self.lifecycle, batch_id, status, sha256, progress)
+        ended = finish(
+            self.bucket, self.catalog, self.lifecycle, batch_id, status, sha256, progress
+        )
         final = self.catalog.get_batch(batch_id) or row
+        if not ended and final["status"] == "cancelling":
+            # A cancel arrived after the last chunk: it wins, with every result kept.
+            finish(
+                self.bucket, self.catalog, self.lifecycle, batch_id, "cancelled", sha256, progress
+            )
+            final = self.catalog.get_batch(batch_id) or row
         report.status = final["status"]
         report.completed, report.failed = final["request_completed"], final["request_failed"]
         usage = final.get("usage") or {}

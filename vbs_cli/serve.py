@@ -27,7 +27,7 @@ from vbs_resources import Settings
 from vbs_resources.settings import is_loopback
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-GRACE_SECONDS = 8.0
+GRACE_SECONDS = 5.0
 
 
 def dagster_home(settings: Settings) -> Path:
@@ -99,32 +99,44 @@ def serve(settings: Settings) -> int:
         return supervise(commands, env)
 
 
-def _tree(proc: subprocess.Popen) -> list[psutil.Process]:
-    try:
-        return psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        return []
-
-
 def _signal(processes: list[psutil.Process], sig: int) -> None:
     for process in processes:
         with contextlib.suppress(psutil.Error):
             process.send_signal(sig)
 
 
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def run_workers(procs: list[subprocess.Popen]) -> list[psutil.Process]:
+    """The processes executing Dagster runs: everything below a code server's gRPC process
+    (the run worker, its engine, its log tailers)."""
+    found = []
+    for proc in procs:
+        for process in _tree_of(proc.pid):
+            if "dagster api grpc" in _cmdline(process):
+                found += _tree_of(process.pid)
+    return found
+
+
+def _tree_of(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
 def stop(procs: list[subprocess.Popen]) -> None:
-    """Runs first (SIGKILL, as a crash), then the servers (SIGTERM), then anything left."""
-    descendants = [p for proc in procs for p in _tree(proc)]
-    servers = {p.pid for proc in procs for p in _tree(proc) if p.ppid() == proc.pid}
-    # Below the servers: the code server's run workers (and their engines).
-    _signal(
-        [
-            p
-            for p in descendants
-            if p.pid not in servers and p.ppid() not in {pr.pid for pr in procs}
-        ],
-        signal.SIGKILL,
-    )
+    """The daemon and the runs first (SIGKILL, as a crash: no retry is launched on the way
+    down, and the batches resume on the next start), then the servers (SIGTERM), then, after
+    ``GRACE_SECONDS``, anything left (SIGKILL)."""
+    descendants = [p for proc in procs for p in _tree_of(proc.pid)]
+    daemons = [p for p in descendants if "dagster._daemon" in _cmdline(p)]
+    _signal(daemons + run_workers(procs), signal.SIGKILL)
     for proc in procs:
         if proc.poll() is None:
             proc.terminate()
@@ -132,8 +144,8 @@ def stop(procs: list[subprocess.Popen]) -> None:
     for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(max(deadline - time.monotonic(), 0.1))
-    leftovers = [p for p in descendants if p.is_running()]
-    _signal(leftovers, signal.SIGKILL)
+    leftovers = [p for p in descendants + [p for proc in procs for p in _tree_of(proc.pid)]]
+    _signal([p for p in leftovers if p.is_running()], signal.SIGKILL)
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
@@ -141,9 +153,25 @@ def stop(procs: list[subprocess.Popen]) -> None:
     psutil.wait_procs(leftovers, timeout=5)
 
 
+def _die_with_parent() -> None:
+    """In a child, before exec: be killed if ``vbs serve`` dies (Linux), so that killing it
+    alone never leaves servers holding the ports and the state."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def supervise(commands: list[list[str]], env: dict[str, str]) -> int:
-    """Run the servers side by side; when one exits or we are told to stop, stop them all."""
-    procs = [subprocess.Popen(c, env=env) for c in commands]
+    """Run the servers side by side; when one exits or we are told to stop, stop them all.
+
+    Each server runs in a session of its own: a Ctrl-C in the terminal reaches only this
+    process, which stops the runs first (see ``stop``), instead of every process at once (a
+    run worker interrupted by a signal would be recorded as terminated by a user)."""
+    procs = [
+        subprocess.Popen(c, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        for c in commands
+    ]
     stopping = False
 
     def on_signal(*_: object) -> None:

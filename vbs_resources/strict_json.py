@@ -111,7 +111,9 @@ def _encodable(text: str, path: tuple[Any, ...]) -> None:
 
 
 def _dotted(path: tuple[Any, ...]) -> str | None:
-    return ".".join(str(p) for p in path) or None
+    """The field's dotted path, printable whatever its keys hold (a key may be the bad string)."""
+    text = ".".join(str(p) for p in path)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") or None
 
 
 def loads(raw: bytes | str, max_depth: int = MAX_DEPTH) -> Any:

@@ -42,7 +42,11 @@ from vbs_resources.wire import BatchErrorEntry, BatchOptions
 NO_RUN_GRACE_SECONDS = 15
 # A batch whose input never arrived is failed after this long.
 INPUT_GRACE_SECONDS = 600
-MAX_RUNS = 6
+# A batch gets at most this many runs (retries and runs after platform crashes included).
+MAX_RUNS = 10
+# How the reconciler words the failure of a run whose process vanished (the platform went down
+# under it): such a run's batch gets a new run even when Dagster's own retries are spent.
+INTERRUPTED = "The run's processes are gone"
 
 ACTIVE = {
     dg.DagsterRunStatus.QUEUED,
@@ -79,7 +83,8 @@ def run_pids(instance: dg.DagsterInstance, run_id: str) -> set[int]:
     """The processes executing a run, as Dagster's own engine events name them."""
     pids: set[int] = set()
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
-        pids.update(int(p) for p in _PID.findall(entry.user_message or ""))
+        text = f"{entry.user_message or ''} {getattr(entry, 'message', '') or ''}"
+        pids.update(int(p) for p in _PID.findall(text))
     return pids
 
 
@@ -105,8 +110,8 @@ def release_orphaned_runs(instance: dg.DagsterInstance, job_name: str = L.BATCH_
         if not pids or any(_process_alive(pid, started) for pid in pids):
             continue
         message = (
-            f"The run's processes ({', '.join(map(str, sorted(pids)))}) are gone: the platform "
-            "was stopped or killed while it ran."
+            f"{INTERRUPTED} ({', '.join(map(str, sorted(pids)))}): the platform was stopped or "
+            "killed while it ran."
         )
         if run.status == dg.DagsterRunStatus.CANCELING:
             instance.report_run_canceled(run, message)
@@ -117,6 +122,12 @@ def release_orphaned_runs(instance: dg.DagsterInstance, job_name: str = L.BATCH_
 
 
 # ---- batches and their runs -------------------------------------------------------------------
+
+
+def _interrupted(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
+    """Whether the reconciler failed ``run`` because its process vanished."""
+    failures = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+    return any(INTERRUPTED in (e.message or "") for e in failures)
 
 
 def _request(row: dict[str, Any], attempt: int) -> dg.RunRequest:
@@ -156,7 +167,7 @@ def reconcile_batch(
     if latest is not None and latest.status == dg.DagsterRunStatus.CANCELED:
         return end("cancelled"), None  # terminated from Dagster: as an API cancel
     if latest is not None and latest.status == dg.DagsterRunStatus.FAILURE:
-        if L.TAG_REFUSED not in latest.tags:
+        if L.TAG_REFUSED not in latest.tags and not _interrupted(instance, latest):
             error = BatchErrorEntry(
                 code="run_failed",
                 message=f"The batch's run {latest.run_id} failed and will not be retried; the "
@@ -179,7 +190,7 @@ def reconcile_batch(
             error = BatchErrorEntry(code="input_missing", message="The input file never arrived.")
             lifecycle.fail(batch_id, [error])
             return f"{batch_id}: failed, input missing", None
-    # No run yet, or the last one refused or ran only part of the job: a whole run.
+    # No run yet, or the last one refused, was interrupted, or ran only part of the job.
     return f"{batch_id}: run requested", _request(row, len(runs))
 
 
