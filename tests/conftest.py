@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -175,8 +174,11 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
 
 
 class Platform:
-    def __init__(self, home: Path, port: int, api_port: int, log: Path) -> None:
+    def __init__(
+        self, home: Path, port: int, api_port: int, log: Path, process: Any = None
+    ) -> None:
         self.home, self.port, self.api_port, self.log = home, port, api_port, log
+        self.process = process
         self.api_url = f"http://127.0.0.1:{api_port}/v1"
         self.inbox = home / "bucket" / "inbox"
         self.resources = resources_for(home)
@@ -190,6 +192,17 @@ class Platform:
 
     def runs(self, batch_id: str):
         return self.instance.get_runs(dg.RunsFilter(tags={"vbs/batch_id": batch_id}))
+
+    def graphql(self, query: str, **variables: Any) -> dict:
+        """The webserver's GraphQL API, as the Dagster UI calls it."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/graphql",
+            data=json.dumps({"query": query, "variables": variables}).encode(),
+            headers={"content-type": "application/json"},
+        )
+        body = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert not body.get("errors"), body["errors"]
+        return body["data"]
 
     def batch(self, batch_id: str):
         return self.resources["catalog"].get_batch(batch_id)
@@ -219,47 +232,95 @@ class Platform:
         )
 
 
-@pytest.fixture(scope="session")
-def platform(tmp_path_factory, model_dir, webhook_receiver):
-    """`vbs serve` (Dagster webserver + daemon, and the HTTP API) on free loopback ports."""
-    home = tmp_path_factory.mktemp("platform") / "vbs"
-    (home / "bucket" / "inbox").mkdir(parents=True)
-    port, api_port = free_port(), free_port()
-    env = dict(
+def _up(url: str, proc: subprocess.Popen, log: Path):
+    def check():
+        try:
+            return urllib.request.urlopen(url, timeout=2).status == 200
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            return False
+
+    return check
+
+
+class PlatformProcess:
+    """`vbs serve` (Dagster webserver + daemon, and the HTTP API) on loopback ports, as a user
+    starts it; stopped as a user stops it, or killed as a power loss kills it."""
+
+    def __init__(self, home: Path, env: dict[str, str], port: int, api_port: int) -> None:
+        self.home, self.env, self.port, self.api_port = home, env, port, api_port
+        self.log = home.parent / "vbs-serve.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> None:
+        command = [sys.executable, "-m", "vbs_cli.main", "serve", "--port", str(self.port)]
+        command += ["--api-port", str(self.api_port)]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                command, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        wait_for(_up(f"http://127.0.0.1:{self.port}/server_info", self.proc, self.log), timeout,
+                 "the Dagster webserver")  # fmt: skip
+        wait_for(_up(f"http://127.0.0.1:{self.api_port}/health", self.proc, self.log), 60,
+                 "the API server")  # fmt: skip
+
+    def processes(self):
+        import psutil
+
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        root = psutil.Process(self.proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    def stop(self, timeout: float = 60) -> float:
+        """SIGTERM to `vbs serve`, as Ctrl-C or a service manager does; returns the seconds."""
+        started = time.monotonic()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout)
+        return time.monotonic() - started
+
+    def kill_everything(self) -> None:
+        """Every process of the platform dies at the same instant (power loss, OOM killer)."""
+        import psutil
+
+        processes = self.processes()
+        for process in processes:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(processes, timeout=10)
+        self.proc.wait(10)
+
+
+def start_platform(home: Path, model_dir: Path, **env: str) -> PlatformProcess:
+    (home / "bucket" / "inbox").mkdir(parents=True, exist_ok=True)
+    full_env = dict(
         os.environ,
         VBS_HOME=str(home),
         VBS_MODEL=str(model_dir),
         VBS_DTYPE=TEST_DTYPE,
+        **env,
+    )
+    platform = PlatformProcess(home, full_env, free_port(), free_port())
+    platform.start()
+    return platform
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory, model_dir, webhook_receiver):
+    """The shared platform of the end-to-end tests, with API keys and webhooks."""
+    home = tmp_path_factory.mktemp("platform") / "vbs"
+    process = start_platform(
+        home,
+        model_dir,
         VBS_API_KEYS=f"{API_KEY},second-key",
         VBS_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
         VBS_WEBHOOK_URLS=webhook_receiver.url,
         VBS_WEBHOOK_SECRET=WEBHOOK_SECRET,
     )
-    command = [sys.executable, "-m", "vbs_cli.main", "serve", "--port", str(port)]
-    command += ["--api-port", str(api_port)]
-    log = home.parent / "vbs-serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def up(url):
-        def check():
-            try:
-                return urllib.request.urlopen(url, timeout=2).status == 200
-            except OSError:
-                assert proc.poll() is None, log.read_text()[-3000:]
-                return False
-
-        return check
-
     try:
-        wait_for(up(f"http://127.0.0.1:{port}/server_info"), 90, "the Dagster webserver")
-        wait_for(up(f"http://127.0.0.1:{api_port}/health"), 60, "the API server")
-        yield Platform(home, port, api_port, log)
+        yield Platform(home, process.port, process.api_port, process.log, process)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        process.stop()

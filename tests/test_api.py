@@ -2,6 +2,7 @@
 vLLM on CPU)."""
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
@@ -78,12 +79,14 @@ def in_process_api(platform, launcher, webhooks=None):
     """A second API app on the platform's state, with its own launcher, served in-process."""
     from fastapi.testclient import TestClient
 
+    from tests.conftest import settings_for
     from vbs_api.app import create_app
 
-    r = platform.resources
-    app = create_app(
-        r["bucket"], r["catalog"], r["engine"], [API_KEY], launcher=launcher, webhooks=webhooks
-    )
+    resources = dict(platform.resources)
+    if webhooks is not None:
+        resources["webhooks"] = webhooks
+    settings = settings_for(platform.home, VBS_API_KEYS=API_KEY)
+    app = create_app(settings, resources, launcher=launcher)
     http = TestClient(app, base_url="http://testserver/v1")
     return OpenAI(base_url="http://testserver/v1", api_key=API_KEY, http_client=http)
 
@@ -96,36 +99,40 @@ def test_a_polled_batch_shows_every_commit_from_any_process(resources):
 
     from fastapi.testclient import TestClient
 
+    from tests.conftest import settings_for
     from vbs_api.app import create_app
+    from vbs_resources.lifecycle import BatchLifecycle
 
     catalog = resources["catalog"]
-    catalog.create_batch("batch_poll0001", source="api", content_sha256="", input_file_id="f")
-    catalog.create_batch("batch_poll0002", source="api", content_sha256="", input_file_id="f")
-    app = create_app(resources["bucket"], catalog, resources["engine"], [API_KEY])
+    lifecycle = BatchLifecycle(catalog)
+    lifecycle.create("batch_poll0001", source="api", input_file_id="f")
+    lifecycle.create("batch_poll0002", source="api", input_file_id="f")
+    home = Path(resources["bucket"].url).parent
+    app = create_app(settings_for(home, VBS_API_KEYS=API_KEY), resources)
     http = TestClient(app, base_url="http://testserver/v1")
     api = OpenAI(base_url="http://testserver/v1", api_key=API_KEY, http_client=http)
 
     assert api.batches.retrieve("batch_poll0001").status == "validating"
     assert api.batches.retrieve("batch_poll0001").status == "validating"  # now from the cache
-    catalog.update_batch("batch_poll0001", "in_progress", request_completed=2)
+    lifecycle.start("batch_poll0001", request_completed=2)
     polled = api.batches.retrieve("batch_poll0001")
     assert (polled.status, polled.request_counts.completed) == ("in_progress", 2)
 
     # Another process commits, as a run does.
     writer = (
         "import sys; from vbs_resources.catalog import Catalog; "
-        "Catalog(url=sys.argv[1]).update_batch('batch_poll0001', request_completed=5)"
+        "Catalog(url=sys.argv[1]).update_unfinished('batch_poll0001', request_completed=5)"
     )
     subprocess.run([sys.executable, "-c", writer, catalog.url], check=True)
     assert api.batches.retrieve("batch_poll0001").request_counts.completed == 5
     # The other batch, cached before, is read again rather than served stale.
-    catalog.update_batch("batch_poll0002", "cancelling")
+    lifecycle.request_cancel("batch_poll0002")
     assert api.batches.retrieve("batch_poll0002").status == "cancelling"
     with pytest.raises(openai.NotFoundError):
         api.batches.retrieve("batch_nosuch0001")
 
 
-def test_unreachable_dagster_hands_the_batch_to_the_inbox(platform):
+def test_unreachable_dagster_leaves_the_batch_to_the_reconciler(platform):
     from tests.conftest import free_port
     from vbs_api.launch import BatchLauncher
 
@@ -135,18 +142,20 @@ def test_unreachable_dagster_hands_the_batch_to_the_inbox(platform):
         input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
     assert batch.status == "validating"
-    # The sensor takes it from the inbox and the same job runs it.
+    # The reconciler finds a batch without a run and starts the same job for it.
     done = wait_batch(api, batch.id, {"completed", "failed"})
     assert done.status == "completed" and done.request_counts.completed == 1
     [run] = platform.runs(batch.id)
-    assert run.tags["dagster/sensor_name"] == "inbox_sensor"
+    assert run.tags["dagster/sensor_name"] == "batch_reconciler"
 
 
 def test_a_refused_launch_fails_the_batch_with_the_reason(platform, webhook_receiver):
     from vbs_api.launch import BatchLauncher
     from vbs_resources.webhooks import Webhooks
 
-    launcher = BatchLauncher(f"http://127.0.0.1:{platform.port}", location="no_such_location")
+    launcher = BatchLauncher(
+        f"http://admin:s3cret@127.0.0.1:{platform.port}", location="no_such_location"
+    )
     hooks = Webhooks(urls=[webhook_receiver.url], secret=WEBHOOK_SECRET)
     api = in_process_api(platform, launcher, hooks)
     file = upload(api, [chat_line("f0", "Hi.", max_tokens=4)])
@@ -156,13 +165,17 @@ def test_a_refused_launch_fails_the_batch_with_the_reason(platform, webhook_rece
     assert batch.status == "failed"
     [error] = batch.errors.data
     assert error.code == "launch_failed" and "no_such_location" in error.message
+    # The webserver's URL (and the credentials in it) never reach a client.
+    assert "s3cret" not in error.message and "127.0.0.1" not in error.message
     assert platform.runs(batch.id) == []
-    # The failure is announced like any other (TestClient runs background tasks before
-    # returning the response).
-    events = [json.loads(body) for _, body in webhook_receiver.events()]
-    assert {"type": "batch.failed", "id": batch.id} in [
-        {"type": e["type"], "id": e["data"]["id"]} for e in events
-    ]
+
+    def announced():
+        events = [json.loads(body) for _, body in webhook_receiver.events()]
+        return {"type": "batch.failed", "id": batch.id} in [
+            {"type": e["type"], "id": e["data"]["id"]} for e in events
+        ]
+
+    wait_for(announced, 30, "the batch.failed webhook")
 
 
 def test_completion_webhook_is_signed_as_openai_signs(client, platform, webhook_receiver):
@@ -316,7 +329,12 @@ def test_api_server_restarted_mid_batch_loses_nothing(platform):
     from tests.conftest import free_port
 
     port = free_port()
-    env = {**os.environ, "VBS_HOME": str(platform.home), "VBS_API_KEYS": API_KEY}
+    env = {
+        **os.environ,
+        "VBS_HOME": str(platform.home),
+        "VBS_API_KEYS": API_KEY,
+        "VBS_DAGSTER_URL": f"http://127.0.0.1:{platform.port}",
+    }
     command = [sys.executable, "-m", "vbs_api.server", "--port", str(port)]
 
     def start():
@@ -359,3 +377,54 @@ def _healthy(port: int) -> bool:
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
     except OSError:
         return False
+
+
+def test_the_api_process_signs_its_own_webhooks_with_the_secret_value(
+    platform, webhook_receiver, tmp_path
+):
+    """The API's own batch.failed (Dagster refuses the launch), delivered by the API process,
+    verifies with the secret's value; the variable's name is no key."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "VBS_HOME": str(platform.home),
+        "VBS_API_KEYS": API_KEY,
+        # The real webserver, at a path where it refuses the launch (HTTP 405).
+        "VBS_DAGSTER_URL": f"http://127.0.0.1:{platform.port}/refuses",
+        "VBS_WEBHOOK_URLS": webhook_receiver.url,
+        "VBS_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    }
+    command = [sys.executable, "-m", "vbs_api.server", "--port", str(port)]
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: _healthy(port), 30, "the API to start")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0)
+        file = upload(client, [chat_line("w0", "Hi.", max_tokens=4)])
+        created = time.monotonic()
+        batch = client.batches.create(
+            input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert batch.status == "failed" and batch.errors.data[0].code == "launch_failed"
+        verifier = OpenAI(base_url=platform.api_url, api_key=API_KEY, webhook_secret=WEBHOOK_SECRET)
+
+        def delivered():
+            for headers, body in webhook_receiver.events():
+                event = verifier.webhooks.unwrap(body, headers)  # raises on a bad signature
+                if event.data.id == batch.id:
+                    return event
+            return None
+
+        event = wait_for(delivered, 20, "the API's batch.failed webhook")
+        assert event.type == "batch.failed"
+        # Delivered by the API process at once, not swept up later by the reconciler.
+        assert time.monotonic() - created < 20
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -1,0 +1,344 @@
+"""The Batch API against hostile clients: body caps before anything is read, strict JSON, locked
+catalogs, host checks, unsafe settings, and the smaller contract points (file pagination,
+deletion, input purposes, metrics). Against a real `python -m vbs_api.server` process on its own
+VBS_HOME, with no Dagster behind it (nothing here needs a run)."""
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from openai import OpenAI
+
+from tests.conftest import chat_line, free_port, jsonl, wait_for
+from vbs_resources import Catalog
+from vbs_resources.lifecycle import BatchLifecycle
+
+CAP = 1_000_000
+
+
+class Server:
+    def __init__(self, home: Path, port: int, proc: subprocess.Popen) -> None:
+        self.home, self.port, self.proc = home, port, proc
+        self.base = f"http://127.0.0.1:{port}"
+        self.client = OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0)
+        self.catalog = Catalog(url=f"sqlite:///{home / 'catalog.db'}")
+        self.process = psutil.Process(proc.pid)
+
+    def written(self) -> int:
+        """Bytes the server process has written (to files and sockets) so far."""
+        return self.process.io_counters().write_chars
+
+    def stored_files(self) -> list[str]:
+        folder = self.home / "bucket" / "files"
+        return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def _server_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VBS_")}
+    return {**env, "VBS_HOME": str(home), "VBS_MAX_UPLOAD_BYTES": str(CAP), **extra}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("api") / "vbs"
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vbs_api.server", "--port", str(port)],
+        env=_server_env(home),
+        start_new_session=True,
+    )
+
+    def healthy():
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        except httpx.HTTPError:
+            assert proc.poll() is None
+            return False
+
+    wait_for(healthy, 60, "the API server")
+    yield Server(home, port, proc)
+    proc.terminate()
+    proc.wait(30)
+
+
+def raw_request(port: int, head: str, body_chunks=(), timeout: float = 10) -> bytes:
+    """Send a request by hand (headers, then body pieces until the server stops reading) and
+    return what the server answered."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(head.encode())
+        for chunk in body_chunks:
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break  # the server stopped reading and closed: what we want
+        answer = b""
+        try:
+            while data := sock.recv(65536):
+                answer += data
+                if b"\r\n\r\n" in answer and len(answer) > 200:
+                    break
+        except OSError:
+            pass
+        return answer
+    finally:
+        sock.close()
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_a_declared_oversize_upload_is_refused_before_its_body(server):
+    before_rss, before_written = server.process.memory_info().rss, server.written()
+    head = (
+        "POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 1000000000\r\n\r\n"
+    )
+    started = time.monotonic()
+    answer = raw_request(server.port, head)
+    assert status_of(answer) == 413 and b"file_too_large" in answer
+    assert time.monotonic() - started < 2  # answered at once, nothing of the body read
+    assert server.process.memory_info().rss - before_rss < 20_000_000
+    assert server.written() - before_written < 100_000
+    assert server.stored_files() == []
+
+
+def test_an_upload_without_a_length_is_cut_off_at_the_cap(server):
+    """A chunked 30 MB upload against a 1 MB cap: refused once past the cap; no more than the
+    cap ever reached the disk, and nothing stays behind."""
+    before_rss, before_written = server.process.memory_info().rss, server.written()
+    head = (
+        "POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        "Content-Type: multipart/form-data; boundary=xyz\r\n\r\n"
+    )
+    preamble = (
+        b'--xyz\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+    )
+    block = b"x" * 65536
+
+    def chunks():
+        yield b"%x\r\n%s\r\n" % (len(preamble), preamble)
+        for _ in range(30 * 16):
+            yield b"%x\r\n%s\r\n" % (len(block), block)
+
+    answer = raw_request(server.port, head, chunks())
+    assert status_of(answer) == 413
+    assert server.written() - before_written < CAP + 300_000
+    assert server.process.memory_info().rss - before_rss < 30_000_000
+    assert server.stored_files() == []
+
+
+def test_json_bodies_are_capped(server):
+    big = json.dumps({"input_file_id": "file-x", "metadata": {"k": "v" * 2_000_000}}).encode()
+    answer = httpx.post(f"{server.base}/v1/batches", content=big)
+    assert answer.status_code == 413
+    assert answer.json()["error"]["code"] == "request_too_large"
+    # Without a declared length the body is cut off at the cap as well.
+    streamed = httpx.post(f"{server.base}/v1/batches", content=iter([big[:500_000]] * 4))
+    assert streamed.status_code == 413
+
+
+def uploaded(server, name="jobs.jsonl"):
+    return server.client.files.create(file=(name, jsonl([chat_line("a", "hi")])), purpose="batch")
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ('"metadata": {"k": "\\ud800"}', "metadata.k"),
+        ('"metadata": {"\\udfff": "v"}', None),
+        ('"metadata": {"k": 5}', "metadata.k"),
+        ('"chunk_size": NaN', None),
+        ('"chunk_size": "7"', "chunk_size"),
+        ('"chunk_size": 1' + "0" * 5000, None),
+        ('"metadata": {}, "metadata": {"k": "v"}', "metadata"),
+        ('"metadata": ' + "[" * 100_000 + "]" * 100_000, None),
+        ('"completion_window": "1h"', "completion_window"),
+        ('"endpoint": "/v1/images"', "endpoint"),
+        ('"extra": 1', "extra"),
+    ],
+    ids=[
+        "surrogate-value",
+        "surrogate-key",
+        "non-string-value",
+        "nan",
+        "string-number",
+        "huge-integer",
+        "duplicate-key",
+        "deep-nesting",
+        "bad-window",
+        "bad-endpoint",
+        "unknown-field",
+    ],
+)
+def test_hostile_batch_bodies_are_400_and_write_nothing(server, body, param):
+    file_id = uploaded(server).id
+    before = server.catalog.list_batches(limit=1000)
+    text = (
+        f'{{"input_file_id": "{file_id}", "endpoint": "/v1/chat/completions", '
+        f'"completion_window": "24h", {body}}}'
+    )
+    if '"endpoint"' in body or '"completion_window"' in body:
+        text = f'{{"input_file_id": "{file_id}", {body}, "endpoint": "/v1/chat/completions"}}'
+        if '"endpoint"' in body:
+            text = f'{{"input_file_id": "{file_id}", {body}}}'
+    answer = httpx.post(
+        f"{server.base}/v1/batches", content=text, headers={"content-type": "application/json"}
+    )
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    if param is not None:
+        assert error["param"] == param, error
+    assert len(error["message"]) < 400
+    assert server.catalog.list_batches(limit=1000) == before
+    assert not (server.home / "bucket" / "batches").exists() or before
+    assert httpx.get(f"{server.base}/v1/batches").status_code == 200
+
+
+def test_an_output_file_is_not_a_batch_input(server):
+    server.catalog.create_file(
+        "file-output-0123456789", filename="x.jsonl", purpose="batch_output", size=1, path="x"
+    )
+    with pytest.raises(Exception) as info:
+        server.client.batches.create(
+            input_file_id="file-output-0123456789",
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+    assert info.value.status_code == 400 and info.value.body["param"] == "input_file_id"
+
+
+def test_files_list_paginates_with_limit_after_and_order(server):
+    made = [uploaded(server, f"page{i}.jsonl").id for i in range(5)]
+    everything = [f.id for f in server.client.files.list(limit=10_000).data]
+    assert set(made) <= set(everything)
+    first = httpx.get(f"{server.base}/v1/files", params={"limit": 2}).json()
+    assert len(first["data"]) == 2 and first["has_more"] is True
+    assert first["last_id"] == first["data"][-1]["id"]
+    rest = httpx.get(
+        f"{server.base}/v1/files", params={"limit": 10_000, "after": first["last_id"]}
+    ).json()
+    assert [f["id"] for f in first["data"] + rest["data"]] == everything
+    assert rest["has_more"] is False
+    ascending = httpx.get(f"{server.base}/v1/files", params={"order": "asc"}).json()
+    assert [f["id"] for f in ascending["data"]] == everything[::-1]
+    assert httpx.get(f"{server.base}/v1/files", params={"limit": 0}).status_code == 400
+
+
+def test_deleting_a_file_removes_its_bytes(server):
+    file = uploaded(server, "gone.jsonl")
+    path = server.home / "bucket" / "files" / f"{file.id}.jsonl"
+    assert path.exists()
+    assert server.client.files.delete(file.id).deleted
+    assert not path.exists()
+    assert httpx.get(f"{server.base}/v1/files/{file.id}").status_code == 404
+
+
+def test_polls_stay_fast_while_an_upload_waits_for_the_write_lock(server):
+    """Another process holds SQLite's write lock for 3 s; an upload waits for it in a worker
+    thread while polls of a batch keep being answered from the event loop."""
+    BatchLifecycle(server.catalog).create("batch_lockpoll01", source="api", input_file_id="f")
+    holder = sqlite3.connect(server.home / "catalog.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    results = {}
+
+    def upload():
+        results["file"] = uploaded(server, "during-lock.jsonl")
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    latencies = []
+    with httpx.Client() as http:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            assert http.get(f"{server.base}/v1/batches/batch_lockpoll01").status_code == 200
+            latencies.append(time.perf_counter() - started)
+    assert thread.is_alive()  # the upload is still waiting for the lock
+    holder.execute("COMMIT")
+    holder.close()
+    thread.join(30)
+    assert results["file"].id.startswith("file-")
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99) - 1]
+    assert len(latencies) > 50 and p99 < 0.1, (len(latencies), p99)
+
+
+def test_without_keys_only_loopback_host_names_are_answered(server):
+    """A web page on this machine cannot read the API through DNS rebinding."""
+    url = f"{server.base}/v1/files"
+    assert httpx.get(url, headers={"host": "evil.example"}).status_code == 400
+    assert httpx.get(url, headers={"host": f"evil.example:{server.port}"}).status_code == 400
+    assert httpx.get(url, headers={"host": f"localhost:{server.port}"}).status_code == 200
+    assert httpx.get(url).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"VBS_API_KEYS": ","}, "VBS_API_KEYS"),
+        ({"VBS_API_KEYS": "key-one, ,key-two"}, "VBS_API_KEYS"),
+        ({"VBS_API_HOST": "0.0.0.0"}, "without authentication"),
+        ({"VBS_WEBHOOK_URLS": "file:///etc/passwd"}, "VBS_WEBHOOK_URLS"),
+    ],
+)
+def test_unsafe_settings_stop_the_server_at_start(tmp_path, env, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "vbs_api.server", "--port", str(free_port())],
+        env=_server_env(tmp_path, **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_keys_or_an_explicit_opt_out_allow_a_public_address():
+    from vbs_resources import load_settings
+
+    assert load_settings({"VBS_API_HOST": "0.0.0.0", "VBS_API_KEYS": "k1,k2"}).api_keys
+    opted = load_settings({"VBS_API_HOST": "0.0.0.0", "VBS_API_INSECURE_NO_AUTH": "true"})
+    assert opted.api_keys is None
+    shown = repr(load_settings({"VBS_API_KEYS": "k-secret", "VBS_WEBHOOK_SECRET": "w-secret"}))
+    assert "k-secret" not in shown and "w-secret" not in shown
+
+
+def test_metrics_count_every_status_and_forget_the_ones_left(server):
+    lifecycle = BatchLifecycle(server.catalog)
+    lifecycle.create("batch_metrics001", source="api", input_file_id="f")
+    lifecycle.request_cancel("batch_metrics001")
+
+    def gauge(status):
+        text = httpx.get(f"{server.base}/metrics").text
+        line = next(
+            x for x in text.splitlines() if x.startswith(f'vbs_batches{{status="{status}"}}')
+        )
+        return float(line.split()[-1])
+
+    assert gauge("cancelling") >= 1
+    lifecycle.cancelled("batch_metrics001")
+    assert gauge("cancelling") == 0 and gauge("cancelled") >= 1
+    assert gauge("expired") == 0  # every status is shown, also one no batch was ever in
+
+
+def test_inbox_problems_are_listed(server):
+    server.catalog.set_inbox_problems({"link.jsonl": ("symlink", "link.jsonl is a symbolic link")})
+    data = httpx.get(f"{server.base}/v1/inbox").json()["data"]
+    assert [(p["name"], p["kind"]) for p in data] == [("link.jsonl", "symlink")]
+    env = {**_server_env(server.home), "VBS_API_URL": f"{server.base}/v1"}
+    cli = subprocess.run(
+        [sys.executable, "-m", "vbs_cli.main", "inbox"], env=env, capture_output=True, text=True
+    )
+    assert cli.returncode == 1 and "link.jsonl is a symbolic link" in cli.stdout
+    server.catalog.set_inbox_problems({})

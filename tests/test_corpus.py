@@ -1,0 +1,117 @@
+"""The adversarial corpus (tests/corpus.py) through the public surfaces of a running platform:
+an inbox drop and the Batch API. For every bad input class: the batch ends within a bound, its
+error names the line and the field, the API never answers 5xx, and nothing else in the catalog
+changes. Lines that only look hostile run to completion."""
+
+import json
+import time
+
+import pytest
+from openai import OpenAI
+
+from tests.conftest import API_KEY, wait_for
+from tests.corpus import BAD_LINES, ODD_BUT_VALID, bad_file, param_matches
+
+pytestmark = pytest.mark.slow
+
+ENDED = {"completed", "failed", "expired", "cancelled"}
+BOUND_SECONDS = 300  # every batch of the corpus ends within this, all queued at once
+
+
+@pytest.fixture(scope="module")
+def client(platform):
+    return OpenAI(base_url=platform.api_url, api_key=API_KEY, max_retries=0)
+
+
+def catalog_state(platform):
+    catalog = platform.resources["catalog"]
+    batches = {
+        r["id"]: {k: v for k, v in r.items() if k not in ("updated_at", "run_id")}
+        for r in catalog.list_batches(limit=10_000)
+        if r["status"] in ENDED
+    }
+    files = {f["id"]: f for f in catalog.list_files(limit=10_000)}
+    return batches, files
+
+
+def assert_named(row, bad):
+    assert row["status"] == "failed", (bad.name, row["status"])
+    [error] = row["errors"]
+    assert (error["code"], error["line"]) == (bad.code, 2), (bad.name, error)
+    assert param_matches(bad.param, error["param"]), (bad.name, error)
+    assert len(error["message"]) < 400
+
+
+def test_every_bad_line_dropped_in_the_inbox_fails_its_batch_naming_it(platform):
+    before_batches, before_files = catalog_state(platform)
+    started = time.monotonic()
+    for bad in BAD_LINES:
+        platform.drop(f"corpus-{bad.name}.jsonl", bad_file(bad))
+    ids = {
+        bad.name: platform.wait_batch(f"corpus-{bad.name}.jsonl", timeout=60) for bad in BAD_LINES
+    }
+    rows = {
+        name: platform.wait_status(batch_id, ENDED, timeout=BOUND_SECONDS)
+        for name, batch_id in ids.items()
+    }
+    elapsed = time.monotonic() - started
+    for bad in BAD_LINES:
+        assert_named(rows[bad.name], bad)
+    after_batches, after_files = catalog_state(platform)
+    assert {k: v for k, v in after_batches.items() if k in before_batches} == before_batches
+    assert after_files == before_files
+    print(f"{len(BAD_LINES)} hostile drops ended in {elapsed:.0f}s")
+
+
+def test_every_bad_line_sent_through_the_api_fails_its_batch_naming_it(platform, client):
+    before_batches, before_files = catalog_state(platform)
+    created = {}
+    for bad in BAD_LINES:
+        file = client.files.create(file=(f"{bad.name}.jsonl", bad_file(bad)), purpose="batch")
+        created[bad.name] = client.batches.create(
+            input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+        ).id
+    ended = {}
+
+    def all_ended():
+        for name, batch_id in created.items():
+            if name not in ended:
+                batch = client.batches.retrieve(batch_id)  # a 5xx raises here
+                if batch.status in ENDED:
+                    ended[name] = batch
+        return len(ended) == len(created)
+
+    wait_for(all_ended, BOUND_SECONDS, "every corpus batch to end", interval=1)
+    catalog = platform.resources["catalog"]
+    for bad in BAD_LINES:
+        assert_named(catalog.get_batch(created[bad.name]), bad)
+        errors = ended[bad.name].errors.data
+        assert errors[0].line == 2 and errors[0].code == bad.code
+    # Listing everything, hostile rows included, still works.
+    assert client.batches.list(limit=100).data
+    after_batches, after_files = catalog_state(platform)
+    assert {k: v for k, v in after_batches.items() if k in before_batches} == before_batches
+    assert {k: v for k, v in after_files.items() if k in before_files} == before_files
+
+
+def test_odd_but_valid_lines_run_to_completion(platform, client):
+    data = b"\n".join(ODD_BUT_VALID) + b"\n"
+    file = client.files.create(file=("odd.jsonl", data), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = wait_for(
+        lambda: (b := client.batches.retrieve(batch.id)).status in ENDED and b, BOUND_SECONDS, "it"
+    )
+    assert done.status == "completed", done
+    assert done.request_counts.total == len(ODD_BUT_VALID)
+    errors = {
+        (line := json.loads(x))["custom_id"]: line["response"]["body"]["error"]
+        for x in client.files.content(done.error_file_id).text.splitlines()
+    }
+    assert {k: e["code"] for k, e in errors.items()} == {
+        "too-long-prompt": "context_length_exceeded",
+        "own-chat-template": "invalid_request",
+    }
+    output = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    assert "unicode-custom-id-\u00e9\u4e2d" in {line["custom_id"] for line in output}
