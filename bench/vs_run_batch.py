@@ -63,16 +63,17 @@ def run_peer(args, env, inputs: Path, out: Path, dtype: str) -> dict:
     return {"wall_s": round(wall, 2), "output_tokens": output_tokens(out)}
 
 
-def run_vbs(args, env, inputs: Path, home: Path) -> dict:
+def run_vbs(args, env, inputs: Path, home: Path, dtype: str) -> dict:
     code = f"""
 import json, time
 import dagster as dg
 from vbs_assets.inference import batch_output, output_complete
 from vbs_assets.ingest import batch_input
-from vbs_resources import build_resources
+from vbs_resources import build_resources, load_settings
 from vbs_sensors.inbox import inbox_sensor
 started = time.perf_counter()
-res = build_resources({{"VBS_HOME": {str(home)!r}, "VBS_MODEL": {args.model!r}}})
+res = build_resources(load_settings({{"VBS_HOME": {str(home)!r}, "VBS_MODEL": {args.model!r},
+    "VBS_DTYPE": {dtype!r}}}))
 res["bucket"].write_bytes("inbox/in.jsonl", open({str(inputs)!r}, "rb").read())
 with dg.instance_for_test() as inst:
     cursor = None
@@ -108,9 +109,9 @@ def main() -> None:
     args = parser.parse_args()
     args.root = str(root)
 
-    from vbs_resources.engine import resolve_dtype
+    from vbs_resources.engine.hardware import detect_device, resolve_dtype
 
-    dtype = resolve_dtype("auto")
+    dtype = resolve_dtype("auto", detect_device())
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="4")
     env.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -118,7 +119,7 @@ def main() -> None:
         tmp = Path(tmp)
         inputs = tmp / "in.jsonl"
         request_file(inputs, args.requests, args.served_name, args.max_tokens)
-        vbs = run_vbs(args, env, inputs, tmp / "vbs")
+        vbs = run_vbs(args, env, inputs, tmp / "vbs", dtype)
         peer = run_peer(args, env, inputs, tmp / "peer.jsonl", dtype)
         # run_batch reports no engine-start time; a one-token, one-request run measures it.
         request_file(tmp / "one.jsonl", 1, args.served_name, 1)

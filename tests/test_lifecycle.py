@@ -295,3 +295,27 @@ def test_processes_opening_a_new_catalog_at_once_migrate_it_once(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     with sa.create_engine(url).connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM alembic_version")).scalar() == 1
+
+
+def test_errors_after_completion_never_change_the_batch(resources, instance, monkeypatch):
+    """The preview failing and a webhook delivery blowing up, after the batch completed: it
+    stays completed, with one event."""
+    import vbs_assets.inference as inference
+    from vbs_resources.webhooks import Webhooks
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("preview broke")
+
+    def exploding_delivery(self, catalog, event_id, **kwargs):
+        raise RuntimeError("delivery broke")
+
+    monkeypatch.setattr(inference, "_preview", broken)
+    monkeypatch.setattr(Webhooks, "deliver", exploding_delivery)
+    hooks = Webhooks(urls=["http://127.0.0.1:9/hook"])
+    batch_id = submit(resources, instance, [chat_line("a", "hi", max_tokens=2)])
+    result = materialize_batch({**resources, "webhooks": hooks}, instance, batch_id)
+    assert result.success
+    row = resources["catalog"].get_batch(batch_id)
+    assert row["status"] == "completed" and row["failed_at"] is None and row["errors"] is None
+    [event] = resources["catalog"].batch_events_of(batch_id)
+    assert event["type"] == "batch.completed" and event["delivered_at"] is None  # for the sweep
