@@ -291,7 +291,7 @@ def test_processes_opening_a_new_catalog_at_once_migrate_it_once(tmp_path):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(60)
+        p.join(180)
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     with sa.create_engine(url).connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM alembic_version")).scalar() == 1

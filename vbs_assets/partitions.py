@@ -1,7 +1,18 @@
-"""Partitions: one dynamic partition per batch, added only by the inbox sensor (or the API)."""
+"""Partitions: one dynamic partition per batch, added only by sensors (or the API)."""
 
 import dagster as dg
 
 from vbs_resources.layout import BATCH_PARTITIONS
 
 batch_partitions = dg.DynamicPartitionsDefinition(name=BATCH_PARTITIONS)
+
+
+def batch_runs(run_requests: list[dg.RunRequest], cursor: str | None = None) -> dg.SensorResult:
+    """A sensor's result that requests ``run_requests`` and adds their batches' partitions
+    (a partition that exists already is left as it is), together, as one result."""
+    keys = sorted({r.partition_key for r in run_requests if r.partition_key})
+    return dg.SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=[batch_partitions.build_add_request(keys)],
+        cursor=cursor,
+    )

@@ -143,9 +143,10 @@ _NOT_TERMINAL = batches.c.status.not_in(sorted(TERMINAL_STATUSES))
 
 def _enable_sqlite_wal(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
+    # The wait for a lock first: switching to WAL needs one while another process migrates.
+    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
@@ -191,6 +192,10 @@ class Catalog(dg.ConfigurableResource):
 
     def _reading(self, conn: sa.Connection | None) -> AbstractContextManager[sa.Connection]:
         return nullcontext(conn) if conn is not None else self.engine.connect()
+
+    def _all(self, query: sa.Select, conn: sa.Connection | None = None) -> list[dict[str, Any]]:
+        with self._reading(conn) as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
 
     # ---- batches ----------------------------------------------------------------------------
 
@@ -256,9 +261,7 @@ class Catalog(dg.ConfigurableResource):
 
     def unfinished_batches(self) -> list[dict[str, Any]]:
         """Batches not yet in a terminal status, oldest first."""
-        query = sa.select(batches).where(_NOT_TERMINAL).order_by(batches.c.created_at)
-        with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(query).mappings()]
+        return self._all(sa.select(batches).where(_NOT_TERMINAL).order_by(batches.c.created_at))
 
     def transition(
         self,
@@ -459,13 +462,11 @@ class Catalog(dg.ConfigurableResource):
         return dict(found) if found else None
 
     def batch_events_of(self, batch_id: str) -> list[dict[str, Any]]:
-        query = (
+        return self._all(
             sa.select(batch_events)
             .where(batch_events.c.batch_id == batch_id)
             .order_by(batch_events.c.created_at)
         )
-        with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(query).mappings()]
 
     def undelivered_events(self, older_than: float) -> list[dict[str, Any]]:
         """Events nobody delivered or gave up on, created before ``older_than``, oldest first."""
@@ -541,13 +542,11 @@ class Catalog(dg.ConfigurableResource):
             conn.execute(webhook_deliveries.insert().values(at=time.time(), **fields))
 
     def webhook_deliveries(self, batch_id: str) -> list[dict[str, Any]]:
-        query = (
+        return self._all(
             sa.select(webhook_deliveries)
             .where(webhook_deliveries.c.batch_id == batch_id)
             .order_by(webhook_deliveries.c.id)
         )
-        with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(query).mappings()]
 
     # ---- inbox problems ---------------------------------------------------------------------
 
@@ -584,6 +583,4 @@ class Catalog(dg.ConfigurableResource):
         return fresh
 
     def list_inbox_problems(self, conn: sa.Connection | None = None) -> list[dict[str, Any]]:
-        query = sa.select(inbox_problems).order_by(inbox_problems.c.name)
-        with self._reading(conn) as conn:
-            return [dict(r) for r in conn.execute(query).mappings()]
+        return self._all(sa.select(inbox_problems).order_by(inbox_problems.c.name), conn)

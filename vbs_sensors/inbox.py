@@ -32,7 +32,7 @@ import dagster as dg
 from pydantic import ValidationError
 
 from vbs_assets.jobs import batch_job
-from vbs_assets.partitions import batch_partitions
+from vbs_assets.partitions import batch_runs
 from vbs_resources import Bucket, Catalog, Webhooks
 from vbs_resources import layout as L
 from vbs_resources.bucket import BucketEntry
@@ -275,10 +275,4 @@ def inbox_sensor(
         parts += [f"{n}: waiting until it stops changing" for n in tick.waiting]
         parts += tick.notes
         return dg.SkipReason("; ".join(parts) or f"no complete *.jsonl in {L.INBOX}/")
-    return dg.SensorResult(
-        run_requests=tick.run_requests,
-        dynamic_partitions_requests=[
-            batch_partitions.build_add_request(sorted({r.partition_key for r in tick.run_requests}))
-        ],
-        cursor=new_cursor,
-    )
+    return batch_runs(tick.run_requests, new_cursor)

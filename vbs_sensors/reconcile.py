@@ -30,7 +30,7 @@ from typing import Any
 import dagster as dg
 
 from vbs_assets.jobs import batch_job
-from vbs_assets.partitions import batch_partitions
+from vbs_assets.partitions import batch_runs
 from vbs_assets.runner import finish
 from vbs_resources import Bucket, Catalog, Webhooks
 from vbs_resources import layout as L
@@ -234,11 +234,4 @@ def batch_reconciler(
         context.log.info(action)
     if not result.run_requests:
         return dg.SkipReason("; ".join(result.actions) or "every unfinished batch has its run")
-    return dg.SensorResult(
-        run_requests=result.run_requests,
-        dynamic_partitions_requests=[
-            batch_partitions.build_add_request(
-                sorted({r.partition_key for r in result.run_requests})
-            )
-        ],
-    )
+    return batch_runs(result.run_requests)

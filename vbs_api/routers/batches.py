@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
 from vbs_api.errors import APIError
+from vbs_api.routers import list_page
 from vbs_api.state import state
 from vbs_resources import Catalog
 from vbs_resources.strict_json import JSONError
@@ -99,16 +100,7 @@ async def list_batches(
 ) -> JSONResponse:
     vbs = state(request)
     rows = vbs.catalog.list_batches(limit=limit + 1, after=after, conn=vbs.reads)
-    page = [Catalog.to_openai_batch(r).model_dump() for r in rows[:limit]]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": page,
-            "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None,
-            "has_more": len(rows) > limit,
-        }
-    )
+    return list_page(rows, limit, Catalog.to_openai_batch)
 
 
 @router.post("/{batch_id}/cancel")

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from vbs_api.errors import APIError
+from vbs_api.routers import list_page
 from vbs_api.state import state
 from vbs_api.upload import receive_upload
 from vbs_resources import Catalog
@@ -59,16 +60,7 @@ async def list_files(
 ) -> JSONResponse:
     vbs = state(request)
     rows = vbs.catalog.list_files(purpose, limit + 1, after, order, conn=vbs.reads)
-    page = [Catalog.to_openai_file(r).model_dump() for r in rows[:limit]]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": page,
-            "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None,
-            "has_more": len(rows) > limit,
-        }
-    )
+    return list_page(rows, limit, Catalog.to_openai_file)
 
 
 @router.get("/{file_id}")
