@@ -428,3 +428,33 @@ def test_the_api_process_signs_its_own_webhooks_with_the_secret_value(
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_secrets_appear_in_no_log_run_config_metadata_or_resource_view(platform):
+    """After everything above ran on the platform: the webhook secret and the API keys are in
+    none of the server logs, run configs, run tags, Dagster events (messages and metadata), and
+    the Dagster UI's resource view shows the secret as an environment variable, by name."""
+    secrets = [WEBHOOK_SECRET, API_KEY, "second-key"]
+    log = platform.log.read_text(errors="replace")
+    assert not [s for s in secrets if s in log]
+    runs = platform.instance.get_runs(limit=500)
+    assert runs
+    for run in runs:
+        seen = json.dumps([run.run_config, run.tags], default=str)
+        for entry in platform.instance.all_logs(run.run_id):
+            seen += entry.user_message or ""
+            event = entry.dagster_event
+            if event is not None:
+                seen += repr(event.event_specific_data)
+        assert not [s for s in secrets if s in seen], run.run_id
+    query = """
+    { repositoryOrError(repositorySelector: {repositoryLocationName: "vbs",
+                                             repositoryName: "__repository__"}) {
+        ... on Repository { allTopLevelResourceDetails {
+            name configuredValues { key value type } } } } }
+    """
+    resources = platform.graphql(query)["repositoryOrError"]["allTopLevelResourceDetails"]
+    webhooks = next(r for r in resources if r["name"] == "webhooks")
+    secret = next(v for v in webhooks["configuredValues"] if v["key"] == "secret")
+    assert (secret["type"], secret["value"]) == ("ENV_VAR", "VBS_WEBHOOK_SECRET")
+    assert not [s for s in secrets if s in json.dumps(resources)]

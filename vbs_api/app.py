@@ -26,7 +26,7 @@ from vbs_api.state import APIState
 from vbs_resources import Settings, build_resources
 from vbs_resources.lifecycle import BatchLifecycle
 
-LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]", "testserver"]
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 
 
 def _metrics() -> dict:
