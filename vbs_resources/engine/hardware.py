@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 
+from vbs_resources.settings import set_library_defaults
+
 
 def detect_device(cuda_visible_devices: str | None = None) -> str:
     """'cuda' where an NVIDIA GPU is visible, else 'cpu'. ``cuda_visible_devices`` is the
@@ -38,11 +40,12 @@ def resolve_dtype(dtype: str, device: str) -> str:
 def configure_vllm_env(device: str, kvcache_gib: int) -> None:
     """Settings vLLM and torch read at import or engine start; set before the first import.
     These are writes for the libraries' sake: vbs's own settings come from ``Settings``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # One process: the engine core runs in this Dagster step (fast start, and a kill of the
     # step takes the engine with it instead of orphaning a worker).
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    set_library_defaults(HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     if device == "cpu":
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kvcache_gib))
-        # Unset, vLLM drops torch to one thread "for serving"; a batch owns the machine.
-        os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+        set_library_defaults(
+            VLLM_CPU_KVCACHE_SPACE=str(kvcache_gib),
+            # Unset, vLLM drops torch to one thread "for serving"; a batch owns the machine.
+            OMP_NUM_THREADS=str(len(os.sched_getaffinity(0))),
+        )
