@@ -150,12 +150,12 @@ def test_unreachable_dagster_leaves_the_batch_to_the_reconciler(platform):
 
 
 def test_a_refused_launch_fails_the_batch_with_the_reason(platform, webhook_receiver):
+    """The real webserver refuses (HTTP 405 at a wrong path): the batch fails at once, and the
+    reason given to the client holds neither the URL nor the credentials in it."""
     from vbs_api.launch import BatchLauncher
     from vbs_resources.webhooks import Webhooks
 
-    launcher = BatchLauncher(
-        f"http://admin:s3cret@127.0.0.1:{platform.port}", location="no_such_location"
-    )
+    launcher = BatchLauncher(f"http://admin:s3cret@127.0.0.1:{platform.port}/refuses")
     hooks = Webhooks(urls=[webhook_receiver.url], secret=WEBHOOK_SECRET)
     api = in_process_api(platform, launcher, hooks)
     file = upload(api, [chat_line("f0", "Hi.", max_tokens=4)])
@@ -164,8 +164,7 @@ def test_a_refused_launch_fails_the_batch_with_the_reason(platform, webhook_rece
     )
     assert batch.status == "failed"
     [error] = batch.errors.data
-    assert error.code == "launch_failed" and "no_such_location" in error.message
-    # The webserver's URL (and the credentials in it) never reach a client.
+    assert error.code == "launch_failed" and "405" in error.message
     assert "s3cret" not in error.message and "127.0.0.1" not in error.message
     assert platform.runs(batch.id) == []
 
@@ -176,6 +175,24 @@ def test_a_refused_launch_fails_the_batch_with_the_reason(platform, webhook_rece
         ]
 
     wait_for(announced, 30, "the batch.failed webhook")
+
+
+def test_a_launch_that_may_pass_leaves_the_batch_to_the_reconciler(platform):
+    """A code location the webserver does not know (yet): not a failure of the batch, which the
+    reconciler then starts from inside Dagster."""
+    from vbs_api.launch import BatchLauncher
+
+    launcher = BatchLauncher(f"http://127.0.0.1:{platform.port}", location="no_such_location")
+    api = in_process_api(platform, launcher)
+    file = upload(api, [chat_line("m0", "Hi.", max_tokens=4)])
+    batch = api.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert batch.status == "validating" and batch.errors is None
+    done = wait_batch(api, batch.id, {"completed", "failed"})
+    assert done.status == "completed"
+    [run] = platform.runs(batch.id)
+    assert run.tags["dagster/sensor_name"] == "batch_reconciler"
 
 
 def test_completion_webhook_is_signed_as_openai_signs(client, platform, webhook_receiver):

@@ -327,7 +327,7 @@ def test_metrics_count_every_status_and_forget_the_ones_left(server):
         return float(line.split()[-1])
 
     assert gauge("cancelling") >= 1
-    lifecycle.cancelled("batch_metrics001")
+    lifecycle.finish("batch_metrics001", "cancelled")
     assert gauge("cancelling") == 0 and gauge("cancelled") >= 1
     assert gauge("expired") == 0  # every status is shown, also one no batch was ever in
 
@@ -342,3 +342,18 @@ def test_inbox_problems_are_listed(server):
     )
     assert cli.returncode == 1 and "link.jsonl is a symbolic link" in cli.stdout
     server.catalog.set_inbox_problems({})
+
+
+def test_a_truncated_upload_is_refused_and_leaves_nothing(server):
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="cut.jsonl"\r\n\r\n'
+        + jsonl([chat_line("a", "hi")])  # and no closing boundary
+    )
+    answer = httpx.post(
+        f"{server.base}/v1/files",
+        content=body,
+        headers={"content-type": "multipart/form-data; boundary=xyz"},
+    )
+    assert answer.status_code == 400 and "closing boundary" in answer.json()["error"]["message"]
+    assert not [n for n in server.stored_files() if n.startswith(".")]

@@ -351,15 +351,19 @@ def test_rerun_after_a_crash_resumes_from_the_checkpoint(resources, instance, ho
 
 
 def test_an_exception_in_the_step_fails_the_batch_without_internals(resources, instance):
-    batch_id = submit(resources, instance, [chat_line("a", "hi", max_tokens=2)] * 1)
+    lines = [chat_line("a", "hi", max_tokens=2), chat_line("b", "hi", max_tokens=2)]
+    batch_id = submit(resources, instance, lines)
     boom = RuntimeError("secret path /etc/vbs and http://user:pw@dagster:3000")
-    crashing = CrashAfterChunksEngineDouble(resources["engine"], chunks=0, error=boom)
+    crashing = CrashAfterChunksEngineDouble(resources["engine"], chunks=1, error=boom)
     result = materialize_batch(
-        {**resources, "engine": crashing}, instance, batch_id, raise_on_error=False
+        {**resources, "engine": crashing}, instance, batch_id, chunk_size=1, raise_on_error=False
     )
     assert not result.success
     row = resources["catalog"].get_batch(batch_id)
-    assert row["status"] == "failed"
+    assert row["status"] == "failed" and row["request_completed"] == 1
+    # What finished before the error is kept, in the batch's output file.
+    ok, _ = outputs(Path(resources["bucket"].url).parent, batch_id)
+    assert list(ok) == ["a"] and row["output_file_id"]
     [error] = row["errors"]
     assert error["code"] == "engine_error" and result.run_id in error["message"]
     assert "secret" not in error["message"] and "pw@" not in error["message"]
@@ -437,3 +441,26 @@ def test_past_the_completion_window_the_batch_expires_keeping_what_finished(
         f"e{i}": "batch_expired" for i in range(2, 6)
     }
     assert all(v["response"] is None for v in errors.values())
+
+
+class BrokenLLMDouble:
+    """Stands in for an engine whose device failed (a CUDA error cannot happen on these CPU
+    machines): every generate call raises ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def generate(self, prompts, params, use_tqdm=False):
+        raise self.error
+
+
+def test_a_broken_engine_stops_the_batch_instead_of_failing_every_request():
+    from vbs_resources.engine import EngineFailure
+    from vbs_resources.engine.vllm_local import VLLMEngine
+
+    prompts, params = [{"prompt_token_ids": [1]}] * 3, [None] * 3
+    with pytest.raises(EngineFailure):
+        VLLMEngine._generate_isolated(BrokenLLMDouble(RuntimeError("CUDA error")), prompts, params)
+    # Requests refused for their own values are error lines, even all of them.
+    refused = VLLMEngine._generate_isolated(BrokenLLMDouble(ValueError("bad")), prompts, params)
+    assert all(isinstance(o, ValueError) for o in refused)

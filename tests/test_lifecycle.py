@@ -53,9 +53,9 @@ def test_an_ended_batch_refuses_every_change(catalog, ending):
     assert before[f"{ending}_at"] is not None
     for attempt in (
         lambda: lifecycle.start(batch_id),
-        lambda: lifecycle.complete(batch_id),
-        lambda: lifecycle.cancelled(batch_id),
-        lambda: lifecycle.expired(batch_id),
+        lambda: lifecycle.finish(batch_id, "completed"),
+        lambda: lifecycle.finish(batch_id, "cancelled"),
+        lambda: lifecycle.finish(batch_id, "expired"),
         lambda: lifecycle.fail(batch_id, []),
         lambda: lifecycle.record(batch_id, request_completed=99),
     ):
@@ -71,8 +71,8 @@ def test_an_ended_batch_refuses_every_change(catalog, ending):
 def test_each_ending_has_exactly_one_event_and_its_timestamp(catalog):
     lifecycle = BatchLifecycle(catalog)
     batch_id = new(lifecycle, status="finalizing")
-    assert lifecycle.complete(batch_id, request_completed=3)
-    assert not lifecycle.complete(batch_id)
+    assert lifecycle.finish(batch_id, "completed", request_completed=3)
+    assert not lifecycle.finish(batch_id, "completed")
     [event] = catalog.batch_events_of(batch_id)
     assert event["type"] == "batch.completed" and event["delivered_at"]  # no URLs: handled
     row = catalog.get_batch(batch_id)
@@ -90,7 +90,7 @@ def _race(catalog_url: str, batch_id: str, barrier: threading.Barrier, outcome: 
 
     def complete():
         barrier.wait()
-        outcome["completed"] = lifecycle.complete(batch_id)
+        outcome["completed"] = lifecycle.finish(batch_id, "completed")
 
     def cancel():
         barrier.wait()
@@ -319,3 +319,35 @@ def test_errors_after_completion_never_change_the_batch(resources, instance, mon
     assert row["status"] == "completed" and row["failed_at"] is None and row["errors"] is None
     [event] = resources["catalog"].batch_events_of(batch_id)
     assert event["type"] == "batch.completed" and event["delivered_at"] is None  # for the sweep
+
+
+def test_a_migration_cut_short_leaves_the_schema_as_it_was(tmp_path, monkeypatch):
+    """A revision that fails half-way (after its first CREATE): nothing of it stays, and the
+    next open applies it whole."""
+    from alembic.operations import Operations
+
+    from vbs_resources import migrations
+
+    path = tmp_path / "cut.db"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    migrations.upgrade(engine, "0001")
+    real = Operations.create_table
+    calls = []
+
+    def create_then_die(self, name, *columns, **kw):
+        calls.append(name)
+        real(self, name, *columns, **kw)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the process is killed mid-migration
+
+    monkeypatch.setattr(Operations, "create_table", create_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        migrations.upgrade(engine)
+    monkeypatch.undo()
+    with engine.connect() as conn:
+        assert migrations.current(conn) == "0001"
+        assert not sa.inspect(conn).has_table(calls[0])
+        assert "input_sha256" not in {c["name"] for c in sa.inspect(conn).get_columns("batches")}
+    catalog = Catalog(url=f"sqlite:///{path}")
+    with catalog.engine.connect() as conn:
+        assert migrations.current(conn) == migrations.head()

@@ -166,3 +166,48 @@ def test_a_run_interrupted_by_the_platform_going_down_gets_a_new_run(instance, r
     assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
     assert [r.partition_key for r in result.run_requests] == [batch]
     assert resources["catalog"].get_batch(batch)["status"] == "in_progress"
+
+
+def test_a_batch_its_run_ended_during_the_tick_is_never_touched(instance, resources, batch):
+    """The tick read the batch unfinished; its run then completed it and removed the checkpoint.
+    The reconciler must not rewrite its files (with an empty checkpoint) or change it."""
+    from vbs_assets.runner import finish
+    from vbs_sensors.reconcile import reconcile_batch
+
+    catalog, bucket = resources["catalog"], resources["bucket"]
+    stale = catalog.get_batch(batch)
+    lifecycle = BatchLifecycle(catalog)
+    sha = stale["input_sha256"]
+    assert finish(bucket, catalog, lifecycle, batch, "completed", sha)  # the run ends it
+    output = bucket.read_bytes(f"batches/{batch}/output.jsonl")
+    assert not bucket.exists(f"batches/{batch}/checkpoint")
+    before = catalog.get_batch(batch)
+    run_for(instance, batch, dg.DagsterRunStatus.CANCELED)
+    stale = {**stale, "status": "cancelling"}
+    assert reconcile_batch(instance, bucket, lifecycle, stale, time.time(), set()) == (None, None)
+    assert not finish(bucket, catalog, lifecycle, batch, "expired", sha)
+    assert bucket.read_bytes(f"batches/{batch}/output.jsonl") == output
+    assert catalog.get_batch(batch) == before
+    assert not bucket.exists(f"batches/{batch}/checkpoint")
+
+
+def test_a_validated_batch_from_before_the_upgrade_records_its_hash_and_resumes(
+    instance, resources, batch
+):
+    """A batch validated by the previous vbs has no recorded hash; batch_input records it,
+    keeping the checkpoint (which is tied to the same hash)."""
+    import sqlalchemy as sa
+
+    from vbs_assets.ingest import ingest
+    from vbs_assets.validation import Limits
+    from vbs_resources.catalog import batches
+
+    catalog = resources["catalog"]
+    sha = catalog.get_batch(batch)["input_sha256"]
+    with catalog.engine.begin() as conn:
+        conn.execute(sa.update(batches).where(batches.c.id == batch).values(input_sha256=None))
+    report = ingest(resources["bucket"], catalog, BatchLifecycle(catalog), batch, Limits())
+    assert report.recorded and report.sha256 == sha
+    assert catalog.get_batch(batch)["input_sha256"] == sha
+    progress = Checkpoint(resources["bucket"], batch).read(sha)
+    assert progress is not None and progress.done == {"q0"}

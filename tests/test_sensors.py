@@ -275,3 +275,23 @@ def test_lines_appended_after_pick_up_fail_the_batch(instance, resources):
     assert row["status"] == "failed"
     assert [e["code"] for e in row["errors"]] == ["input_changed"]
     assert not resources["bucket"].exists(f"batches/{batch_id}/requests.parquet")
+
+
+def test_an_unreadable_file_is_a_problem_and_the_others_are_still_taken(
+    instance, resources, monkeypatch
+):
+    drop(resources, "a-locked.jsonl", jsonl([chat_line("a", "hi")]))
+    drop(resources, "b-fine.jsonl", jsonl([chat_line("b", "hi")]))
+    _, cursor = tick(instance, resources)
+    bucket = type(resources["bucket"])
+    real = bucket.sha256
+
+    def locked(self, rel, *args, **kwargs):
+        if rel.endswith("a-locked.jsonl"):
+            raise PermissionError(13, "Permission denied")
+        return real(self, rel, *args, **kwargs)
+
+    monkeypatch.setattr(bucket, "sha256", locked)
+    result, cursor = tick(instance, resources, cursor)
+    assert [r.tags["vbs/source_file"] for r in result.run_requests] == ["b-fine.jsonl"]
+    assert problems(resources)["a-locked.jsonl"]["kind"] == "unreadable"

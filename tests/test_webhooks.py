@@ -159,3 +159,22 @@ def test_a_delivery_cut_short_is_finished_later_once(catalog):
     finally:
         receiver.close()
     assert [unwrap(b, h).id for h, b in receiver.received] == [event_id]
+
+
+def test_an_event_is_given_up_once_each_failing_receiver_had_all_its_tries(catalog):
+    """One receiver takes the event, the other never does: after the failing one had its five
+    tries (over sweeps, one try each), the event is done and sweeps stop sending it."""
+    event_id = event_for(catalog, "batch_two12345")
+    undeliver(catalog, event_id)
+    receiver = WebhookReceiver()
+    try:
+        hooks = Webhooks(urls=[receiver.url, "http://127.0.0.1:9/none"], timeout_seconds=1)
+        for _ in range(5):
+            assert hooks.deliver_pending(catalog) == 0
+        assert catalog.get_event(event_id)["gave_up_at"] is not None
+        assert hooks.deliver_pending(catalog) == 0
+    finally:
+        receiver.close()
+    assert len(receiver.received) == 1  # the receiver that took it got it once
+    tries = [d["url"] for d in catalog.webhook_deliveries("batch_two12345")]
+    assert tries.count("http://127.0.0.1:9/none") == 5

@@ -45,11 +45,24 @@ mutation VbsLaunchBatchRun($params: ExecutionParams!) {
 
 
 class LaunchUnavailable(Exception):
-    """The webserver could not be reached: nothing was launched."""
+    """Nothing was launched, for a reason that may pass (unreachable, 5xx, a code location still
+    loading): the batch is left to the reconciler, which starts it from inside Dagster."""
 
 
 class LaunchFailed(Exception):
-    """The webserver answered and refused the launch."""
+    """The webserver refused the launch for good (a 4xx, an invalid run config)."""
+
+
+# Answers that say the run itself is wrong, and would be wrong again.
+DEFINITIVE = {
+    "RunConfigValidationInvalid",
+    "InvalidSubsetError",
+    "InvalidStepError",
+    "InvalidOutputError",
+    "ConflictingExecutionParamsError",
+    "PresetNotFoundError",
+    "UnauthorizedError",
+}
 
 
 class BatchLauncher:
@@ -86,12 +99,21 @@ class BatchLauncher:
             raise LaunchUnavailable(f"{self._where()} did not answer") from None
         if response.status_code != 200:
             log.warning("Dagster at %s answered %s", shown, response.status_code)
-            raise LaunchFailed(f"{self._where()} answered HTTP {response.status_code}")
-        body = response.json()
+            refused = LaunchFailed if response.status_code < 500 else LaunchUnavailable
+            raise refused(f"{self._where()} answered HTTP {response.status_code}")
+        try:
+            body = response.json()
+        except ValueError:
+            log.warning("Dagster at %s answered something that is not JSON", shown)
+            raise LaunchUnavailable(f"{self._where()} did not answer in JSON") from None
         if body.get("errors"):
             log.warning("Dagster at %s refused: %s", shown, body["errors"])
             raise LaunchFailed(f"{self._where()} refused the request")
         return body["data"]
+
+    def _refused(self, what: str, typename: str) -> Exception:
+        refused = LaunchFailed if typename in DEFINITIVE else LaunchUnavailable
+        return refused(f"{self._where()} refused the {what}: {typename}")
 
     def launch(self, batch_id: str, run_config: dict[str, Any], tags: dict[str, str]) -> str:
         """Adds the partition (a repeat is harmless) and queues its run; returns the run id."""
@@ -104,7 +126,7 @@ class BatchLauncher:
             "DuplicateDynamicPartitionError",
         ):
             log.warning("partition refused: %s %s", added["__typename"], added.get("message"))
-            raise LaunchFailed(f"{self._where()} refused the partition: {added['__typename']}")
+            raise self._refused("partition", added["__typename"])
         tags = {**tags, L.TAG_PARTITION: batch_id}
         params = {
             "selector": {**self.selector, "jobName": L.BATCH_JOB},
@@ -114,5 +136,5 @@ class BatchLauncher:
         result = self._call(LAUNCH_RUN, {"params": params})["launchPipelineExecution"]
         if result["__typename"] != "LaunchRunSuccess":
             log.warning("run refused: %s %s", result["__typename"], result)
-            raise LaunchFailed(f"{self._where()} refused the run: {result['__typename']}")
+            raise self._refused("run", result["__typename"])
         return result["run"]["runId"]

@@ -55,6 +55,7 @@ class _Parts:
         self._headers: dict[bytes, bytes] = {}
         self._name: str | None = None
         self._value = bytearray()
+        self.ended = False  # the closing boundary arrived
 
     def callbacks(self) -> dict:
         return {
@@ -65,7 +66,11 @@ class _Parts:
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._part_data,
             "on_part_end": self._part_end,
+            "on_end": self._end,
         }
+
+    def _end(self) -> None:
+        self.ended = True
 
     def _part_begin(self) -> None:
         self._headers, self._name, self._value = {}, None, bytearray()
@@ -131,6 +136,8 @@ async def receive_upload(
             parser.finalize()
         except FormParserError:
             raise APIError(400, "The upload is not valid multipart/form-data.") from None
+        if not parts.ended:  # python_multipart's finalize() does not check this itself
+            raise APIError(400, "The upload ended before its closing boundary.", param="file")
     except BaseException:
         if parts.upload.staged is not None:
             parts.upload.staged.abort()

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import dagster as dg
 
@@ -23,8 +23,13 @@ from vbs_resources.wire import BatchErrorEntry
 
 @contextlib.contextmanager
 def batch_step(
-    context: dg.AssetExecutionContext, lifecycle: BatchLifecycle, code: str
+    context: dg.AssetExecutionContext,
+    lifecycle: BatchLifecycle,
+    code: str,
+    fail_keeping_results: Callable[[list[BatchErrorEntry]], bool] | None = None,
 ) -> Iterator[None]:
+    """``fail_keeping_results`` ends the batch ``failed`` with what it finished (the runner's
+    checkpoint merged into its files); without it, or if it fails too, the batch just fails."""
     batch_id = context.partition_key
     try:
         yield
@@ -38,14 +43,19 @@ def batch_step(
         ) from None
     except Exception:
         context.log.exception(f"{batch_id}: unexpected error")
-        lifecycle.fail(
-            batch_id,
-            [
-                BatchErrorEntry(
-                    code=code,
-                    message=f"The batch stopped on an internal error; Dagster run "
-                    f"{context.run_id} has the details.",
-                )
-            ],
-        )
+        errors = [
+            BatchErrorEntry(
+                code=code,
+                message=f"The batch stopped on an internal error; Dagster run "
+                f"{context.run_id} has the details.",
+            )
+        ]
+        ended = False
+        if fail_keeping_results is not None:
+            try:
+                ended = fail_keeping_results(errors)
+            except Exception:  # noqa: BLE001 - the plain failure below still ends the batch
+                context.log.exception(f"{batch_id}: could not keep the finished results")
+        if not ended:
+            lifecycle.fail(batch_id, errors)
         raise

@@ -15,19 +15,12 @@ from pydantic import Field
 
 from vbs_assets.guard import batch_step
 from vbs_assets.ingest import batch_input
-from vbs_assets.partitions import batch_partitions
-from vbs_assets.runner import BatchRunner, RunReport
+from vbs_assets.partitions import ACTIVE_RUN_STATUSES, batch_partitions
+from vbs_assets.runner import BatchRunner, RunReport, finish
 from vbs_resources import Bucket, Catalog, InferenceEngine, Webhooks
 from vbs_resources import layout as L
 from vbs_resources.lifecycle import BatchLifecycle
-
-_ACTIVE = {
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-}
+from vbs_resources.wire import BatchErrorEntry
 
 
 class InferenceConfig(dg.Config):
@@ -127,12 +120,17 @@ def batch_output(
 
     def run_is_active(run_id: str) -> bool:
         run = context.instance.get_run_by_id(run_id)
-        return run is not None and run.status in _ACTIVE
+        return run is not None and run.status in ACTIVE_RUN_STATUSES
 
     runner = BatchRunner(
         bucket, catalog, lifecycle, engine, context.run_id, run_is_active, context.log
     )
-    with batch_step(context, lifecycle, "engine_error"):
+
+    def fail_keeping_results(errors: list[BatchErrorEntry]) -> bool:
+        sha256 = (catalog.get_batch(batch_id) or {}).get("input_sha256")
+        return finish(bucket, catalog, lifecycle, batch_id, "failed", sha256, errors=errors)
+
+    with batch_step(context, lifecycle, "engine_error", fail_keeping_results):
         report = runner.run(batch_id, config.chunk_size)
     if report.recorded:
         context.log.info(f"{batch_id} is {report.status}: recorded as it is, nothing recomputed")

@@ -88,10 +88,16 @@ def ingest(
     input_path = L.batch_file(batch_id, L.INPUT)
     validated = row.get("models") is not None and bucket.exists(L.batch_file(batch_id, L.REQUESTS))
     if row["status"] in TERMINAL_STATUSES or validated:
+        sha256 = row.get("input_sha256") or ""
+        if not sha256 and validated and row["status"] not in TERMINAL_STATUSES:
+            # Validated by a vbs from before the hash was recorded: record it now, so that the
+            # batch's run (and its checkpoint, tied to the hash) can go on.
+            sha256 = bucket.sha256(input_path)
+            lifecycle.record(batch_id, input_sha256=sha256)
         return IngestReport(
             row["status"],
             row["request_total"],
-            row.get("input_sha256") or "",
+            sha256,
             row.get("endpoint"),
             dict(row.get("models") or {}),
             bucket.size(input_path) if bucket.exists(input_path) else 0,

@@ -1,10 +1,22 @@
-"""Partitions: one dynamic partition per batch, added only by sensors (or the API)."""
+"""Batches in Dagster: one dynamic partition per batch (added only by sensors, or the API), and
+what sensors and assets need to know of a batch's runs."""
 
 import dagster as dg
 
 from vbs_resources.layout import BATCH_PARTITIONS
 
 batch_partitions = dg.DynamicPartitionsDefinition(name=BATCH_PARTITIONS)
+
+# A run in one of these may still write a batch's files.
+ACTIVE_RUN_STATUSES = frozenset(
+    {
+        dg.DagsterRunStatus.QUEUED,
+        dg.DagsterRunStatus.NOT_STARTED,
+        dg.DagsterRunStatus.STARTING,
+        dg.DagsterRunStatus.STARTED,
+        dg.DagsterRunStatus.CANCELING,
+    }
+)
 
 
 def batch_runs(run_requests: list[dg.RunRequest], cursor: str | None = None) -> dg.SensorResult:

@@ -119,20 +119,30 @@ class Checkpoint:
                 found.append((index, entry.name))
         return sorted(found)
 
+    def read(self, sha256: str | None) -> Progress | None:
+        """Progress from a checkpoint of the same input, None when there is none (changes
+        nothing)."""
+        manifest = L.batch_file(self.batch_id, L.CHECKPOINT_MANIFEST)
+        if not sha256 or not self.bucket.exists(manifest):
+            return None
+        if json.loads(self.bucket.read_text(manifest)).get("sha256") != sha256:
+            return None
+        progress = Progress()
+        for index, name in self._chunk_names():
+            for line in self.lines(name):
+                progress.add(line)
+            progress.chunks = max(progress.chunks, index + 1)
+        return progress
+
     def load(self, sha256: str) -> Progress:
         """Progress from a checkpoint of the same input; a stale or absent one is started afresh."""
-        manifest = L.batch_file(self.batch_id, L.CHECKPOINT_MANIFEST)
-        progress = Progress()
-        if self.bucket.exists(manifest):
-            if json.loads(self.bucket.read_text(manifest)).get("sha256") == sha256:
-                for index, name in self._chunk_names():
-                    for line in self.lines(name):
-                        progress.add(line)
-                    progress.chunks = max(progress.chunks, index + 1)
-                return progress
+        progress = self.read(sha256)
+        if progress is not None:
+            return progress
         self.bucket.remove_tree(L.checkpoint_folder(self.batch_id))
+        manifest = L.batch_file(self.batch_id, L.CHECKPOINT_MANIFEST)
         self.bucket.write_bytes(manifest, json.dumps({"sha256": sha256}).encode())
-        return progress
+        return Progress()
 
     def lines(self, name: str) -> Iterator[dict[str, Any]]:
         path = f"{L.checkpoint_folder(self.batch_id)}/{name}"
@@ -144,14 +154,15 @@ class Checkpoint:
         data = "".join(line.model_dump_json() + "\n" for line in lines).encode()
         self.bucket.write_bytes(L.chunk_file(self.batch_id, index), data)
 
-    def merge(self) -> None:
-        """The chunks, in order, into ``output.jsonl`` (successes) and ``errors.jsonl``."""
+    def merge(self, chunks: bool = True) -> None:
+        """The chunks, in order, into ``output.jsonl`` (successes) and ``errors.jsonl``; with
+        ``chunks`` False (no valid checkpoint) both files are empty."""
         bucket, batch_id = self.bucket, self.batch_id
         with (
             bucket.atomic_writer(L.batch_file(batch_id, L.OUTPUT)) as out,
             bucket.atomic_writer(L.batch_file(batch_id, L.ERRORS)) as err,
         ):
-            for _, name in self._chunk_names():
+            for _, name in self._chunk_names() if chunks else []:
                 path = f"{L.checkpoint_folder(batch_id)}/{name}"
                 with bucket.open(path, "rb") as fh:
                     for raw in fh:
@@ -232,9 +243,14 @@ def finish(
     ``failed`` with ``errors``) with every result its checkpoint holds (``progress``, when the
     caller has it loaded already); for ``expired`` the requests that never ran get
     ``batch_expired`` lines. True when this call ended it."""
+    row = catalog.get_batch(batch_id)
+    if row is None or row["status"] in TERMINAL_STATUSES:
+        return False  # ended meanwhile, by its run: its files are final, never touched again
     checkpoint = Checkpoint(bucket, batch_id)
     if progress is None:
-        progress = checkpoint.load(sha256) if sha256 else Progress()
+        progress = checkpoint.read(sha256)
+    valid = progress is not None
+    progress = progress or Progress()
     if status == "expired":
         missing = [
             expired_line(request.custom_id)
@@ -242,10 +258,13 @@ def finish(
             for request in chunk
         ]
         if missing:
+            if not valid:
+                checkpoint.load(sha256 or "")  # a fresh checkpoint for the expired lines
+                valid = True
             checkpoint.write(progress.chunks, missing)
             for line in missing:
                 progress.add(line.model_dump())
-    checkpoint.merge()
+    checkpoint.merge(chunks=valid)
     file_ids = register_result_files(bucket, catalog, batch_id)
     if status == "failed":
         ended = lifecycle.fail(batch_id, errors or [], **file_ids, **progress.counts())

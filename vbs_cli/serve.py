@@ -154,12 +154,13 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 
 def _die_with_parent() -> None:
-    """In a child, before exec: be killed if ``vbs serve`` dies (Linux), so that killing it
-    alone never leaves servers holding the ports and the state."""
+    """In a child, before exec: get SIGTERM if ``vbs serve`` dies (Linux), so that killing it
+    alone never leaves servers holding the ports and the state. SIGTERM, not SIGKILL: ``dagster
+    dev`` then shuts its own webserver, daemon and code servers down."""
     import ctypes
 
     with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def supervise(commands: list[list[str]], env: dict[str, str]) -> int:
@@ -180,11 +181,18 @@ def supervise(commands: list[list[str]], env: dict[str, str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    exited: subprocess.Popen | None = None
     try:
-        while not stopping and all(p.poll() is None for p in procs):
+        while not stopping and exited is None:
+            exited = next((p for p in procs if p.poll() is not None), None)
             time.sleep(0.2)
     finally:
         started = time.monotonic()
         stop(procs)
         print(f"vbs: stopped in {time.monotonic() - started:.1f}s", flush=True)
-    return 0 if stopping else max(p.returncode or 0 for p in procs)
+    if exited is None:
+        return 0  # told to stop
+    # A server ended on its own: that is a failure, whatever its code (a signal is 128 + N).
+    code = exited.returncode
+    print(f"vbs: {' '.join(exited.args[:3])} exited with {code}", file=sys.stderr)
+    return 128 - code if code < 0 else max(code, 1)

@@ -200,12 +200,13 @@ class Catalog(dg.ConfigurableResource):
     # ---- batches ----------------------------------------------------------------------------
 
     def insert_batch(self, row: dict[str, Any]) -> bool:
-        """Insert a batch row; False when the id exists already (a re-drop, a repeated tick)."""
-        with self.engine.begin() as conn:
-            exists = conn.execute(sa.select(batches.c.id).where(batches.c.id == row["id"])).first()
-            if exists:
-                return False
-            conn.execute(batches.insert().values(**row, updated_at=time.time()))
+        """Insert a batch row; False when the id exists already (a re-drop, a repeated tick, or
+        another process inserting the same id at the same moment)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(batches.insert().values(**row, updated_at=time.time()))
+        except sa.exc.IntegrityError:
+            return False
         return True
 
     def delete_new_batch(self, batch_id: str) -> None:

@@ -17,6 +17,8 @@ REPOSITORY = "__repository__"  # the implicit repository of a Definitions object
 BATCH_JOB = "batch_job"
 BATCH_PARTITIONS = "batches"
 BATCH_GROUP = "batches"
+BATCH_INPUT = "batch_input"
+BATCH_OUTPUT = "batch_output"
 INBOX_SENSOR = "inbox_sensor"
 RECONCILE_SENSOR = "batch_reconciler"
 

@@ -25,11 +25,10 @@ from typing import Any
 from vbs_resources.catalog import Catalog
 from vbs_resources.layout import new_event_id
 from vbs_resources.webhooks import Webhooks
-from vbs_resources.wire import TERMINAL_STATUSES, BatchErrorEntry
+from vbs_resources.wire import BatchErrorEntry
 
 log = logging.getLogger(__name__)
 
-RUNNING = ("in_progress", "finalizing")
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
 
 # Which statuses each status may be entered from.
@@ -120,15 +119,6 @@ class BatchLifecycle:
     def finalizing(self, batch_id: str, **fields: Any) -> bool:
         return self._move(batch_id, "finalizing", **fields)
 
-    def complete(self, batch_id: str, **fields: Any) -> bool:
-        return self._move(batch_id, "completed", **fields)
-
-    def cancelled(self, batch_id: str, **fields: Any) -> bool:
-        return self._move(batch_id, "cancelled", **fields)
-
-    def expired(self, batch_id: str, **fields: Any) -> bool:
-        return self._move(batch_id, "expired", **fields)
-
     def fail(self, batch_id: str, errors: list[BatchErrorEntry], **fields: Any) -> bool:
         """``* -> failed`` with its ``errors`` (at most ``MAX_ERRORS``)."""
         data = [e.model_dump() for e in errors[:MAX_ERRORS]]
@@ -152,10 +142,6 @@ class BatchLifecycle:
         """Write progress (counts, usage, endpoint, ...) of an unfinished batch; refused (False)
         once the batch is in a terminal status."""
         return self.catalog.update_unfinished(batch_id, **fields)
-
-    @staticmethod
-    def is_terminal(row: dict[str, Any] | None) -> bool:
-        return row is not None and row["status"] in TERMINAL_STATUSES
 
     def _move(self, batch_id: str, to: str, **fields: Any) -> bool:
         event = (new_event_id(), EVENTS[to]) if to in EVENTS else None

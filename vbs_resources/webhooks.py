@@ -96,20 +96,22 @@ class Webhooks(dg.ConfigurableResource):
             .model_dump_json()
             .encode()
         )
-        delivered = True
+        delivered, spent = True, True
         for url in self.urls:
             if catalog.delivery_attempts(event_id, url, succeeded=True):
                 continue  # this receiver has it from an earlier try
-            delivered &= self._post(catalog, url, event, body, sleep, attempts or self.max_attempts)
-        made = catalog.delivery_attempts(event_id)
-        if delivered or made >= self.max_attempts * len(self.urls):
+            if not self._post(catalog, url, event, body, sleep, attempts or self.max_attempts):
+                delivered = False
+                spent &= catalog.delivery_attempts(event_id, url) >= self.max_attempts
+        if delivered or spent:
+            # Done: every receiver has it, or every one that has not refused it every time.
             catalog.finish_event(event_id, delivered=delivered)
         else:
             catalog.release_event(event_id)
         return delivered
 
     def deliver_pending(
-        self, catalog: Catalog, older_than_seconds: float = 30.0, budget_seconds: float = 20.0
+        self, catalog: Catalog, older_than_seconds: float = 30.0, budget_seconds: float = 10.0
     ) -> int:
         """One more try for each event whose delivery never happened or was cut short (the
         reconciler calls this every tick, so ticks are the retries); returns how many went

@@ -113,9 +113,12 @@ def take(
     """Turn one complete drop into a batch: record it, move its files into the batch's folder,
     and return (batch id, the run to request); None for a duplicate of an earlier batch.
     Raises ``InboxProblem`` when it cannot, leaving the files where they are."""
-    options, sidecar_bytes = _options(bucket, sidecar)
     rel = L.inbox_path(name)
-    input_sha, content_sha = _hashes(bucket, rel, sidecar_bytes)
+    try:
+        options, sidecar_bytes = _options(bucket, sidecar)
+        input_sha, content_sha = _hashes(bucket, rel, sidecar_bytes)
+    except OSError as exc:  # unreadable, or gone since the listing
+        raise InboxProblem("unreadable", f"cannot read {name}: {exc.strerror or exc}") from None
     batch_id = L.content_batch_id(content_sha)
     target = L.batch_file(batch_id, L.INPUT)
     catalog = lifecycle.catalog
@@ -150,13 +153,19 @@ def take(
         options=options.model_dump(exclude_none=True, exclude={"metadata"}),
     )
     try:
-        if sidecar is not None:
-            bucket.move(L.inbox_path(sidecar.name), L.batch_file(batch_id, L.SIDECAR))
         bucket.move(rel, target)
     except OSError as exc:
         if created:
             catalog.delete_new_batch(batch_id)
         raise InboxProblem("cannot_move", f"cannot move {name}: {exc.strerror}") from None
+    if sidecar is not None:
+        # The options are in the catalog already; the sidecar is kept with the batch as a
+        # record. One that cannot be moved stays, and is reported as left behind.
+        try:
+            bucket.move(L.inbox_path(sidecar.name), L.batch_file(batch_id, L.SIDECAR))
+        except OSError as exc:
+            if log:
+                log.warning(f"{sidecar.name} stays in the inbox: {exc.strerror}")
     if log:
         log.info(f"{name} -> batch {batch_id}")
     return batch_id, dg.RunRequest(

@@ -24,18 +24,19 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
 
 from vbs_assets.jobs import batch_job
-from vbs_assets.partitions import batch_runs
+from vbs_assets.partitions import ACTIVE_RUN_STATUSES, batch_runs
 from vbs_assets.runner import finish
 from vbs_resources import Bucket, Catalog, Webhooks
 from vbs_resources import layout as L
 from vbs_resources.lifecycle import BatchLifecycle
-from vbs_resources.wire import BatchErrorEntry, BatchOptions
+from vbs_resources.wire import TERMINAL_STATUSES, BatchErrorEntry, BatchOptions
 
 # A batch recorded this long ago without a run gets one (its recorder normally requests the
 # run within a second; this leaves room for a slow daemon).
@@ -48,13 +49,6 @@ MAX_RUNS = 10
 # under it): such a run's batch gets a new run even when Dagster's own retries are spent.
 INTERRUPTED = "The run's processes are gone"
 
-ACTIVE = {
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-}
 _PID = re.compile(r"\(pid: (\d+)\)")
 
 
@@ -124,6 +118,25 @@ def release_orphaned_runs(instance: dg.DagsterInstance, job_name: str = L.BATCH_
 # ---- batches and their runs -------------------------------------------------------------------
 
 
+def batch_runs_of(instance: dg.DagsterInstance, batch_id: str) -> list[dg.DagsterRun]:
+    """A batch's runs, newest first: those vbs started (tagged with the batch's id) and those
+    started from the Dagster UI or a backfill that materialize its batch assets (tagged with its
+    partition only)."""
+    ours = {dg.AssetKey(L.BATCH_INPUT), dg.AssetKey(L.BATCH_OUTPUT)}
+    records = {}
+    for tags in ({L.TAG_BATCH_ID: batch_id}, {L.TAG_PARTITION: batch_id}):
+        for record in instance.get_run_records(dg.RunsFilter(tags=tags), limit=MAX_RUNS + 1):
+            run = record.dagster_run
+            if (
+                L.TAG_BATCH_ID in tags
+                or run.job_name == L.BATCH_JOB
+                or (ours & set(run.asset_selection or ()))
+            ):
+                records[run.run_id] = record
+    newest = sorted(records.values(), key=lambda r: r.create_timestamp, reverse=True)
+    return [record.dagster_run for record in newest]
+
+
 def _interrupted(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
     """Whether the reconciler failed ``run`` because its process vanished."""
     failures = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
@@ -150,13 +163,37 @@ def reconcile_batch(
 ) -> tuple[str | None, dg.RunRequest | None]:
     """What to do for one unfinished batch: (a note of what was done, a run to request)."""
     batch_id = row["id"]
-    runs = instance.get_runs(dg.RunsFilter(tags={L.TAG_BATCH_ID: batch_id}), limit=MAX_RUNS + 1)
-    if any(run.status in ACTIVE or run.is_complete_and_waiting_to_retry for run in runs):
+    runs = batch_runs_of(instance, batch_id)
+    active = [
+        run
+        for run in runs
+        if run.status in ACTIVE_RUN_STATUSES or run.is_complete_and_waiting_to_retry
+    ]
+    stopping = row["status"] == "cancelling" or bool(
+        row.get("expires_at") and now > row["expires_at"]
+    )
+    queued = [run for run in active if run.status == dg.DagsterRunStatus.QUEUED]
+    if stopping and active and len(queued) == len(active):
+        # Waiting in the queue (behind the gpu pool, say) for nothing: out of the queue, and the
+        # next tick ends the batch.
+        for run in queued:
+            instance.run_coordinator.cancel_run(run.run_id)
+        return f"{batch_id}: {len(queued)} queued run(s) cancelled", None
+    if active:
         return None, None  # its run will see a cancel or an expiry at its next chunk
+    # Read again now that its runs are known: a run may have ended it since the tick began.
+    catalog = lifecycle.catalog
+    row = catalog.get_batch(batch_id) or row
+    if row["status"] in TERMINAL_STATUSES:
+        return None, None
     sha = row.get("input_sha256")
 
     def end(status: str, errors: list[BatchErrorEntry] | None = None) -> str | None:
-        done = finish(bucket, lifecycle.catalog, lifecycle, batch_id, status, sha, errors=errors)
+        # Take the batch from whatever run held it (compare and swap), so that a run starting
+        # meanwhile finds it taken and stops, instead of both writing its files.
+        if not catalog.claim(batch_id, f"reconciler-{uuid.uuid4().hex[:12]}", row.get("run_id")):
+            return None
+        done = finish(bucket, catalog, lifecycle, batch_id, status, sha, errors=errors)
         return f"{batch_id}: {status}" if done else None
 
     if row["status"] == "cancelling":
@@ -203,7 +240,9 @@ def reconcile(
 ) -> Reconciliation:
     """One pass over runs, batches and events (the sensor's body, without Dagster's context)."""
     now = time.time() if now is None else now
-    lifecycle = BatchLifecycle(catalog, webhooks)
+    # Deliveries on threads: a slow receiver never holds a tick past Dagster's sensor timeout
+    # (an event whose delivery is cut short is swept up by a later tick).
+    lifecycle = BatchLifecycle(catalog, webhooks, deliver_in_background=True)
     result = Reconciliation(actions=release_orphaned_runs(instance))
     inbox_names = {e.name for e in bucket.list_entries(L.INBOX)}
     for row in catalog.unfinished_batches():

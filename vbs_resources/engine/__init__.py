@@ -42,6 +42,11 @@ class EngineResult:
         return 200 <= self.status_code < 300
 
 
+class EngineFailure(RuntimeError):
+    """The engine itself is broken (every request of a chunk fails, and not for a reason of its
+    own): the batch must stop rather than turn its remaining requests into error lines."""
+
+
 class RequestError(ValueError):
     """Why one request cannot run; it becomes that request's error line."""
 
@@ -88,6 +93,7 @@ class InferenceEngine(dg.ConfigurableResource):
 from vbs_resources.engine.vllm_local import VLLMEngine  # noqa: E402 - needs the interface above
 
 __all__ = [
+    "EngineFailure",
     "EngineRequest",
     "EngineResult",
     "InferenceEngine",

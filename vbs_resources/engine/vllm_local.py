@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from vbs_resources.engine import (
+    EngineFailure,
     EngineRequest,
     EngineResult,
     InferenceEngine,
@@ -196,6 +197,12 @@ class VLLMEngine(InferenceEngine):
                 outputs.append(llm.generate([prompt], [param], use_tqdm=False)[0])
             except Exception as exc:  # noqa: BLE001 - becomes this request's error line
                 outputs.append(exc)
+        # vLLM refuses a request's own values with ValueError or TypeError; anything else, for
+        # every request, is the engine failing.
+        if all(isinstance(o, Exception) for o in outputs) and not any(
+            isinstance(o, ValueError | TypeError) for o in outputs
+        ):
+            raise EngineFailure(f"every request failed: {type(outputs[0]).__name__}")
         return outputs
 
     def _run_embeddings(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:

@@ -67,19 +67,46 @@ def _exclusive(engine: sa.Engine) -> Iterator[None]:
         yield
 
 
+def transactional(engine: sa.Engine) -> sa.Engine:
+    """An engine on the same database whose transactions cover DDL too. Python's sqlite3 opens
+    no transaction before CREATE or ALTER, so each would commit on its own and a migration cut
+    short would leave half a schema; here the driver's own transaction handling is off and every
+    transaction begins explicitly (SQLAlchemy's recipe for pysqlite)."""
+    if engine.dialect.name != "sqlite":
+        return engine
+    migrating = sa.create_engine(engine.url, poolclass=sa.pool.NullPool)
+
+    @sa.event.listens_for(migrating, "connect")
+    def _connect(dbapi_conn: object, _record: object) -> None:
+        dbapi_conn.isolation_level = None  # type: ignore[attr-defined]
+        dbapi_conn.execute("PRAGMA busy_timeout=30000")  # type: ignore[attr-defined]
+
+    @sa.event.listens_for(migrating, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return migrating
+
+
 def upgrade(engine: sa.Engine, revision: str = "head") -> None:
-    """Upgrade the catalog behind ``engine`` to ``revision`` (a no-op when it is there)."""
+    """Upgrade the catalog behind ``engine`` to ``revision`` (a no-op when it is there), in one
+    transaction: it is applied whole or not at all."""
     target = head() if revision == "head" else revision
     with engine.connect() as conn:
         if current(conn) == target:
             return
     from alembic import command
 
-    with _exclusive(engine), engine.begin() as conn:
-        config = _config(conn)
-        found = current(conn)
-        if found == target:
-            return
-        if found is None and sa.inspect(conn).has_table("batches"):
-            command.stamp(config, FIRST_REVISION)
-        command.upgrade(config, revision)
+    migrating = transactional(engine)
+    try:
+        with _exclusive(engine), migrating.begin() as conn:
+            config = _config(conn)
+            found = current(conn)
+            if found == target:
+                return
+            if found is None and sa.inspect(conn).has_table("batches"):
+                command.stamp(config, FIRST_REVISION)
+            command.upgrade(config, revision)
+    finally:
+        if migrating is not engine:
+            migrating.dispose()
