@@ -61,8 +61,8 @@ DEFINITIVE = {
     "InvalidOutputError",
     "ConflictingExecutionParamsError",
     "PresetNotFoundError",
-    "UnauthorizedError",
 }
+# (Dagster answers UnauthorizedError for a code location it has not loaded, too: not final.)
 
 
 class BatchLauncher:
