@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import dagster as dg
@@ -174,3 +175,50 @@ def test_the_whole_platform_killed_mid_batch_finishes_it_after_a_restart(
     assert process.processes() == []
     leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""
+
+
+def test_a_registered_adapter_answers_its_own_lines_in_a_mixed_batch(platform, model_dir, tmp_path):
+    """An adapter made here (PEFT format, nonzero weights) registered with `vbs models add`,
+    then one batch through the inbox naming the base model and the adapter on the same prompts:
+    each line is answered by the model it names, and says so. Retired, it is model_not_found."""
+    from tests.adapters import make_adapter
+
+    adapter = make_adapter(tmp_path / "support-v3", model_dir)
+    env = {**os.environ, "VBS_HOME": str(platform.home), "VBS_MODEL": str(model_dir)}
+
+    def vbs_models(*args):
+        command = [sys.executable, "-m", "vbs_cli.main", "models", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+    added = vbs_models("add", "support-v3", "--adapter", str(adapter))
+    assert added.returncode == 0, added.stderr
+    prompts = ["What is the capital of France?", "Name a color.", "Say hello."]
+    lines = []
+    for i, prompt in enumerate(prompts):
+        lines.append(chat_line(f"base-{i}", prompt, temperature=0, max_tokens=16))
+        adapted = chat_line(f"lora-{i}", prompt, temperature=0, max_tokens=16)
+        adapted["body"]["model"] = "support-v3"
+        lines.append(adapted)
+    batch_id = drop_batch(platform, "mixed", lines)
+    row = platform.wait_status(batch_id, {"completed", "failed"}, timeout=300)
+    assert row["status"] == "completed" and row["request_completed"] == 6, row
+    output = {
+        x["custom_id"]: x["response"]["body"]
+        for x in read_jsonl(platform.home / "bucket" / "batches" / batch_id / "output.jsonl")
+    }
+    for i in range(len(prompts)):
+        assert output[f"base-{i}"]["model"] == "SmolLM2-135M-Instruct"
+        assert output[f"lora-{i}"]["model"] == "support-v3"
+    answers = [
+        (output[f"base-{i}"]["choices"][0]["message"]["content"],
+         output[f"lora-{i}"]["choices"][0]["message"]["content"])
+        for i in range(len(prompts))
+    ]  # fmt: skip
+    assert "Paris" in answers[0][0]
+    assert sum(base != lora for base, lora in answers) >= 2, answers
+
+    assert vbs_models("retire", "support-v3").returncode == 0
+    retired_batch = drop_batch(platform, "retired", [lines[1]])
+    row = platform.wait_status(retired_batch, {"completed", "failed"}, timeout=300)
+    [error] = read_jsonl(platform.home / "bucket" / "batches" / retired_batch / "errors.jsonl")
+    assert error["response"]["body"]["error"]["code"] == "model_not_found"

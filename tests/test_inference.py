@@ -285,14 +285,14 @@ class CrashAfterChunksEngineDouble:
         self.inner, self.chunks, self.calls = inner, chunks, []
         self.error = error or SimulatedKill()
 
-    def served_models(self, endpoint: str) -> list[str]:
-        return self.inner.served_models(endpoint)
+    def configured_models(self):
+        return self.inner.configured_models()
 
     def describe(self) -> dict[str, str]:
         return self.inner.describe()
 
-    def start(self, endpoint: str) -> None:
-        self.inner.start(endpoint)
+    def start(self, endpoint: str, served=None) -> None:
+        self.inner.start(endpoint, served)
 
     def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         if len(self.calls) == self.chunks:
@@ -450,7 +450,7 @@ class BrokenLLMDouble:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    def generate(self, prompts, params, use_tqdm=False):
+    def generate(self, prompts, params, use_tqdm=False, lora_request=None):
         raise self.error
 
 

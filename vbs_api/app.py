@@ -20,11 +20,12 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from vbs_api import errors
 from vbs_api.launch import BatchLauncher
 from vbs_api.middleware import BearerAuth, BodyLimit, Latency
-from vbs_api.routers import batches, files, service
+from vbs_api.routers import batches, files, models, service
 from vbs_api.service import BatchService
 from vbs_api.state import APIState
 from vbs_resources import Settings, build_resources
 from vbs_resources.lifecycle import BatchLifecycle
+from vbs_resources.registry import ModelRegistry
 
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 
@@ -61,6 +62,8 @@ def create_app(
     webserver is unreachable, the reconciler sensor starts it within seconds."""
     resources = resources or build_resources(settings)
     catalog = resources["catalog"]
+    # The configured models are registered as the platform starts (the API is part of it).
+    ModelRegistry(catalog).register_configured(resources["engine"].configured_models())
     lifecycle = BatchLifecycle(catalog, resources["webhooks"], deliver_in_background=True)
     gauges = _metrics()
     app = FastAPI(title="vbs", version="0.1.0")
@@ -75,7 +78,7 @@ def create_app(
     )
     errors.install(app)
     app.router.routes.insert(0, batches.retrieve_route)
-    for router in (files.router, batches.router, service.router):
+    for router in (files.router, batches.router, models.router, service.router):
         app.include_router(router)
 
     # Outermost last: latency sees everything; hosts and body limits come before any work.

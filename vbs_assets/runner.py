@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from vbs_resources import Bucket, Catalog, EngineRequest, EngineResult, InferenceEngine
 from vbs_resources import layout as L
 from vbs_resources.lifecycle import BatchLifecycle
+from vbs_resources.registry import ModelRegistry
 from vbs_resources.wire import (
     TERMINAL_STATUSES,
     BatchError,
@@ -350,8 +351,12 @@ class BatchRunner:
         report = RunReport(batch_id, "", total, 0, 0, resumed=resumed, sha256=sha256)
 
         if stop is None:
+            # What the engine serves is what the registry has available now: an adapter
+            # registered a moment ago is served by this run, a retired one is not.
+            registry = ModelRegistry(self.catalog)
+            registry.register_configured(self.engine.configured_models())
             engine_started = time.perf_counter()
-            self.engine.start(endpoint)
+            self.engine.start(endpoint, registry.snapshot())
             report.engine_start_seconds = time.perf_counter() - engine_started
             self.log.info(
                 f"engine ready in {report.engine_start_seconds:.1f}s "

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from vbs_cli import client
+from vbs_cli import client, models
 from vbs_resources import load_settings
 from vbs_resources.settings import SettingsError
 
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--api-host", help="API address (VBS_API_HOST)")
     serve.add_argument("--api-port", type=int, help="API port (VBS_API_PORT)")
     client.add_commands(sub)
+    models.add_commands(sub)
     args = parser.parse_args(argv)
     try:
         overrides = {}
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command in client.COMMANDS:
         return client.run(args, settings)
+    if args.command == "models":
+        return models.run(args, settings)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "model":
         from vbs_resources.model_store import prepare_default_model

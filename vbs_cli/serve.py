@@ -86,9 +86,15 @@ def serve(settings: Settings) -> int:
             file=sys.stderr,
         )
     with platform_lock(settings):
-        from vbs_resources.catalog import open_engine
+        from vbs_resources import build_resources
+        from vbs_resources.registry import ModelRegistry
 
-        open_engine(settings.resolved_catalog_url).dispose()  # upgrade the catalog once, here
+        # The catalog is upgraded and the configured models registered once, here, first.
+        resources = build_resources(settings)
+        ModelRegistry(resources["catalog"]).register_configured(
+            resources["engine"].configured_models()
+        )
+        resources["catalog"].engine.dispose()
         commands, env = serve_commands(settings)
         print(
             f"vbs: Dagster UI on http://{settings.dagster_host}:{settings.dagster_port}, "

@@ -56,6 +56,9 @@ def build_engine(settings: Settings) -> VLLMEngine:
         cpu_kvcache_space_gib=settings.cpu_kvcache_gib,
         cuda_visible_devices=settings.cuda_visible_devices,
         trust_request_chat_template=settings.trust_request_chat_template,
+        max_lora_rank=settings.max_lora_rank,
+        max_loras=settings.max_loras,
+        max_cpu_loras=settings.max_cpu_loras,
     )
 
 

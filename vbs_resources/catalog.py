@@ -135,6 +135,24 @@ inbox_problems = sa.Table(
     sa.Column("last_seen", sa.Float, nullable=False),
 )
 
+# The model registry: what the engine serves, by the name requests use. Rows are never deleted:
+# a retired model keeps its row (and its files), so lineage always resolves.
+models = sa.Table(
+    "models",
+    metadata_obj,
+    sa.Column("name", sa.String(256), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # base, adapter, embedding
+    sa.Column("base", sa.String(256)),  # an adapter's base model (its served name)
+    sa.Column("path", sa.String(1024), nullable=False),  # local folder or bucket URL
+    sa.Column("status", sa.String(16), nullable=False, index=True),  # available, retired
+    sa.Column("lora_id", sa.Integer, unique=True),  # vLLM's LoRARequest id, stable per adapter
+    sa.Column("rank", sa.Integer),
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("retired_at", sa.Integer),
+    sa.Column("lineage", sa.JSON),  # dataset version, training run, eval metrics (training)
+    sa.Column("options", sa.JSON),
+)
+
 # Point reads answer every API poll: built once, so each call only binds the id.
 _BATCH_BY_ID = sa.select(batches).where(batches.c.id == sa.bindparam("id"))
 _FILE_BY_ID = sa.select(files).where(files.c.id == sa.bindparam("id"), files.c.deleted.is_(False))
@@ -548,6 +566,52 @@ class Catalog(dg.ConfigurableResource):
             .where(webhook_deliveries.c.batch_id == batch_id)
             .order_by(webhook_deliveries.c.id)
         )
+
+    # ---- the model registry -----------------------------------------------------------------
+
+    def get_model(self, name: str, conn: sa.Connection | None = None) -> dict[str, Any] | None:
+        rows = self._all(sa.select(models).where(models.c.name == name), conn)
+        return rows[0] if rows else None
+
+    def list_models(
+        self, include_retired: bool = False, conn: sa.Connection | None = None
+    ) -> list[dict[str, Any]]:
+        query = sa.select(models).order_by(models.c.created_at, models.c.name)
+        if not include_retired:
+            query = query.where(models.c.status == "available")
+        return self._all(query, conn)
+
+    def insert_model(self, row: dict[str, Any]) -> bool:
+        """Register a model; False when the name is taken (retired names stay taken). An
+        adapter gets the next free ``lora_id`` in the same transaction."""
+        try:
+            with self.engine.begin() as conn:
+                if row.get("kind") == "adapter":
+                    highest = conn.execute(sa.select(sa.func.max(models.c.lora_id))).scalar()
+                    row = {**row, "lora_id": (highest or 0) + 1}
+                conn.execute(models.insert().values(**row))
+        except sa.exc.IntegrityError:
+            return False
+        return True
+
+    def update_model_path(self, name: str, kind: str, path: str) -> None:
+        """Keep a configured (base or embedding) model's path in step with the settings; a model
+        retired by hand stays retired."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                models.update()
+                .where(models.c.name == name, models.c.kind == kind)
+                .values(path=path)
+            )
+
+    def retire_model(self, name: str) -> bool:
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                models.update()
+                .where(models.c.name == name, models.c.status == "available")
+                .values(status="retired", retired_at=int(time.time()))
+            ).rowcount
+        return bool(changed)
 
     # ---- inbox problems ---------------------------------------------------------------------
 

@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     tensor_parallel_size: int = Field(default=1, ge=1)
     cpu_kvcache_gib: int = Field(default=4, ge=1)
+    max_lora_rank: int = Field(
+        default=64, ge=1, le=512, description="The highest LoRA rank an adapter may have."
+    )
+    max_loras: int = Field(default=4, ge=1, description="Adapters in one engine step at once.")
+    max_cpu_loras: int | None = Field(
+        default=None, ge=1, description="Adapters kept loaded in memory; all of a run's if unset."
+    )
     trust_request_chat_template: bool = Field(
         default=False,
         description="Let a request replace the model's chat template (vLLM's "

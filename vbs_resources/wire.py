@@ -234,6 +234,18 @@ class FileObject(BaseModel):
     status_details: str | None = None
 
 
+class ModelObject(BaseModel):
+    """OpenAI's Model object, with vLLM's ``root`` (where the weights are) and ``parent`` (an
+    adapter's base model)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "vbs"
+    root: str | None = None
+    parent: str | None = None
+
+
 class WebhookEventData(BaseModel):
     id: str
 

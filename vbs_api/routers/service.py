@@ -1,8 +1,7 @@
-"""Service routes: ``/v1/models``, ``/v1/inbox`` (vbs), ``/health`` and ``/metrics``."""
+"""Service routes: ``/v1/inbox`` (vbs), ``/health`` and ``/metrics``."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -10,20 +9,9 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vbs_api.state import state
-from vbs_resources.wire import BATCH_STATUSES, ENDPOINTS
+from vbs_resources.wire import BATCH_STATUSES
 
 router = APIRouter()
-
-
-@router.get("/v1/models")
-def list_models(request: Request) -> dict[str, Any]:
-    engine = state(request).engine
-    names = {name for endpoint in ENDPOINTS for name in engine.served_models(endpoint)}
-    data = [
-        {"id": name, "object": "model", "created": int(time.time()), "owned_by": "vbs"}
-        for name in sorted(names)
-    ]
-    return {"object": "list", "data": data}
 
 
 @router.get("/v1/inbox")

@@ -18,6 +18,7 @@ from typing import Any
 
 import dagster as dg
 
+from vbs_resources.registry import ServedModel, ServedModels
 from vbs_resources.wire import ErrorBody, ErrorDetail
 
 
@@ -74,17 +75,23 @@ def error_result(
 
 
 class InferenceEngine(dg.ConfigurableResource):
-    """Runs OpenAI request bodies for one endpoint and returns one result per request."""
+    """Runs OpenAI request bodies for one endpoint and returns one result per request.
 
-    def served_models(self, endpoint: str) -> list[str]:
+    What it serves comes from the model registry: ``start`` receives the registry's available
+    models, and a request naming anything this engine cannot serve from them is a
+    ``model_not_found`` line."""
+
+    def configured_models(self) -> list[ServedModel]:
+        """The base and embedding models of this engine's settings (registered on start)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, str]:
         """Engine facts for Dagster metadata (mode, models, device)."""
         raise NotImplementedError
 
-    def start(self, endpoint: str) -> None:
-        """Load what ``endpoint`` needs, so that start-up is not counted as generation time."""
+    def start(self, endpoint: str, served: ServedModels | None = None) -> None:
+        """Load what ``endpoint`` needs for the ``served`` models (the configured ones when
+        None), so that start-up is not counted as generation time."""
 
     def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         raise NotImplementedError

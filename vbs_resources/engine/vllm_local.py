@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from vbs_resources.engine import (
     EngineFailure,
@@ -28,6 +28,7 @@ from vbs_resources.engine.requests import (
     prepare_generation,
 )
 from vbs_resources.engine.responses import chat_response, completion_response, embedding_response
+from vbs_resources.registry import ServedModel, ServedModels, lora_rank_limit
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,14 @@ class VLLMEngine(InferenceEngine):
         default=None, description="CUDA_VISIBLE_DEVICES as set for vbs; '' hides every GPU."
     )
     trust_request_chat_template: bool = False
+    max_lora_rank: int = Field(default=64, description="The highest adapter rank allowed.")
+    max_loras: int = Field(default=4, description="Adapters in one engine step at once.")
+    max_cpu_loras: int | None = Field(
+        default=None, description="Adapters kept in memory; every adapter of the run if None."
+    )
     seed: int = 0
+
+    _served: ServedModels | None = PrivateAttr(default=None)
 
     # ---- interface -------------------------------------------------------------------------
 
@@ -68,21 +76,45 @@ class VLLMEngine(InferenceEngine):
     def device(self) -> str:
         return detect_device(self.cuda_visible_devices)
 
-    def served_models(self, endpoint: str) -> list[str]:
+    def configured_models(self) -> list[ServedModel]:
+        models = [ServedModel(self.served_model_name, "base", self.model)]
+        if self.embedding_model:
+            models.append(
+                ServedModel(self.embedding_served_name, "embedding", self.embedding_model)
+            )
+        return models
+
+    def served(self) -> ServedModels:
+        if self._served is None:
+            self._served = ServedModels({m.name: m for m in self.configured_models()})
+        return self._served
+
+    def servable(self, endpoint: str) -> dict[str, ServedModel]:
+        """The models a request to ``endpoint`` may name: this engine's base model and its
+        adapters, or its embedding model, as far as the registry has them available."""
+        served = self.served()
         if endpoint == "/v1/embeddings":
-            return [self.embedding_served_name] if self.embedding_model else []
-        return [self.served_model_name]
+            names = [self.embedding_served_name] if self.embedding_model else []
+            return {n: served.models[n] for n in names if n in served.models}
+        found = {}
+        base = served.get(self.served_model_name)
+        if base is not None and base.kind == "base":
+            found[base.name] = base
+            found.update({a.name: a for a in served.adapters_of(base.name)})
+        return found
 
     def describe(self) -> dict[str, str]:
         return {
             "engine": "vllm/in_process",
             "model": self.served_model_name,
             "model_path": self.model,
+            "adapters": str(len(self.served().adapters_of(self.served_model_name))),
             "device": self.device,
             "dtype": resolve_dtype(self.dtype, self.device),
         }
 
-    def start(self, endpoint: str) -> None:
+    def start(self, endpoint: str, served: ServedModels | None = None) -> None:
+        self._served = served
         if endpoint == "/v1/embeddings":
             if self.embedding_model:
                 self._llm(self.embedding_model, "pooling")
@@ -90,18 +122,18 @@ class VLLMEngine(InferenceEngine):
             self._llm(self.model, "generate")
 
     def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
-        served = set(self.served_models(endpoint))
+        servable = self.servable(endpoint)
         results: list[EngineResult | None] = [None] * len(requests)
         runnable: list[tuple[int, EngineRequest]] = []
         for i, request in enumerate(requests):
             model = request.body.get("model")
-            if model not in served:
+            if servable.get(model) is None:
                 results[i] = error_result(
                     request.custom_id,
                     404,
                     "model_not_found",
                     f"The model {_name(model)} does not exist or is not served for {endpoint}; "
-                    f"served: {sorted(served)}.",
+                    f"served: {sorted(servable)[:20]}.",
                     "model",
                 )
             else:
@@ -116,10 +148,28 @@ class VLLMEngine(InferenceEngine):
 
     # ---- engines ---------------------------------------------------------------------------
 
+    def _lora_config(self, runner: str) -> dict[str, Any]:
+        """vLLM's LoRA settings for the adapters registered on this engine's base (none: off)."""
+        adapters = self.served().adapters_of(self.served_model_name)
+        if runner != "generate" or not adapters:
+            return {}
+        return dict(
+            enable_lora=True,
+            max_lora_rank=lora_rank_limit([a.rank or 1 for a in adapters]),
+            max_loras=self.max_loras,
+            max_cpu_loras=max(self.max_cpu_loras or len(adapters), self.max_loras),
+        )
+
     def _llm(self, path: str, runner: str) -> Any:
         device = self.device
+        lora = self._lora_config(runner)
         key = (path, runner, self.dtype, self.max_model_len, self.tensor_parallel_size, self.seed)
+        key += tuple(sorted(lora.items()))
         if key not in _LOADED:
+            # One engine per model in memory: another configuration of the same model (the
+            # adapters changed) replaces it.
+            for stale in [k for k in _LOADED if k[:2] == (path, runner)]:
+                del _LOADED[stale]
             configure_vllm_env(device, self.cpu_kvcache_space_gib)
             from vllm import LLM
 
@@ -137,6 +187,7 @@ class VLLMEngine(InferenceEngine):
             if runner == "pooling":
                 # Embedding models keep their own (short) context length.
                 kwargs.update(runner="pooling", max_model_len=None)
+            kwargs.update(lora)
             _LOADED[key] = LLM(**kwargs)
             log.info("vLLM engine for %s ready in %.1fs", path, time.perf_counter() - started)
         return _LOADED[key]
@@ -165,9 +216,13 @@ class VLLMEngine(InferenceEngine):
                     request.custom_id, 400, "invalid_request", "The request could not be prepared."
                 )
 
+        loras = [self._lora_request(item.request.body["model"]) for item in prepared]
         flat_prompts = [{"prompt_token_ids": p} for item in prepared for p in item.prompts]
         flat_params = [item.params for item in prepared for _ in item.prompts]
-        outputs = self._generate_isolated(llm, flat_prompts, flat_params)
+        flat_loras = [
+            lora for item, lora in zip(prepared, loras, strict=True) for _ in item.prompts
+        ]
+        outputs = self._generate_isolated(llm, flat_prompts, flat_params, flat_loras)
         build = chat_response if chat else completion_response
         cursor = 0
         for item in prepared:
@@ -179,22 +234,38 @@ class VLLMEngine(InferenceEngine):
                     item.request.custom_id, 400, "invalid_request", _engine_message(failed)
                 )
                 continue
-            results[item.index] = build(item, item_outputs, self.served_model_name, tokenizer)
+            # The response names the model the request named: the base, or the adapter.
+            results[item.index] = build(item, item_outputs, item.request.body["model"], tokenizer)
         return [r for r in results if r is not None]
 
+    def _lora_request(self, model: str) -> Any:
+        """vLLM's ``LoRARequest`` for a request naming an adapter; None for the base model."""
+        entry = self.served().get(model)
+        if entry is None or entry.kind != "adapter":
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(entry.name, entry.lora_id or 1, entry.path)
+
     @staticmethod
-    def _generate_isolated(llm: Any, prompts: list[Any], params: list[Any]) -> list[Any]:
+    def _generate_isolated(
+        llm: Any, prompts: list[Any], params: list[Any], loras: list[Any] | None = None
+    ) -> list[Any]:
         """Generate all at once; if vLLM refuses the set, find the refused ones one by one."""
         if not prompts:
             return []
+        loras = loras if loras is not None and any(loras) else None
         try:
-            return llm.generate(prompts, params, use_tqdm=False)
+            return llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
         except Exception as exc:  # noqa: BLE001 - isolated below, one request at a time
             log.warning("chunk refused (%s); retrying its requests one by one", exc)
         outputs: list[Any] = []
-        for prompt, param in zip(prompts, params, strict=True):
+        for i, (prompt, param) in enumerate(zip(prompts, params, strict=True)):
+            lora = loras[i] if loras else None
             try:
-                outputs.append(llm.generate([prompt], [param], use_tqdm=False)[0])
+                outputs.append(
+                    llm.generate([prompt], [param], use_tqdm=False, lora_request=lora)[0]
+                )
             except Exception as exc:  # noqa: BLE001 - becomes this request's error line
                 outputs.append(exc)
         # vLLM refuses a request's own values with ValueError or TypeError; anything else, for

@@ -1,0 +1,42 @@
+"""``/v1/models``: the registry's available models, in OpenAI's shape with vLLM's ``root`` and
+``parent`` (an adapter's base)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from vbs_api.errors import APIError
+from vbs_api.state import state
+from vbs_resources.wire import ModelObject
+
+router = APIRouter(prefix="/v1/models")
+
+
+def model_object(row: dict[str, Any]) -> ModelObject:
+    return ModelObject(
+        id=row["name"], created=row["created_at"], root=row["path"], parent=row["base"]
+    )
+
+
+@router.get("")
+async def list_models(request: Request) -> JSONResponse:
+    vbs = state(request)
+    data = [model_object(r).model_dump() for r in vbs.catalog.list_models(conn=vbs.reads)]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@router.get("/{model_id:path}")
+async def retrieve_model(request: Request, model_id: str) -> JSONResponse:
+    vbs = state(request)
+    row = vbs.catalog.get_model(model_id, vbs.reads)
+    if row is None or row["status"] != "available":
+        raise APIError(
+            404,
+            f"The model {model_id[:100]!r} does not exist.",
+            code="model_not_found",
+            param="model",
+        )
+    return JSONResponse(model_object(row).model_dump())

@@ -1,0 +1,253 @@
+"""The model registry: what the engine serves, by the name a request's ``model`` uses.
+
+Three kinds: ``base`` (a generation model), ``embedding``, and ``adapter`` (a LoRA adapter of a
+registered base, served by the base's engine with the adapter applied per request). The base
+and embedding models of the settings are registered whenever the platform starts; adapters are
+added by hand (``vbs models add``) or, later, by deployment. Retiring keeps the row and the
+files: a retired name is never reused, and a request naming it gets ``model_not_found``.
+
+Registering an adapter checks it first, so that a bad one is refused at the door with the field
+named, rather than failing every request that names it: a PEFT ``adapter_config.json`` of a LoRA
+adapter, its weights beside it, a rank within the engine's limit, and a base model that is the
+registered base (by folder or by name).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from vbs_resources.catalog import Catalog
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,255}$")
+# The LoRA ranks vLLM can be started with (``max_lora_rank``).
+SUPPORTED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+KINDS = ("base", "adapter", "embedding")
+
+
+class RegistryError(ValueError):
+    """A registration or retirement refused; ``field`` names what is wrong."""
+
+    def __init__(self, message: str, field: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.field, self.status = message, field, status
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    kind: str
+    path: str
+    base: str | None = None
+    lora_id: int | None = None
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class ServedModels:
+    """The registry's available models at one moment: what one run serves."""
+
+    models: dict[str, ServedModel] = field(default_factory=dict)
+
+    def get(self, name: Any) -> ServedModel | None:
+        return self.models.get(name) if isinstance(name, str) else None
+
+    def adapters_of(self, base: str) -> list[ServedModel]:
+        return [m for m in self.models.values() if m.kind == "adapter" and m.base == base]
+
+
+def lora_rank_limit(ranks: list[int]) -> int:
+    """The smallest rank vLLM accepts as ``max_lora_rank`` that covers every adapter."""
+    highest = max(ranks, default=1)
+    return next(r for r in SUPPORTED_RANKS if r >= highest)
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _read_json(path: str) -> Any:
+    with fsspec.open(path, "rb") as fh:
+        return json.loads(fh.read(1 << 20))
+
+
+def _exists(path: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(path)
+    return fs.exists(root)
+
+
+def _same_model(trained_on: str, base: dict[str, Any]) -> bool:
+    """Whether an adapter's ``base_model_name_or_path`` names the registered ``base``: the same
+    folder, or the same model name (``HuggingFaceTB/SmolLM2-135M-Instruct`` and a folder
+    ``.../SmolLM2-135M-Instruct`` served as ``SmolLM2-135M-Instruct``)."""
+    if not _is_url(trained_on) and not _is_url(base["path"]):
+        if Path(trained_on).expanduser().resolve() == Path(base["path"]).expanduser().resolve():
+            return True
+    last = posixpath.basename(trained_on.rstrip("/")).lower()
+    names = {posixpath.basename(base["path"].rstrip("/")).lower(), base["name"].lower()}
+    return last in names
+
+
+class ModelRegistry:
+    """Registrations over the catalog's ``models`` table."""
+
+    def __init__(self, catalog: Catalog, max_lora_rank: int = 64) -> None:
+        self.catalog, self.max_lora_rank = catalog, max_lora_rank
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def get(self, name: str) -> dict[str, Any]:
+        row = self.catalog.get_model(name)
+        if row is None:
+            raise RegistryError(f"No model named {name[:100]!r} is registered.", "name", 404)
+        return row
+
+    def list(self, include_retired: bool = False) -> list[dict[str, Any]]:
+        return self.catalog.list_models(include_retired)
+
+    def snapshot(self) -> ServedModels:
+        return ServedModels(
+            {
+                row["name"]: ServedModel(
+                    row["name"], row["kind"], row["path"], row["base"], row["lora_id"], row["rank"]
+                )
+                for row in self.catalog.list_models()
+            }
+        )
+
+    # ---- registering ------------------------------------------------------------------------
+
+    def register_configured(self, configured: list[ServedModel]) -> list[str]:
+        """Register the models of the settings (base, embedding), or bring a registered one's
+        path up to date. Returns notes about names taken by another kind of model."""
+        notes = []
+        for model in configured:
+            existing = self.catalog.get_model(model.name)
+            if existing is None:
+                self.catalog.insert_model(self._row(model.name, model.kind, model.path))
+            elif existing["kind"] != model.kind:
+                notes.append(
+                    f"{model.name} is configured as a {model.kind} model but registered as "
+                    f"{existing['kind']}; the registration stands"
+                )
+            elif existing["path"] != model.path:
+                self.catalog.update_model_path(model.name, model.kind, model.path)
+        return notes
+
+    def add_adapter(
+        self,
+        name: str,
+        path: str,
+        base: str | None = None,
+        lineage: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Check and register a LoRA adapter; ``base`` defaults to the only base model."""
+        self._check_name(name)
+        path = path if _is_url(path) else str(Path(path).expanduser().resolve())
+        config = self._adapter_config(path)
+        base_row = self._base_for(base, config)
+        rank = config["r"]
+        row = self._row(name, "adapter", path, base=base_row["name"], rank=rank, lineage=lineage)
+        if not self.catalog.insert_model(row):
+            raise RegistryError(f"The name {name!r} is taken (names are never reused).", "name")
+        return self.get(name)
+
+    def retire(self, name: str) -> dict[str, Any]:
+        row = self.get(name)
+        if row["status"] == "retired":
+            raise RegistryError(f"{name} is retired already.", "name")
+        self.catalog.retire_model(name)
+        return self.get(name)
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def _row(self, name: str, kind: str, path: str, **fields: Any) -> dict[str, Any]:
+        return dict(
+            name=name,
+            kind=kind,
+            path=path,
+            status="available",
+            created_at=int(time.time()),
+            **fields,
+        )
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not MODEL_NAME.match(name):
+            raise RegistryError(
+                "A model name is 1 to 256 letters, digits and . _ : @ / + -, starting with a "
+                "letter or digit.",
+                "name",
+            )
+
+    def _adapter_config(self, path: str) -> dict[str, Any]:
+        config_path = posixpath.join(path, "adapter_config.json")
+        if not _exists(path):
+            raise RegistryError(f"There is no adapter at {path}.", "path")
+        if not _exists(config_path):
+            raise RegistryError(
+                "The adapter has no adapter_config.json: save it with PEFT's save_pretrained.",
+                "adapter_config.json",
+            )
+        try:
+            config = _read_json(config_path)
+        except (OSError, ValueError):
+            raise RegistryError(
+                "adapter_config.json is not valid JSON.", "adapter_config.json"
+            ) from None
+        if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+            raise RegistryError(
+                "adapter_config.json does not describe a LoRA adapter (peft_type must be LORA).",
+                "peft_type",
+            )
+        rank = config.get("r")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise RegistryError("The adapter's rank r must be a positive integer.", "r")
+        if rank > self.max_lora_rank:
+            raise RegistryError(
+                f"The adapter's rank {rank} is above the engine's limit of {self.max_lora_rank} "
+                "(VBS_MAX_LORA_RANK).",
+                "r",
+            )
+        if not config.get("target_modules"):
+            raise RegistryError("The adapter names no target_modules.", "target_modules")
+        if not isinstance(config.get("base_model_name_or_path"), str):
+            raise RegistryError(
+                "adapter_config.json does not name its base_model_name_or_path.",
+                "base_model_name_or_path",
+            )
+        if not any(_exists(posixpath.join(path, f)) for f in WEIGHT_FILES):
+            raise RegistryError(
+                f"The adapter has no weights ({' or '.join(WEIGHT_FILES)}).", "weights"
+            )
+        return config
+
+    def _base_for(self, base: str | None, config: dict[str, Any]) -> dict[str, Any]:
+        bases = [m for m in self.catalog.list_models() if m["kind"] == "base"]
+        if base is None:
+            if len(bases) != 1:
+                raise RegistryError(
+                    f"Name the adapter's base model: {len(bases)} base models are registered.",
+                    "base",
+                )
+            row = bases[0]
+        else:
+            row = next((m for m in bases if m["name"] == base), None)
+            if row is None:
+                raise RegistryError(f"{base!r} is not an available base model.", "base")
+        trained_on = config["base_model_name_or_path"]
+        if not _same_model(trained_on, row):
+            raise RegistryError(
+                f"The adapter was trained on {trained_on[:200]!r}, which is not the base model "
+                f"{row['name']} ({row['path']}).",
+                "base_model_name_or_path",
+            )
+        return row
