@@ -232,6 +232,14 @@ class Platform:
         )
 
 
+def drop_batch(platform: Platform, name: str, lines, chunk_size: int | None = None) -> str:
+    """A batch file (and its chunk size) dropped into the platform's inbox; its batch id."""
+    if chunk_size:
+        platform.drop(f"{name}.metadata.json", json.dumps({"chunk_size": chunk_size}).encode())
+    platform.drop(f"{name}.jsonl", jsonl(lines))
+    return platform.wait_batch(f"{name}.jsonl", timeout=60)
+
+
 def _up(url: str, proc: subprocess.Popen, log: Path):
     def check():
         try:

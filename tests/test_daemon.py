@@ -16,7 +16,7 @@ import time
 import dagster as dg
 import pytest
 
-from tests.conftest import chat_line, jsonl, read_jsonl, wait_for
+from tests.conftest import chat_line, drop_batch, jsonl, read_jsonl, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -116,13 +116,6 @@ def test_killed_run_is_retried_by_the_daemon_and_resumes(platform):
     ).records
     resumed = records[0].asset_materialization.metadata["resumed_requests"].value
     assert resumed >= done_before_kill >= 6
-
-
-def drop_batch(platform, name: str, lines, chunk_size: int | None = None) -> str:
-    if chunk_size:
-        platform.drop(f"{name}.metadata.json", json.dumps({"chunk_size": chunk_size}).encode())
-    platform.drop(f"{name}.jsonl", jsonl(lines))
-    return platform.wait_batch(f"{name}.jsonl", timeout=60)
 
 
 # ---- the whole platform ----------------------------------------------------------------------

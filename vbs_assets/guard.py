@@ -3,6 +3,10 @@
 - The run cannot proceed (``RunRefused``: the batch is unknown, not validated yet, or held by
   another run): the run fails, tagged ``vbs/refused``, and the batch is left exactly as it was;
   the reconciler sensor starts a whole ``batch_job`` run for it if it still needs one.
+- The engine is unavailable for now (``EngineUnavailable``: its server is down): the batch is
+  left as it is and the step is retried within the run after a wait, resuming from the last
+  checkpoint; once those retries are spent the run fails, and the reconciler fails the batch with
+  the results it finished.
 - Anything else unexpected: the batch ends ``failed`` with an error entry that names the run
   (never the exception's text, which may hold paths, URLs or credentials), then the run fails
   without a retry. A process that dies never reaches this code: the daemon retries its run.
@@ -17,6 +21,7 @@ import dagster as dg
 
 from vbs_assets.runner import RunRefused
 from vbs_resources import layout as L
+from vbs_resources.engine import EngineUnavailable
 from vbs_resources.lifecycle import BatchLifecycle
 from vbs_resources.wire import BatchErrorEntry
 
@@ -35,6 +40,10 @@ def batch_step(
         yield
     except dg.Failure:
         raise  # already decided by the step (a batch that failed validation)
+    except EngineUnavailable as away:
+        context.log.warning(f"{batch_id}: {away}; retrying in {away.wait_s:.0f}s")
+        context.instance.add_run_tags(context.run_id, {L.TAG_ENGINE_UNAVAILABLE: str(away)[:200]})
+        raise dg.RetryRequested(max_retries=away.retries, seconds_to_wait=away.wait_s) from None
     except RunRefused as refused:
         context.instance.add_run_tags(context.run_id, {L.TAG_REFUSED: str(refused)[:200]})
         raise dg.Failure(

@@ -41,8 +41,9 @@ def dagster_home(settings: Settings) -> Path:
     return target
 
 
-def serve_commands(settings: Settings) -> tuple[list[list[str]], dict[str, str]]:
-    """The ``dagster dev`` and API server command lines and their environment."""
+def serve_commands(settings: Settings) -> list[tuple[list[str], dict[str, str]]]:
+    """The ``dagster dev`` and API server command lines (and the engine server's, in server
+    mode with no ``VBS_ENGINE_URL``), each with its environment."""
     dagster_home(settings)
     reach = "127.0.0.1" if settings.dagster_host in ("0.0.0.0", "::", "") else settings.dagster_host
     extra = {}
@@ -55,7 +56,13 @@ def serve_commands(settings: Settings) -> tuple[list[list[str]], dict[str, str]]
     webserver += ["-w", str(PROJECT_ROOT / "workspace.yaml")]
     api = [sys.executable, "-m", "vbs_api.server", "--host", settings.api_host]
     api += ["--port", str(settings.api_port)]
-    return [webserver, api], env
+    commands = [(webserver, env), (api, env)]
+    if settings.engine == "server" and settings.engine_url is None:
+        # Server mode with no server named: a warm one beside the platform, stopped with it.
+        from vbs_cli.engine import server_command
+
+        commands.append(server_command(settings))
+    return commands
 
 
 @contextlib.contextmanager
@@ -95,14 +102,19 @@ def serve(settings: Settings) -> int:
             resources["engine"].configured_models()
         )
         resources["catalog"].engine.dispose()
-        commands, env = serve_commands(settings)
+        commands = serve_commands(settings)
         print(
             f"vbs: Dagster UI on http://{settings.dagster_host}:{settings.dagster_port}, "
             f"API on http://{settings.api_host}:{settings.api_port}/v1, "
-            f"drop files into {settings.resolved_bucket_url}/inbox/",
+            f"drop files into {settings.resolved_bucket_url}/inbox/"
+            + (
+                f", engine server {settings.resolved_engine_url}"
+                if settings.engine == "server"
+                else ""
+            ),
             flush=True,
         )
-        return supervise(commands, env)
+        return supervise(commands)
 
 
 def _signal(processes: list[psutil.Process], sig: int) -> None:
@@ -169,7 +181,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def supervise(commands: list[list[str]], env: dict[str, str]) -> int:
+def supervise(commands: list[tuple[list[str], dict[str, str]]]) -> int:
     """Run the servers side by side; when one exits or we are told to stop, stop them all.
 
     Each server runs in a session of its own: a Ctrl-C in the terminal reaches only this
@@ -177,7 +189,7 @@ def supervise(commands: list[list[str]], env: dict[str, str]) -> int:
     run worker interrupted by a signal would be recorded as terminated by a user)."""
     procs = [
         subprocess.Popen(c, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-        for c in commands
+        for c, env in commands
     ]
     stopping = False
 

@@ -9,7 +9,13 @@ import dagster as dg
 
 from vbs_resources.bucket import Bucket
 from vbs_resources.catalog import Catalog
-from vbs_resources.engine import EngineRequest, EngineResult, InferenceEngine, VLLMEngine
+from vbs_resources.engine import (
+    EngineRequest,
+    EngineResult,
+    InferenceEngine,
+    VLLMEngine,
+    VLLMServerEngine,
+)
 from vbs_resources.model_store import default_embedding_model_dir, default_model_dir
 from vbs_resources.settings import SECRET_VARIABLES, Settings, load_settings
 from vbs_resources.webhooks import Webhooks
@@ -22,6 +28,7 @@ __all__ = [
     "InferenceEngine",
     "Settings",
     "VLLMEngine",
+    "VLLMServerEngine",
     "Webhooks",
     "build_resources",
     "load_settings",
@@ -39,7 +46,24 @@ def _secret(settings: Settings, field: str, for_dagster: bool) -> Any:
     return value.get_secret_value()
 
 
-def build_engine(settings: Settings) -> VLLMEngine:
+def build_engine(settings: Settings, for_dagster: bool = False) -> InferenceEngine:
+    """The engine of ``settings.engine``: vLLM in the run's process, or a vLLM server."""
+    local = build_local_engine(settings)
+    if settings.engine == "in_process":
+        return local
+    return VLLMServerEngine(
+        url=settings.resolved_engine_url,
+        api_key=_secret(settings, "engine_api_key", for_dagster),
+        local=local,
+        concurrency=settings.engine_concurrency,
+        timeout_s=settings.engine_timeout_s,
+        retry_s=settings.engine_retry_s,
+        step_retries=settings.engine_step_retries,
+        step_retry_wait_s=settings.engine_step_retry_wait_s,
+    )
+
+
+def build_local_engine(settings: Settings) -> VLLMEngine:
     embedding = settings.embedding_model
     if embedding is None:
         found = default_embedding_model_dir()
@@ -82,5 +106,5 @@ def build_resources(settings: Settings, for_dagster: bool = False) -> dict[str, 
         ),
         "bucket": Bucket(url=settings.resolved_bucket_url),
         "catalog": Catalog(url=catalog_url),
-        "engine": build_engine(settings),
+        "engine": build_engine(settings, for_dagster),
     }

@@ -26,6 +26,7 @@ TAG_BATCH_ID = "vbs/batch_id"
 TAG_SOURCE_FILE = "vbs/source_file"
 # Set by a run that found it could not proceed (and left the batch untouched).
 TAG_REFUSED = "vbs/refused"
+TAG_ENGINE_UNAVAILABLE = "vbs/engine_unavailable"
 TAG_PARTITION = "dagster/partition"
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
@@ -25,6 +25,7 @@ MB = 1024 * 1024
 SECRET_VARIABLES = {
     "webhook_secret": "VBS_WEBHOOK_SECRET",
     "catalog_url": "VBS_CATALOG_URL",
+    "engine_api_key": "VBS_ENGINE_API_KEY",
 }
 
 
@@ -101,6 +102,43 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("CUDA_VISIBLE_DEVICES")
     )
 
+    # ---- engine: server mode ------------------------------------------------------------
+    engine: Literal["in_process", "server"] = Field(
+        default="in_process",
+        description="in_process: vLLM inside each run; server: a long-lived vLLM server.",
+    )
+    engine_url: str | None = Field(
+        default=None,
+        description="The vLLM server (server mode); unset, `vbs serve` starts one on "
+        "VBS_ENGINE_HOST:VBS_ENGINE_PORT.",
+    )
+    engine_host: str = "127.0.0.1"
+    engine_lora: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="LoRA on the engine server: auto turns it on when adapters are registered "
+        "at its start (on CPU it halves base-model throughput).",
+    )
+    engine_port: int = Field(default=8100, ge=1, le=65535)
+    engine_api_key: SecretStr | None = Field(
+        default=None, description="The server's API key (vLLM's --api-key), if it has one."
+    )
+    engine_concurrency: int = Field(
+        default=64, ge=1, le=4096, description="Requests in flight to the server at once."
+    )
+    engine_timeout_s: float = Field(
+        default=600, gt=0, description="Longest wait for one response from the server."
+    )
+    engine_retry_s: float = Field(
+        default=120,
+        ge=0,
+        description="How long a request is retried while the server is unreachable or "
+        "answers 5xx, before the run steps back.",
+    )
+    engine_step_retries: int = Field(
+        default=10, ge=0, description="Times a run retries its step after the server stayed away."
+    )
+    engine_step_retry_wait_s: float = Field(default=30, ge=0)
+
     # ---- Dagster ------------------------------------------------------------------------
     dagster_host: str = "127.0.0.1"
     dagster_port: int = Field(default=3000, ge=1, le=65535)
@@ -162,6 +200,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"webhook URL {redact_url(url)!r} is not http(s)")
         return value
 
+    @field_validator("engine_url")
+    @classmethod
+    def _engine_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError(f"engine URL {redact_url(value)!r} is not http(s)")
+        # The server's root: requests go to <root>/v1/..., health to <root>/health.
+        return value.rstrip("/").removesuffix("/v1")
+
     @field_validator("home")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -173,6 +221,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"the API would listen on {self.api_host} without authentication: set "
                 "VBS_API_KEYS, or VBS_API_INSECURE_NO_AUTH=true behind an authenticating proxy"
+            )
+        if (
+            not self.engine_api_key
+            and not is_loopback(self.engine_host)
+            and not self.api_insecure_no_auth
+        ):
+            raise ValueError(
+                f"the engine server would listen on {self.engine_host} without a key: set "
+                "VBS_ENGINE_API_KEY, or VBS_API_INSECURE_NO_AUTH=true behind a proxy"
             )
         return self
 
@@ -187,6 +244,12 @@ class Settings(BaseSettings):
         if self.catalog_url is not None:
             return self.catalog_url.get_secret_value()
         return f"sqlite:///{self.home / 'catalog.db'}"
+
+    @property
+    def resolved_engine_url(self) -> str:
+        """Where server mode sends requests: ``VBS_ENGINE_URL``, else the server `vbs serve`
+        starts."""
+        return self.engine_url or f"http://{self.engine_host}:{self.engine_port}"
 
     @property
     def dagster_home(self) -> Path:

@@ -210,6 +210,12 @@ def reconcile_batch(
                 message=f"The batch's run {latest.run_id} failed and will not be retried; the "
                 "results it finished are kept.",
             )
+            if L.TAG_ENGINE_UNAVAILABLE in latest.tags:
+                error = BatchErrorEntry(
+                    code="engine_unavailable",
+                    message="The engine server stayed unreachable through every retry of run "
+                    f"{latest.run_id}; the results it finished are kept.",
+                )
             return end("failed", [error]), None
     if len(runs) >= MAX_RUNS:
         error = BatchErrorEntry(

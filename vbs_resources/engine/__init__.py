@@ -3,12 +3,12 @@
 ``InferenceEngine`` is what ``batch_output`` talks to: it runs OpenAI request bodies for one
 endpoint and returns one ``EngineResult`` per request, a request that cannot run being an error
 result while the rest of the chunk goes on. ``VLLMEngine`` (mode ``in_process``) runs vLLM's
-offline ``LLM`` inside the run; a ``server`` mode (an OpenAI-compatible vLLM deployment shared by
-many runs) is another implementation of the same interface.
+offline ``LLM`` inside the run; ``VLLMServerEngine`` (mode ``server``) sends the same bodies to a
+long-lived OpenAI-compatible vLLM server shared by many runs.
 
 The modules below split the work: ``requests`` turns a body into prompts and sampling
 parameters, ``responses`` turns vLLM outputs into OpenAI bodies, ``hardware`` decides device,
-dtype and the environment vLLM reads, ``vllm_local`` is the resource.
+dtype and the environment vLLM reads, ``vllm_local`` and ``vllm_server`` are the resources.
 """
 
 from __future__ import annotations
@@ -48,6 +48,16 @@ class EngineFailure(RuntimeError):
     own): the batch must stop rather than turn its remaining requests into error lines."""
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine cannot be reached for now (a server that is down or restarting): the run
+    steps back without touching the batch, and retries its step ``retries`` times, waiting
+    ``wait_s`` each time; the batch resumes from its last checkpoint."""
+
+    def __init__(self, message: str, *, retries: int = 0, wait_s: float = 0) -> None:
+        super().__init__(message)
+        self.retries, self.wait_s = retries, wait_s
+
+
 class RequestError(ValueError):
     """Why one request cannot run; it becomes that request's error line."""
 
@@ -74,6 +84,31 @@ def error_result(
     return EngineResult(custom_id, status_code, body.model_dump())
 
 
+def route(
+    endpoint: str, requests: list[EngineRequest], servable: dict[str, ServedModel]
+) -> tuple[list[EngineResult | None], list[tuple[int, EngineRequest]]]:
+    """Split a chunk into the ``model_not_found`` lines of requests naming a model ``servable``
+    lacks (in request order, None where a request can run) and the requests that can run."""
+    results: list[EngineResult | None] = [None] * len(requests)
+    runnable: list[tuple[int, EngineRequest]] = []
+    for i, request in enumerate(requests):
+        model = request.body.get("model")
+        if isinstance(model, str) and model in servable:
+            runnable.append((i, request))
+            continue
+        from vbs_resources.strict_json import quote
+
+        results[i] = error_result(
+            request.custom_id,
+            404,
+            "model_not_found",
+            f"The model {quote(model, 80)} does not exist or is not served for {endpoint}; "
+            f"served: {sorted(servable)[:20]}.",
+            "model",
+        )
+    return results, runnable
+
+
 class InferenceEngine(dg.ConfigurableResource):
     """Runs OpenAI request bodies for one endpoint and returns one result per request.
 
@@ -98,13 +133,17 @@ class InferenceEngine(dg.ConfigurableResource):
 
 
 from vbs_resources.engine.vllm_local import VLLMEngine  # noqa: E402 - needs the interface above
+from vbs_resources.engine.vllm_server import VLLMServerEngine  # noqa: E402
 
 __all__ = [
     "EngineFailure",
+    "EngineUnavailable",
     "EngineRequest",
     "EngineResult",
     "InferenceEngine",
     "RequestError",
     "VLLMEngine",
+    "VLLMServerEngine",
     "error_result",
+    "route",
 ]

@@ -37,6 +37,11 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
+def engine_threads() -> int:
+    """The OpenMP threads a CPU engine uses: every core this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
 def configure_vllm_env(device: str, kvcache_gib: int) -> None:
     """Settings vLLM and torch read at import or engine start; set before the first import.
     These are writes for the libraries' sake: vbs's own settings come from ``Settings``."""
@@ -47,5 +52,5 @@ def configure_vllm_env(device: str, kvcache_gib: int) -> None:
         set_library_defaults(
             VLLM_CPU_KVCACHE_SPACE=str(kvcache_gib),
             # Unset, vLLM drops torch to one thread "for serving"; a batch owns the machine.
-            OMP_NUM_THREADS=str(len(os.sched_getaffinity(0))),
+            OMP_NUM_THREADS=str(engine_threads()),
         )

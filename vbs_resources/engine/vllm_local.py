@@ -19,6 +19,7 @@ from vbs_resources.engine import (
     InferenceEngine,
     RequestError,
     error_result,
+    route,
 )
 from vbs_resources.engine.hardware import configure_vllm_env, detect_device, resolve_dtype
 from vbs_resources.engine.requests import (
@@ -113,8 +114,12 @@ class VLLMEngine(InferenceEngine):
             "dtype": resolve_dtype(self.dtype, self.device),
         }
 
-    def start(self, endpoint: str, served: ServedModels | None = None) -> None:
+    def use(self, served: ServedModels | None) -> None:
+        """Serve from ``served`` (the configured models when None) without loading anything."""
         self._served = served
+
+    def start(self, endpoint: str, served: ServedModels | None = None) -> None:
+        self.use(served)
         if endpoint == "/v1/embeddings":
             if self.embedding_model:
                 self._llm(self.embedding_model, "pooling")
@@ -122,22 +127,7 @@ class VLLMEngine(InferenceEngine):
             self._llm(self.model, "generate")
 
     def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
-        servable = self.servable(endpoint)
-        results: list[EngineResult | None] = [None] * len(requests)
-        runnable: list[tuple[int, EngineRequest]] = []
-        for i, request in enumerate(requests):
-            model = request.body.get("model")
-            if servable.get(model) is None:
-                results[i] = error_result(
-                    request.custom_id,
-                    404,
-                    "model_not_found",
-                    f"The model {_name(model)} does not exist or is not served for {endpoint}; "
-                    f"served: {sorted(servable)[:20]}.",
-                    "model",
-                )
-            else:
-                runnable.append((i, request))
+        results, runnable = route(endpoint, requests, self.servable(endpoint))
         if runnable:
             run = self._run_embeddings if endpoint == "/v1/embeddings" else self._run_generation
             for (i, _), result in zip(
