@@ -1,12 +1,14 @@
-"""vbs's ``batch_output`` against vLLM's own ``run_batch``, same model, machine and run.
+"""vbs's ``batch_output`` against vLLM's own ``run_batch`` (the peer) and against vLLM's
+offline engine (the limit), same model, machine and run.
 
 One 256-request chat file (max_tokens 64, temperature 0) goes through
-``python -m vllm.entrypoints.openai.run_batch`` and through vbs (inbox sensor -> batch_input ->
-batch_output, in process). Both get the same dtype and the same CPU environment (threads,
-KV-cache size), so the ratio measures the batch paths, not settings. Prints wall time and
-output tokens/s of each, then ``ratio`` (vbs / run_batch generation throughput, engine start
-excluded) and ``e2e_ratio`` (run_batch wall / vbs wall, file to finished results, engine start
-included). Ends with one JSON line.
+``python -m vllm.entrypoints.openai.run_batch``, through vbs (inbox sensor -> batch_input ->
+batch_output, in process), and as one ``LLM.chat`` call on the same messages. All three get the
+same dtype and the same CPU environment (threads, KV-cache size), so the ratios measure the
+paths, not settings. Prints wall time and output tokens/s of each, then ``ratio`` (vbs /
+run_batch generation throughput, engine start excluded), ``e2e_ratio`` (run_batch wall / vbs
+wall, file to finished results, engine start included) and ``limit_ratio`` (vbs / offline
+``LLM.chat`` generation throughput). Ends with one JSON line.
 """
 
 import argparse
@@ -99,6 +101,29 @@ print(json.dumps({{"wall_s": round(time.perf_counter() - started, 2),
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_limit(args, env, inputs: Path, dtype: str) -> dict:
+    """The engine's own limit: every request's messages in one offline ``LLM.chat`` call."""
+    code = f"""
+import json, time
+from vllm import LLM, SamplingParams
+lines = [json.loads(x) for x in open({str(inputs)!r})]
+llm = LLM(model={args.model!r}, dtype={dtype!r}, enforce_eager=True, max_model_len=2048, seed=0)
+params = SamplingParams(max_tokens=lines[0]["body"]["max_tokens"], temperature=0)
+messages = [line["body"]["messages"] for line in lines]
+started = time.perf_counter()
+outputs = llm.chat(messages, params, use_tqdm=False)
+seconds = time.perf_counter() - started
+tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+print(json.dumps({{"engine_s": round(seconds, 2), "output_tokens": tokens}}))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=args.root
+    )
+    if proc.returncode != 0:
+        sys.exit(f"offline LLM.chat failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     root = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser()
@@ -121,6 +146,7 @@ def main() -> None:
         request_file(inputs, args.requests, args.served_name, args.max_tokens)
         vbs = run_vbs(args, env, inputs, tmp / "vbs", dtype)
         peer = run_peer(args, env, inputs, tmp / "peer.jsonl", dtype)
+        limit = run_limit(args, env, inputs, dtype)
         # run_batch reports no engine-start time; a one-token, one-request run measures it.
         request_file(tmp / "one.jsonl", 1, args.served_name, 1)
         peer_start = run_peer(args, env, tmp / "one.jsonl", tmp / "one-out.jsonl", dtype)
@@ -130,6 +156,7 @@ def main() -> None:
     vbs_tps = vbs["output_tokens"] / vbs["engine_s"]
     peer_generation_s = max(peer["wall_s"] - peer_start["wall_s"], 1e-9)
     peer_tps = peer["output_tokens"] / peer_generation_s
+    limit_tps = limit["output_tokens"] / limit["engine_s"]
     result = {
         "bench": "vs_run_batch",
         "requests": args.requests,
@@ -144,8 +171,12 @@ def main() -> None:
         "run_batch_start_s": peer_start["wall_s"],
         "run_batch_output_tokens": peer["output_tokens"],
         "run_batch_tok_s": round(peer_tps, 1),
+        "offline_engine_s": limit["engine_s"],
+        "offline_output_tokens": limit["output_tokens"],
+        "offline_tok_s": round(limit_tps, 1),
         "ratio": round(vbs_tps / peer_tps, 3),
         "e2e_ratio": round(peer["wall_s"] / vbs["wall_s"], 3),
+        "limit_ratio": round(vbs_tps / limit_tps, 3),
     }
     print(json.dumps(result))
 

@@ -44,6 +44,15 @@ def outputs(home: Path, batch_id: str) -> tuple[dict[str, dict], dict[str, dict]
     return ok, errors
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
 @pytest.fixture(scope="module")
 def chat_batch(tmp_path_factory, model_dir):
     home = tmp_path_factory.mktemp("chat") / "vbs"
@@ -71,6 +80,10 @@ def chat_batch(tmp_path_factory, model_dir):
             max_tokens=4,
             chat_template_kwargs={"chat_template": "{% for i in range(10**9) %}x{% endfor %}"},
         ),
+        chat_line(
+            "tools-required", PARIS, max_tokens=8, tools=[WEATHER_TOOL], tool_choice="required"
+        ),
+        chat_line("tools-none", PARIS, max_tokens=8, tools=[WEATHER_TOOL], tool_choice="none"),
     ]
     with dg.instance_for_test() as instance:
         batch_id = submit(resources, instance, lines)
@@ -107,6 +120,8 @@ def test_every_request_is_answered_once_in_openai_format(chat_batch):
         "bad-param",
         "n2-greedy",
         "own-template",
+        "tools-required",
+        "tools-none",
     }
     assert not set(ok) & set(errors)
     for line in ok.values():
@@ -168,11 +183,15 @@ def test_failing_requests_become_error_lines_and_the_batch_goes_on(chat_batch):
         "too-long": (400, "context_length_exceeded"),
         "bad-param": (400, "invalid_request"),
         "own-template": (400, "invalid_request"),
+        # Tool calls are not parsed in process: refused by name, never answered as free text.
+        "tools-required": (400, "unsupported_parameter"),
     }
     assert errors["own-template"]["response"]["body"]["error"]["param"] == "chat_template"
+    assert errors["tools-required"]["response"]["body"]["error"]["param"] == "tool_choice"
+    assert "tools-none" in chat_batch["ok"]
     row = chat_batch["row"]
     assert row["status"] == "completed"
-    assert (row["request_total"], row["request_completed"], row["request_failed"]) == (14, 10, 4)
+    assert (row["request_total"], row["request_completed"], row["request_failed"]) == (16, 11, 5)
     assert row["completed_at"] >= row["in_progress_at"] >= row["created_at"]
     assert row["usage"]["output_tokens"] > 0
 
@@ -184,19 +203,19 @@ def test_catalog_row_is_an_openai_batch_object(chat_batch):
 
     batch = Batch.model_validate(Catalog.to_openai_batch(chat_batch["row"]).model_dump())
     assert batch.status == "completed" and batch.endpoint == "/v1/chat/completions"
-    assert (batch.request_counts.total, batch.request_counts.failed) == (14, 4)
+    assert (batch.request_counts.total, batch.request_counts.failed) == (16, 5)
     assert batch.usage.output_tokens == chat_batch["row"]["usage"]["output_tokens"]
     assert batch.expires_at - batch.created_at == 24 * 3600
 
 
 def test_metadata_reports_counts_tokens_and_a_preview(chat_batch):
     meta = metadata_of(chat_batch["result"], "batch_output")
-    assert meta["completed"] == 10 and meta["failed"] == 4
+    assert meta["completed"] == 11 and meta["failed"] == 5
     assert meta["completion_tokens"] == chat_batch["row"]["usage"]["output_tokens"]
     assert meta["output_tokens_per_s"] > 0 and meta["engine"] == "vllm/in_process"
     assert "| paris | 200 |" in meta["preview"]
     meta_in = metadata_of(chat_batch["result"], "batch_input")
-    assert meta_in["request_count"] == 14 and meta_in["endpoint"] == "/v1/chat/completions"
+    assert meta_in["request_count"] == 16 and meta_in["endpoint"] == "/v1/chat/completions"
 
 
 def test_completions_endpoint(resources, instance, home):

@@ -82,6 +82,7 @@ def prepare_generation(
         ) from exc
 
     if chat:
+        refuse_unparsed_tools(body)
         prompts = [render_chat(body, tokenizer, policy)]
     else:
         prompts = token_lists(
@@ -110,6 +111,21 @@ def prepare_generation(
         raise RequestError(f"Invalid request: {quote(str(exc), 300)}", param=param) from exc
     extra = {"top_logprobs": bool(getattr(parsed, "logprobs", None))} if chat else {}
     return Prepared(index, request, prompts, params, choices, extra)
+
+
+def refuse_unparsed_tools(body: dict[str, Any]) -> None:
+    """Tool calls need vLLM's serving layer to turn the generated text into ``tool_calls``;
+    this engine has none, so a request that may call a tool is refused by name rather than
+    answered with free text that ignores it (``tool_choice: "none"`` still runs)."""
+    for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+        if body.get(tools) and body.get(choice, "auto") != "none":
+            raise RequestError(
+                f"'{choice}' other than 'none' is not supported by the in-process engine, which "
+                "does not parse tool calls; use VBS_ENGINE=server (vLLM's server parses them), "
+                f"or '{choice}': 'none'.",
+                code="unsupported_parameter",
+                param=choice,
+            )
 
 
 def _is_number(value: Any) -> bool:
