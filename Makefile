@@ -42,6 +42,7 @@ test: lint model
 bench: model
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/vs_run_batch.py
+	$(BIN)/python bench/engine_modes.py
 
 clean:
 	rm -rf $(VENV) .vbs
