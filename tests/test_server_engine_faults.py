@@ -28,6 +28,7 @@ class FaultyServerDouble:
         self.models = models if models is not None else [MODEL]
         self.chat = chat or [(200, {"usage": {"prompt_tokens": 3, "completion_tokens": 2}})]
         self.seen: list[str | None] = []  # the Authorization header of each GET
+        self.loads = 0  # adapter loads asked for (refused: LoRA off)
         double = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,6 +51,10 @@ class FaultyServerDouble:
 
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["content-length"]))
+                if self.path == "/v1/load_lora_adapter":
+                    double.loads += 1
+                    message = "Worker failed with error 'LoRA is not enabled.'"
+                    return self._answer(500, {"error": {"message": message, "code": 500}})
                 status, body = double.chat[0] if len(double.chat) == 1 else double.chat.pop(0)
                 self._answer(status, body)
 
@@ -143,3 +148,28 @@ def test_a_4xx_without_openais_shape_keeps_its_status_and_text(tmp_path, double)
     engine.start("/v1/chat/completions")
     [result] = engine.run("/v1/chat/completions", chat())
     assert result.status_code == 422 and "unprocessable" in result.body["error"]["message"]
+
+
+def test_an_adapter_the_server_refuses_is_asked_for_once_per_chunk(tmp_path, double, model_dir):
+    from tests.adapters import make_adapter
+    from vbs_resources.registry import ModelRegistry
+
+    server = double()
+    settings = settings_for(
+        tmp_path / "vbs", model_dir, VBS_ENGINE="server", VBS_ENGINE_URL=server.url,
+        VBS_ENGINE_API_KEY=KEY, VBS_ENGINE_RETRY_S="5",
+    )  # fmt: skip
+    resources = build_resources(settings)
+    registry = ModelRegistry(resources["catalog"])
+    registry.register_configured(resources["engine"].configured_models())
+    registry.add_adapter("support-v3", str(make_adapter(tmp_path / "support-v3", model_dir)))
+    engine = resources["engine"]
+    engine.start("/v1/chat/completions", registry.snapshot())
+    requests = chat(4)
+    for request in requests[1:]:
+        request.body = {**request.body, "model": "support-v3"}
+    results = engine.run("/v1/chat/completions", requests)
+    assert [r.status_code for r in results] == [200, 503, 503, 503]
+    assert server.loads == 1  # a 500 from the load is final, and remembered for the chunk
+    message = results[1].body["error"]["message"]
+    assert "LoRA is not enabled" in message and "VBS_ENGINE_LORA=on" in message

@@ -84,6 +84,8 @@ class VLLMServerEngine(InferenceEngine):
     # Adapters the server has loaded (name -> path), as far as this engine knows.
     _loaded: dict[str, str] = PrivateAttr(default_factory=dict)
     _lock: asyncio.Lock | None = PrivateAttr(default=None)
+    # Adapters the server refused in this chunk, with why: asked once per chunk, not per request.
+    _refused: dict[str, str] = PrivateAttr(default_factory=dict)
 
     # ---- interface -------------------------------------------------------------------------
 
@@ -202,6 +204,7 @@ class VLLMServerEngine(InferenceEngine):
 
     async def _send_all(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         self._lock = asyncio.Lock()
+        self._refused = {}
         gate = asyncio.Semaphore(self.concurrency)
         async with self._client() as client:
             try:
@@ -271,6 +274,10 @@ class VLLMServerEngine(InferenceEngine):
         async with self._lock:
             if self._loaded.get(adapter.name) == adapter.path:
                 return None
+            if adapter.name in self._refused:
+                return error_result(
+                    custom_id, 503, "model_unavailable", self._refused[adapter.name], "model"
+                )
             if adapter.name in self._loaded:
                 # Registered again under the same name with other weights: replace them.
                 await self._call(
@@ -301,14 +308,11 @@ class VLLMServerEngine(InferenceEngine):
             if response.status_code in (404, 405, 500) and "No adapter found" not in message
             else ""
         )
-        return error_result(
-            custom_id,
-            503,
-            "model_unavailable",
-            f"The engine server could not load adapter {adapter.name!r}: "
-            f"{_cut(message, 300)}{hint}",
-            "model",
+        why = (
+            f"The engine server could not load adapter {adapter.name!r}: {_cut(message, 300)}{hint}"
         )
+        self._refused[adapter.name] = why
+        return error_result(custom_id, 503, "model_unavailable", why, "model")
 
     @staticmethod
     def _result(custom_id: str, response: httpx.Response) -> EngineResult:
