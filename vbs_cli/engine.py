@@ -61,6 +61,11 @@ def server_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
         command += ["--max-loras", str(local.max_loras)]
         if local.max_cpu_loras:
             command += ["--max-cpu-loras", str(max(local.max_cpu_loras, local.max_loras))]
+    # One server parses every model's output the same way: the base model's parsers.
+    if settings.tool_call_parser:
+        command += ["--tool-call-parser", settings.tool_call_parser, "--enable-auto-tool-choice"]
+    if settings.reasoning_parser:
+        command += ["--reasoning-parser", settings.reasoning_parser]
     if device == "cpu":
         command.append("--enforce-eager")
     else:

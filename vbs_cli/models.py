@@ -21,12 +21,19 @@ def add_commands(sub: Any) -> None:
     add.add_argument("name", help="the name requests will use as their model")
     add.add_argument("--adapter", required=True, help="the adapter's folder")
     add.add_argument("--base", help="its base model's name (the only base model if omitted)")
+    add.add_argument(
+        "--tool-call-parser", help="vLLM's tool-call parser for its output (its base's if omitted)"
+    )
+    add.add_argument(
+        "--reasoning-parser", help="vLLM's reasoning parser for its output (its base's if omitted)"
+    )
     retire = models_sub.add_parser("retire", help="stop serving a model (its files are kept)")
     retire.add_argument("name")
 
 
 def _line(row: dict[str, Any]) -> str:
     shown = {k: row[k] for k in ("name", "kind", "base", "status", "rank", "path")}
+    shown.update(row.get("options") or {})
     return json.dumps(shown, ensure_ascii=False)
 
 
@@ -39,7 +46,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             for row in registry.list(include_retired=args.all):
                 print(_line(row))
         elif args.models_command == "add":
-            print(_line(registry.add_adapter(args.name, args.adapter, args.base)))
+            added = registry.add_adapter(
+                args.name,
+                args.adapter,
+                args.base,
+                tool_call_parser=args.tool_call_parser,
+                reasoning_parser=args.reasoning_parser,
+            )
+            print(_line(added))
         else:
             print(_line(registry.retire(args.name)))
     except RegistryError as exc:

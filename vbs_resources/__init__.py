@@ -80,6 +80,8 @@ def build_local_engine(settings: Settings) -> VLLMEngine:
         cpu_kvcache_space_gib=settings.cpu_kvcache_gib,
         cuda_visible_devices=settings.cuda_visible_devices,
         trust_request_chat_template=settings.trust_request_chat_template,
+        tool_call_parser=settings.tool_call_parser,
+        reasoning_parser=settings.reasoning_parser,
         max_lora_rank=settings.max_lora_rank,
         max_loras=settings.max_loras,
         max_cpu_loras=settings.max_cpu_loras,

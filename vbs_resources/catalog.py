@@ -594,14 +594,16 @@ class Catalog(dg.ConfigurableResource):
             return False
         return True
 
-    def update_model_path(self, name: str, kind: str, path: str) -> None:
-        """Keep a configured (base or embedding) model's path in step with the settings; a model
-        retired by hand stays retired."""
+    def update_configured_model(
+        self, name: str, kind: str, path: str, options: dict[str, Any] | None
+    ) -> None:
+        """Keep a configured (base or embedding) model's path and serving options in step with
+        the settings; a model retired by hand stays retired."""
         with self.engine.begin() as conn:
             conn.execute(
                 models.update()
                 .where(models.c.name == name, models.c.kind == kind)
-                .values(path=path)
+                .values(path=path, options=options)
             )
 
     def retire_model(self, name: str) -> bool:

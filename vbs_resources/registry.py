@@ -49,6 +49,23 @@ class ServedModel:
     base: str | None = None
     lora_id: int | None = None
     rank: int | None = None
+    # vLLM's registered names of the parsers that turn this model's output into ``tool_calls``
+    # and ``message.reasoning``; an adapter without its own uses its base's.
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+
+    @property
+    def options(self) -> dict[str, str] | None:
+        """The serving options stored with the registration (None when there are none)."""
+        found = {
+            key: value
+            for key, value in (
+                ("tool_call_parser", self.tool_call_parser),
+                ("reasoning_parser", self.reasoning_parser),
+            )
+            if value
+        }
+        return found or None
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,37 @@ class ServedModels:
 
     def adapters_of(self, base: str) -> list[ServedModel]:
         return [m for m in self.models.values() if m.kind == "adapter" and m.base == base]
+
+    def parsers_of(self, model: ServedModel) -> tuple[str | None, str | None]:
+        """A model's tool-call and reasoning parsers, an adapter falling back to its base's."""
+        base = self.get(model.base) if model.kind == "adapter" else None
+        return (
+            model.tool_call_parser or (base.tool_call_parser if base else None),
+            model.reasoning_parser or (base.reasoning_parser if base else None),
+        )
+
+
+PARSER_OPTIONS = ("tool_call_parser", "reasoning_parser")
+
+
+def check_parsers(tool_call_parser: str | None, reasoning_parser: str | None) -> None:
+    """Refuse parser names vLLM does not know, naming the field and the names it does know."""
+    if not tool_call_parser and not reasoning_parser:
+        return
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    for field_name, value, manager in (
+        ("tool_call_parser", tool_call_parser, ToolParserManager),
+        ("reasoning_parser", reasoning_parser, ReasoningParserManager),
+    ):
+        known = sorted(manager.list_registered())
+        if value and value not in known:
+            raise RegistryError(
+                f"vLLM has no {field_name.replace('_', ' ')} named {value[:80]!r}; "
+                f"known: {', '.join(known)}.",
+                field_name,
+            )
 
 
 def lora_rank_limit(ranks: list[int]) -> int:
@@ -117,7 +165,13 @@ class ModelRegistry:
         return ServedModels(
             {
                 row["name"]: ServedModel(
-                    row["name"], row["kind"], row["path"], row["base"], row["lora_id"], row["rank"]
+                    row["name"],
+                    row["kind"],
+                    row["path"],
+                    row["base"],
+                    row["lora_id"],
+                    row["rank"],
+                    **{k: v for k, v in (row["options"] or {}).items() if k in PARSER_OPTIONS},
                 )
                 for row in self.catalog.list_models()
             }
@@ -130,16 +184,21 @@ class ModelRegistry:
         path up to date. Returns notes about names taken by another kind of model."""
         notes = []
         for model in configured:
+            check_parsers(model.tool_call_parser, model.reasoning_parser)
             existing = self.catalog.get_model(model.name)
             if existing is None:
-                self.catalog.insert_model(self._row(model.name, model.kind, model.path))
+                self.catalog.insert_model(
+                    self._row(model.name, model.kind, model.path, options=model.options)
+                )
             elif existing["kind"] != model.kind:
                 notes.append(
                     f"{model.name} is configured as a {model.kind} model but registered as "
                     f"{existing['kind']}; the registration stands"
                 )
-            elif existing["path"] != model.path:
-                self.catalog.update_model_path(model.name, model.kind, model.path)
+            elif (existing["path"], existing["options"]) != (model.path, model.options):
+                self.catalog.update_configured_model(
+                    model.name, model.kind, model.path, model.options
+                )
         return notes
 
     def add_adapter(
@@ -148,14 +207,33 @@ class ModelRegistry:
         path: str,
         base: str | None = None,
         lineage: dict[str, Any] | None = None,
+        tool_call_parser: str | None = None,
+        reasoning_parser: str | None = None,
     ) -> dict[str, Any]:
-        """Check and register a LoRA adapter; ``base`` defaults to the only base model."""
+        """Check and register a LoRA adapter; ``base`` defaults to the only base model. Without
+        parsers of its own the adapter uses its base's."""
         self._check_name(name)
+        check_parsers(tool_call_parser, reasoning_parser)
         path = path if _is_url(path) else str(Path(path).expanduser().resolve())
         config = self._adapter_config(path)
         base_row = self._base_for(base, config)
         rank = config["r"]
-        row = self._row(name, "adapter", path, base=base_row["name"], rank=rank, lineage=lineage)
+        options = ServedModel(
+            name,
+            "adapter",
+            path,
+            tool_call_parser=tool_call_parser,
+            reasoning_parser=reasoning_parser,
+        ).options
+        row = self._row(
+            name,
+            "adapter",
+            path,
+            base=base_row["name"],
+            rank=rank,
+            lineage=lineage,
+            options=options,
+        )
         if not self.catalog.insert_model(row):
             raise RegistryError(f"The name {name!r} is taken (names are never reused).", "name")
         return self.get(name)

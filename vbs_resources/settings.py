@@ -98,6 +98,16 @@ class Settings(BaseSettings):
         description="Let a request replace the model's chat template (vLLM's "
         "--trust-request-chat-template); off, such requests get an error line.",
     )
+    tool_call_parser: str | None = Field(
+        default=None,
+        description="vLLM's tool-call parser for the base model (e.g. hermes); without one a "
+        "request that may call a tool gets an error line naming tool_choice.",
+    )
+    reasoning_parser: str | None = Field(
+        default=None,
+        description="vLLM's reasoning parser for the base model (e.g. deepseek_r1, qwen3): "
+        "puts the model's thinking in message.reasoning.",
+    )
     cuda_visible_devices: str | None = Field(
         default=None, validation_alias=AliasChoices("CUDA_VISIBLE_DEVICES")
     )

@@ -18,17 +18,12 @@ from vbs_resources.engine import (
     EngineResult,
     InferenceEngine,
     RequestError,
-    error_result,
     route,
 )
 from vbs_resources.engine.hardware import configure_vllm_env, detect_device, resolve_dtype
-from vbs_resources.engine.requests import (
-    Prepared,
-    RenderPolicy,
-    embedding_inputs,
-    prepare_generation,
-)
-from vbs_resources.engine.responses import chat_response, completion_response, embedding_response
+from vbs_resources.engine.requests import embedding_inputs
+from vbs_resources.engine.responses import embedding_response
+from vbs_resources.engine.vllm_serving import Parsers, ServingLayer
 from vbs_resources.registry import ServedModel, ServedModels, lora_rank_limit
 
 log = logging.getLogger(__name__)
@@ -36,6 +31,8 @@ log = logging.getLogger(__name__)
 # vLLM engines live as long as the process: Dagster builds a resource per run, but a test
 # session (or a long-lived executor) must not load the same weights twice.
 _LOADED: dict[tuple[Any, ...], Any] = {}
+# vLLM's serving layer over the loaded generation engine, keyed by the engine's id.
+_LAYERS: dict[int, ServingLayer] = {}
 
 
 class VLLMEngine(InferenceEngine):
@@ -62,6 +59,12 @@ class VLLMEngine(InferenceEngine):
         default=None, description="CUDA_VISIBLE_DEVICES as set for vbs; '' hides every GPU."
     )
     trust_request_chat_template: bool = False
+    tool_call_parser: str | None = Field(
+        default=None, description="vLLM's tool-call parser for the base model."
+    )
+    reasoning_parser: str | None = Field(
+        default=None, description="vLLM's reasoning parser for the base model."
+    )
     max_lora_rank: int = Field(default=64, description="The highest adapter rank allowed.")
     max_loras: int = Field(default=4, description="Adapters in one engine step at once.")
     max_cpu_loras: int | None = Field(
@@ -78,7 +81,15 @@ class VLLMEngine(InferenceEngine):
         return detect_device(self.cuda_visible_devices)
 
     def configured_models(self) -> list[ServedModel]:
-        models = [ServedModel(self.served_model_name, "base", self.model)]
+        models = [
+            ServedModel(
+                self.served_model_name,
+                "base",
+                self.model,
+                tool_call_parser=self.tool_call_parser,
+                reasoning_parser=self.reasoning_parser,
+            )
+        ]
         if self.embedding_model:
             models.append(
                 ServedModel(self.embedding_served_name, "embedding", self.embedding_model)
@@ -138,12 +149,23 @@ class VLLMEngine(InferenceEngine):
 
     # ---- engines ---------------------------------------------------------------------------
 
-    def _lora_config(self, runner: str) -> dict[str, Any]:
-        """vLLM's LoRA settings for the adapters registered on this engine's base (none: off)."""
-        adapters = self.served().adapters_of(self.served_model_name)
-        if runner != "generate" or not adapters:
+    def _engine_options(self, runner: str) -> dict[str, Any]:
+        """vLLM's LoRA settings for the adapters registered on this engine's base (none: off),
+        and its reasoning parser."""
+        if runner != "generate":
             return {}
+        served = self.served()
+        base = served.get(self.served_model_name)
+        # The engine's own reasoning parser holds structured output back until the thinking
+        # ends; it is the base model's (an adapter with another one parses its own output).
+        reasoning = (
+            {"reasoning_parser": base.reasoning_parser} if base and base.reasoning_parser else {}
+        )
+        adapters = served.adapters_of(self.served_model_name)
+        if not adapters:
+            return reasoning
         return dict(
+            **reasoning,
             enable_lora=True,
             max_lora_rank=lora_rank_limit([a.rank or 1 for a in adapters]),
             max_loras=self.max_loras,
@@ -152,7 +174,7 @@ class VLLMEngine(InferenceEngine):
 
     def _llm(self, path: str, runner: str) -> Any:
         device = self.device
-        lora = self._lora_config(runner)
+        lora = self._engine_options(runner)
         key = (path, runner, self.dtype, self.max_model_len, self.tensor_parallel_size, self.seed)
         key += tuple(sorted(lora.items()))
         if key not in _LOADED:
@@ -183,88 +205,34 @@ class VLLMEngine(InferenceEngine):
         return _LOADED[key]
 
     def _run_generation(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
-        llm = self._llm(self.model, "generate")
-        tokenizer = llm.get_tokenizer()
-        model_config = llm.llm_engine.model_config
-        max_len = model_config.max_model_len
-        defaults = model_config.get_diff_sampling_param()
-        chat = endpoint == "/v1/chat/completions"
-        policy = RenderPolicy(trust_request_chat_template=self.trust_request_chat_template)
-
-        results: list[EngineResult | None] = [None] * len(requests)
-        prepared: list[Prepared] = []
-        for i, request in enumerate(requests):
-            try:
-                prepared.append(
-                    prepare_generation(i, request, chat, tokenizer, max_len, defaults, policy)
-                )
-            except RequestError as exc:
-                results[i] = exc.result(request.custom_id)
-            except Exception as exc:  # noqa: BLE001 - one request's problem, never the chunk's
-                log.warning("request %r could not be prepared: %r", request.custom_id[:64], exc)
-                results[i] = error_result(
-                    request.custom_id, 400, "invalid_request", "The request could not be prepared."
-                )
-
-        loras = [self._lora_request(item.request.body["model"]) for item in prepared]
-        flat_prompts = [{"prompt_token_ids": p} for item in prepared for p in item.prompts]
-        flat_params = [item.params for item in prepared for _ in item.prompts]
-        flat_loras = [
-            lora for item, lora in zip(prepared, loras, strict=True) for _ in item.prompts
-        ]
-        outputs = self._generate_isolated(llm, flat_prompts, flat_params, flat_loras)
-        build = chat_response if chat else completion_response
-        cursor = 0
-        for item in prepared:
-            item_outputs = outputs[cursor : cursor + len(item.prompts)]
-            cursor += len(item.prompts)
-            failed = next((o for o in item_outputs if isinstance(o, Exception)), None)
-            if failed is not None:
-                results[item.index] = error_result(
-                    item.request.custom_id, 400, "invalid_request", _engine_message(failed)
-                )
-                continue
-            # The response names the model the request named: the base, or the adapter.
-            results[item.index] = build(item, item_outputs, item.request.body["model"], tokenizer)
-        return [r for r in results if r is not None]
-
-    def _lora_request(self, model: str) -> Any:
-        """vLLM's ``LoRARequest`` for a request naming an adapter; None for the base model."""
-        entry = self.served().get(model)
-        if entry is None or entry.kind != "adapter":
-            return None
-        from vllm.lora.request import LoRARequest
-
-        return LoRARequest(entry.name, entry.lora_id or 1, entry.path)
-
-    @staticmethod
-    def _generate_isolated(
-        llm: Any, prompts: list[Any], params: list[Any], loras: list[Any] | None = None
-    ) -> list[Any]:
-        """Generate all at once; if vLLM refuses the set, find the refused ones one by one."""
-        if not prompts:
-            return []
-        loras = loras if loras is not None and any(loras) else None
+        """Chat and completion requests, through vLLM's own serving layer over this engine."""
+        layer = self._serving_layer()
+        served = self.served()
+        models = self.servable(endpoint)
+        layer.use_adapters({m.name: m.path for m in models.values() if m.kind == "adapter"})
+        parsers = {name: Parsers(*served.parsers_of(m)) for name, m in models.items()}
         try:
-            return llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
-        except Exception as exc:  # noqa: BLE001 - isolated below, one request at a time
-            log.warning("chunk refused (%s); retrying its requests one by one", exc)
-        outputs: list[Any] = []
-        for i, (prompt, param) in enumerate(zip(prompts, params, strict=True)):
-            lora = loras[i] if loras else None
-            try:
-                outputs.append(
-                    llm.generate([prompt], [param], use_tqdm=False, lora_request=lora)[0]
-                )
-            except Exception as exc:  # noqa: BLE001 - becomes this request's error line
-                outputs.append(exc)
-        # vLLM refuses a request's own values with ValueError or TypeError; anything else, for
-        # every request, is the engine failing.
-        if all(isinstance(o, Exception) for o in outputs) and not any(
-            isinstance(o, ValueError | TypeError) for o in outputs
-        ):
-            raise EngineFailure(f"every request failed: {type(outputs[0]).__name__}")
-        return outputs
+            return layer.run(endpoint, requests, parsers)
+        except EngineFailure:
+            # A broken engine is not reused: the run's retry (or the next run) loads it again.
+            _LAYERS.clear()
+            for key in [k for k in _LOADED if k[:2] == (self.model, "generate")]:
+                del _LOADED[key]
+            raise
+
+    def _serving_layer(self) -> ServingLayer:
+        llm = self._llm(self.model, "generate")
+        layer = _LAYERS.get(id(llm))
+        if layer is None or layer.llm is not llm:
+            layer = ServingLayer(
+                llm,
+                self.served_model_name,
+                self.model,
+                trust_request_chat_template=self.trust_request_chat_template,
+            )
+            _LAYERS.clear()  # one generation engine in memory at a time (see ``_llm``)
+            _LAYERS[id(llm)] = layer
+        return layer
 
     def _run_embeddings(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         assert self.embedding_model is not None
@@ -306,9 +274,3 @@ def _name(value: Any) -> str:
     from vbs_resources.strict_json import quote
 
     return quote(value, 80)
-
-
-def _engine_message(exc: Exception) -> str:
-    from vbs_resources.strict_json import quote
-
-    return f"The engine refused the request: {quote(str(exc), 300)}"
