@@ -6,6 +6,7 @@ batch. vLLM is imported lazily, so loading the code location stays light.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import Any
@@ -180,8 +181,15 @@ class VLLMEngine(InferenceEngine):
         if key not in _LOADED:
             # One engine per model in memory: another configuration of the same model (the
             # adapters changed) replaces it.
-            for stale in [k for k in _LOADED if k[:2] == (path, runner)]:
-                del _LOADED[stale]
+            stale = [k for k in _LOADED if k[:2] == (path, runner)]
+            if stale:
+                for old in stale:
+                    del _LOADED[old]
+                if runner == "generate":
+                    _LAYERS.clear()
+                # The old engine must be gone before the new one starts: its clean-up tears
+                # down process-wide state (vLLM's parallel groups) the new one would use.
+                gc.collect()
             configure_vllm_env(device, self.cpu_kvcache_space_gib)
             from vllm import LLM
 

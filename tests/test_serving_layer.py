@@ -1,0 +1,120 @@
+"""Requests through vLLM's own serving layer in process: tool calls parsed into ``tool_calls``,
+reasoning into ``message.reasoning``, each model with the parsers the registry gives it, and
+parser names vLLM does not know refused at the door (real SmolLM2 on vLLM's CPU build)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.adapters import make_adapter
+from tests.conftest import MODEL, settings_for
+from vbs_resources import build_resources
+from vbs_resources.engine import EngineRequest
+from vbs_resources.registry import ModelRegistry, RegistryError, ServedModel
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        # Strict: vLLM's grammar holds the arguments to the schema, not just to JSON.
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+# A reply fixed by a grammar, so that the parsers' work is checked and not the small model's.
+THOUGHT = "<think>France's capital city is Paris.</think>Paris"
+
+
+def chat(custom_id: str, model: str = MODEL, **params) -> EngineRequest:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "temperature": 0,
+        "max_tokens": 96,
+        **params,
+    }
+    return EngineRequest(custom_id, body)
+
+
+def engine_for(home, model_dir, tmp_path=None, **env):
+    """The in-process engine of a deployment with ``env``, serving what its registry holds
+    (with an adapter ``thinker`` using the olmo3 reasoning parser when ``tmp_path`` is given)."""
+    resources = build_resources(settings_for(home, model_dir, **env))
+    registry = ModelRegistry(resources["catalog"])
+    registry.register_configured(resources["engine"].configured_models())
+    if tmp_path is not None:
+        adapter = make_adapter(tmp_path / "thinker", model_dir, std=0.01)
+        registry.add_adapter("thinker", str(adapter), reasoning_parser="olmo3")
+    engine = resources["engine"]
+    engine.start("/v1/chat/completions", registry.snapshot())
+    return engine
+
+
+def test_tool_calls_come_back_as_tool_calls_with_a_tool_call_parser(home, model_dir):
+    engine = engine_for(home, model_dir, VBS_TOOL_CALL_PARSER="hermes")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    results = {
+        r.custom_id: r
+        for r in engine.run(
+            "/v1/chat/completions",
+            [
+                chat("required", tools=[WEATHER], tool_choice="required"),
+                chat("named", tools=[WEATHER], tool_choice=named),
+                chat("none", tools=[WEATHER], tool_choice="none", max_tokens=8),
+            ],
+        )
+    }
+    for key in ("required", "named"):
+        assert results[key].ok, results[key].body
+        message = results[key].body["choices"][0]["message"]
+        (call,) = message["tool_calls"]
+        assert call["type"] == "function" and call["function"]["name"] == "get_weather"
+        arguments = json.loads(call["function"]["arguments"])
+        assert isinstance(arguments["city"], str)
+    none = results["none"].body["choices"][0]["message"]
+    assert none["content"] and not none.get("tool_calls")
+
+
+def test_each_model_is_parsed_with_its_own_reasoning_parser(home, model_dir, tmp_path):
+    engine = engine_for(home, model_dir, tmp_path)
+    forced = {"structured_outputs": {"regex": THOUGHT.replace(".", r"\.")}, "max_tokens": 40}
+    results = {
+        r.custom_id: r
+        for r in engine.run(
+            "/v1/chat/completions",
+            [chat("adapter", model="thinker", **forced), chat("base", **forced)],
+        )
+    }
+    adapter = results["adapter"].body["choices"][0]["message"]
+    assert results["adapter"].body["model"] == "thinker"
+    assert adapter["reasoning"] == "France's capital city is Paris."
+    assert adapter["content"] == "Paris"
+    # The base model has no reasoning parser: its text is left as it came.
+    base = results["base"].body["choices"][0]["message"]
+    assert base["content"] == THOUGHT and base["reasoning"] is None
+
+
+def test_parser_names_vllm_does_not_know_are_refused_naming_the_field(home, model_dir, tmp_path):
+    resources = build_resources(settings_for(home, model_dir))
+    registry = ModelRegistry(resources["catalog"])
+    adapter = make_adapter(tmp_path / "a", model_dir)
+    with pytest.raises(RegistryError, match="hermes") as refused:
+        registry.add_adapter("a", str(adapter), tool_call_parser="hermez")
+    assert refused.value.field == "tool_call_parser"
+    with pytest.raises(RegistryError) as refused:
+        registry.register_configured(
+            [ServedModel(MODEL, "base", str(model_dir), reasoning_parser="no-such")]
+        )
+    assert refused.value.field == "reasoning_parser"
+    assert registry.list() == []
+    registry.register_configured(resources["engine"].configured_models())
+    added = registry.add_adapter("a", str(adapter), tool_call_parser="hermes")
+    assert added["options"] == {"tool_call_parser": "hermes"}
