@@ -118,3 +118,40 @@ def test_parser_names_vllm_does_not_know_are_refused_naming_the_field(home, mode
     registry.register_configured(resources["engine"].configured_models())
     added = registry.add_adapter("a", str(adapter), tool_call_parser="hermes")
     assert added["options"] == {"tool_call_parser": "hermes"}
+
+
+def test_score_and_rerank_run_through_vllms_scoring_handler(home, model_dir):
+    """vLLM's /score and /rerank, answered by the embedding model (cosine similarity)."""
+    resources = build_resources(settings_for(home, model_dir))
+    engine = resources["engine"]
+    embedder = engine.embedding_served_name
+    engine.start("/v1/rerank")
+    documents = ["Bananas are yellow.", "Paris is the capital of France."]
+    rerank, missing, unknown = engine.run(
+        "/v1/rerank",
+        [
+            EngineRequest(
+                "r", {"model": embedder, "query": "France's capital", "documents": documents}
+            ),
+            EngineRequest("missing", {"model": embedder, "query": "France's capital"}),
+            EngineRequest("unknown", {"model": MODEL, "query": "q", "documents": documents}),
+        ],
+    )
+    assert rerank.ok and rerank.body["model"] == embedder
+    ranked = rerank.body["results"]
+    assert [r["index"] for r in ranked] == [1, 0]
+    assert ranked[0]["relevance_score"] > ranked[1]["relevance_score"]
+    assert rerank.prompt_tokens == rerank.body["usage"]["prompt_tokens"] > 0
+    assert (missing.status_code, missing.body["error"]["param"]) == (400, "documents")
+    assert (unknown.status_code, unknown.body["error"]["code"]) == (404, "model_not_found")
+    (score,) = engine.run(
+        "/v1/score",
+        [
+            EngineRequest(
+                "s", {"model": embedder, "queries": "France's capital", "documents": documents}
+            )
+        ],
+    )
+    assert score.ok, score.body
+    scores = [d["score"] for d in sorted(score.body["data"], key=lambda d: d["index"])]
+    assert len(scores) == 2 and scores[1] > scores[0]

@@ -24,8 +24,16 @@ from pydantic import (
     field_validator,
 )
 
-ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+ENDPOINTS: tuple[str, ...] = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/score",
+    "/v1/rerank",
+)
+Endpoint = Literal[
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/score", "/v1/rerank"
+]
 BATCH_STATUSES = (
     "validating",
     "failed",
@@ -111,10 +119,36 @@ class EmbeddingBody(BaseModel):
     user: StrictStr | None = None
 
 
+ScoreInput = StrictStr | list[StrictStr] | list[dict[str, Any]] | dict[str, Any]
+
+
+class ScoreBody(BaseModel):
+    """vLLM's /score (not an OpenAI endpoint): pairs to score, under any of vLLM's field names
+    (``queries``/``documents``, ``queries``/``items``, ``data_1``/``data_2``,
+    ``text_1``/``text_2``); vLLM's own handler checks which pair is given."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr = Field(min_length=1, max_length=256)
+
+
+class RerankBody(BaseModel):
+    """vLLM's /rerank (Jina's and Cohere's shape): documents ranked against one query."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr = Field(min_length=1, max_length=256)
+    query: ScoreInput
+    documents: ScoreInput
+    top_n: Annotated[StrictInt, Field(ge=0)] | None = None
+
+
 BODY_MODELS: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionBody,
     "/v1/completions": CompletionBody,
     "/v1/embeddings": EmbeddingBody,
+    "/v1/score": ScoreBody,
+    "/v1/rerank": RerankBody,
 }
 
 

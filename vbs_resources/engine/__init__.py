@@ -6,9 +6,10 @@ result while the rest of the chunk goes on. ``VLLMEngine`` (mode ``in_process``)
 offline ``LLM`` inside the run; ``VLLMServerEngine`` (mode ``server``) sends the same bodies to a
 long-lived OpenAI-compatible vLLM server shared by many runs.
 
-The modules below split the work: ``requests`` turns a body into prompts and sampling
-parameters, ``responses`` turns vLLM outputs into OpenAI bodies, ``hardware`` decides device,
-dtype and the environment vLLM reads, ``vllm_local`` and ``vllm_server`` are the resources.
+The modules below split the work: ``vllm_serving`` runs chat, completion, score and rerank
+requests through vLLM's own serving layer over an engine in this process, ``requests`` and
+``responses`` handle embeddings, ``hardware`` decides device, dtype and the environment vLLM
+reads, ``vllm_local`` and ``vllm_server`` are the resources.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import dagster as dg
 
 from vbs_resources.registry import ServedModel, ServedModels
 from vbs_resources.wire import ErrorBody, ErrorDetail
+
+# Endpoints answered by the embedding model (pooling) rather than the generation model.
+POOLING_ENDPOINTS = ("/v1/embeddings", "/v1/score", "/v1/rerank")
 
 
 @dataclass
@@ -136,6 +140,7 @@ from vbs_resources.engine.vllm_local import VLLMEngine  # noqa: E402 - needs the
 from vbs_resources.engine.vllm_server import VLLMServerEngine  # noqa: E402
 
 __all__ = [
+    "POOLING_ENDPOINTS",
     "EngineFailure",
     "EngineUnavailable",
     "EngineRequest",

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import Field, PrivateAttr
 
 from vbs_resources.engine import (
+    POOLING_ENDPOINTS,
     EngineFailure,
     EngineRequest,
     EngineResult,
@@ -24,7 +25,7 @@ from vbs_resources.engine import (
 from vbs_resources.engine.hardware import configure_vllm_env, detect_device, resolve_dtype
 from vbs_resources.engine.requests import embedding_inputs
 from vbs_resources.engine.responses import embedding_response
-from vbs_resources.engine.vllm_serving import Parsers, ServingLayer
+from vbs_resources.engine.vllm_serving import Parsers, ScoringLayer, ServingLayer
 from vbs_resources.registry import ServedModel, ServedModels, lora_rank_limit
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,8 @@ log = logging.getLogger(__name__)
 # vLLM engines live as long as the process: Dagster builds a resource per run, but a test
 # session (or a long-lived executor) must not load the same weights twice.
 _LOADED: dict[tuple[Any, ...], Any] = {}
-# vLLM's serving layer over the loaded generation engine, keyed by the engine's id.
-_LAYERS: dict[int, ServingLayer] = {}
+# vLLM's serving layer over each loaded engine, by runner ("generate", "pooling").
+_LAYERS: dict[str, ServingLayer | ScoringLayer] = {}
 
 
 class VLLMEngine(InferenceEngine):
@@ -106,7 +107,7 @@ class VLLMEngine(InferenceEngine):
         """The models a request to ``endpoint`` may name: this engine's base model and its
         adapters, or its embedding model, as far as the registry has them available."""
         served = self.served()
-        if endpoint == "/v1/embeddings":
+        if endpoint in POOLING_ENDPOINTS:
             names = [self.embedding_served_name] if self.embedding_model else []
             return {n: served.models[n] for n in names if n in served.models}
         found = {}
@@ -132,7 +133,7 @@ class VLLMEngine(InferenceEngine):
 
     def start(self, endpoint: str, served: ServedModels | None = None) -> None:
         self.use(served)
-        if endpoint == "/v1/embeddings":
+        if endpoint in POOLING_ENDPOINTS:
             if self.embedding_model:
                 self._llm(self.embedding_model, "pooling")
         else:
@@ -141,7 +142,11 @@ class VLLMEngine(InferenceEngine):
     def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         results, runnable = route(endpoint, requests, self.servable(endpoint))
         if runnable:
-            run = self._run_embeddings if endpoint == "/v1/embeddings" else self._run_generation
+            run = {
+                "/v1/embeddings": self._run_embeddings,
+                "/v1/score": self._run_scores,
+                "/v1/rerank": self._run_scores,
+            }.get(endpoint, self._run_generation)
             for (i, _), result in zip(
                 runnable, run(endpoint, [r for _, r in runnable]), strict=True
             ):
@@ -185,8 +190,7 @@ class VLLMEngine(InferenceEngine):
             if stale:
                 for old in stale:
                     del _LOADED[old]
-                if runner == "generate":
-                    _LAYERS.clear()
+                _LAYERS.pop(runner, None)
                 # The old engine must be gone before the new one starts: its clean-up tears
                 # down process-wide state (vLLM's parallel groups) the new one would use.
                 gc.collect()
@@ -223,24 +227,33 @@ class VLLMEngine(InferenceEngine):
             return layer.run(endpoint, requests, parsers)
         except EngineFailure:
             # A broken engine is not reused: the run's retry (or the next run) loads it again.
-            _LAYERS.clear()
+            _LAYERS.pop("generate", None)
             for key in [k for k in _LOADED if k[:2] == (self.model, "generate")]:
                 del _LOADED[key]
             raise
 
     def _serving_layer(self) -> ServingLayer:
         llm = self._llm(self.model, "generate")
-        layer = _LAYERS.get(id(llm))
-        if layer is None or layer.llm is not llm:
-            layer = ServingLayer(
+        layer = _LAYERS.get("generate")
+        if not isinstance(layer, ServingLayer) or layer.llm is not llm:
+            layer = _LAYERS["generate"] = ServingLayer(
                 llm,
                 self.served_model_name,
                 self.model,
                 trust_request_chat_template=self.trust_request_chat_template,
             )
-            _LAYERS.clear()  # one generation engine in memory at a time (see ``_llm``)
-            _LAYERS[id(llm)] = layer
         return layer
+
+    def _run_scores(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
+        """Score and rerank requests, through vLLM's own scoring handler."""
+        assert self.embedding_model is not None
+        llm = self._llm(self.embedding_model, "pooling")
+        layer = _LAYERS.get("pooling")
+        if not isinstance(layer, ScoringLayer) or layer.llm is not llm:
+            layer = _LAYERS["pooling"] = ScoringLayer(
+                llm, self.embedding_served_name, self.embedding_model
+            )
+        return layer.run(endpoint, requests)
 
     def _run_embeddings(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         assert self.embedding_model is not None

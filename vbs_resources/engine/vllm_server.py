@@ -36,6 +36,7 @@ import httpx
 from pydantic import Field, PrivateAttr
 
 from vbs_resources.engine import (
+    POOLING_ENDPOINTS,
     EngineFailure,
     EngineRequest,
     EngineResult,
@@ -101,14 +102,14 @@ class VLLMServerEngine(InferenceEngine):
         }
 
     def start(self, endpoint: str, served: ServedModels | None = None) -> None:
-        if endpoint == "/v1/embeddings":
+        if endpoint in POOLING_ENDPOINTS:
             self.local.start(endpoint, served)
             return
         self.local.use(served)
         asyncio.run(self._check_server())
 
     def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
-        if endpoint == "/v1/embeddings":
+        if endpoint in POOLING_ENDPOINTS:
             return self.local.run(endpoint, requests)
         results, runnable = route(endpoint, requests, self.local.servable(endpoint))
         if runnable:

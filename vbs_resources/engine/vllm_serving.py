@@ -15,8 +15,9 @@ dies with the run, and rendering (in vLLM's renderer thread) overlaps generation
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,6 +273,37 @@ class _ClientMethods:
 _CLIENT_CLASS: type | None = None
 
 
+def run_chunk(
+    client: Any,
+    loop: asyncio.AbstractEventLoop,
+    requests: list[EngineRequest],
+    handle: Callable[[EngineRequest], Awaitable[EngineResult]],
+    chat: bool = False,
+) -> list[EngineResult]:
+    """Run ``handle`` for every request of a chunk at once while ``client`` steps its engine:
+    one result per request, in order. A request that raises is its own error line; an engine
+    that fails stops the chunk with ``EngineFailure``."""
+
+    async def one(request: EngineRequest) -> EngineResult:
+        try:
+            return await handle(request)
+        except Exception as exc:  # noqa: BLE001 - one request's problem, never the chunk's
+            if client.errored:
+                raise
+            log.warning("request %r failed: %r", request.custom_id[:64], exc)
+            return _from_exception(request.custom_id, exc, chat)
+
+    async def chunk() -> list[EngineResult]:
+        return await client.serving(asyncio.gather(*(one(r) for r in requests)))
+
+    try:
+        return loop.run_until_complete(chunk())
+    except Exception as exc:
+        if client.errored:
+            raise EngineFailure(f"the engine stopped: {quote(str(exc), 300)}") from exc
+        raise
+
+
 def in_process_client(llm_engine: Any) -> Any:
     """An ``EngineClient`` over ``llm_engine`` (vLLM's offline ``LLMEngine``)."""
     global _CLIENT_CLASS
@@ -365,25 +397,9 @@ class ServingLayer:
         """One result per request, in order; ``parsers`` maps each servable model name to its
         parsers."""
         chat = endpoint == "/v1/chat/completions"
-
-        async def one(request: EngineRequest) -> EngineResult:
-            try:
-                return await self._one(request, chat, parsers)
-            except Exception as exc:  # noqa: BLE001 - one request's problem, never the chunk's
-                if self.client.errored:
-                    raise
-                log.warning("request %r failed: %r", request.custom_id[:64], exc)
-                return _from_exception(request.custom_id, exc, chat)
-
-        async def chunk() -> list[EngineResult]:
-            return await self.client.serving(asyncio.gather(*(one(r) for r in requests)))
-
-        try:
-            return self.loop.run_until_complete(chunk())
-        except Exception as exc:
-            if self.client.errored:
-                raise EngineFailure(f"the engine stopped: {quote(str(exc), 300)}") from exc
-            raise
+        return run_chunk(
+            self.client, self.loop, requests, lambda r: self._one(r, chat, parsers), chat
+        )
 
     async def _one(
         self, request: EngineRequest, chat: bool, parsers: dict[str, Parsers]
@@ -438,6 +454,77 @@ class ServingLayer:
         else:
             response = await self.completion.create_completion(parsed, None)
         return _result(request.custom_id, response, copies, chat)
+
+
+class ScoringLayer:
+    """vLLM's ``/score`` and ``/rerank`` handler over the embedding engine in this process: an
+    embedding model scores by the cosine similarity of its embeddings, a cross-encoder by its
+    own head, as on a vLLM server."""
+
+    def __init__(self, llm: Any, name: str, path: str) -> None:
+        from vllm.entrypoints.openai.models.protocol import BaseModelPath
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.entrypoints.pooling.scoring.serving import ServingScores
+        from vllm.entrypoints.pooling.utils import enable_scoring_api
+        from vllm.renderers.chat_utils import ChatTemplateConfig
+
+        self.llm = llm
+        self.name = name
+        self.client = in_process_client(llm.llm_engine)
+        self.loop = asyncio.new_event_loop()
+        tasks = self.client._tasks
+        self.scores = None
+        if enable_scoring_api(tasks, self.client.model_config):
+            models = OpenAIServingModels(self.client, [BaseModelPath(name=name, model_path=path)])
+            self.scores = ServingScores(
+                self.client,
+                models,
+                supported_tasks=tasks,
+                request_logger=None,
+                chat_template_config=ChatTemplateConfig(
+                    chat_template=None, chat_template_content_format="auto"
+                ),
+            )
+
+    def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
+        return run_chunk(self.client, self.loop, requests, lambda r: self._one(endpoint, r))
+
+    async def _one(self, endpoint: str, request: EngineRequest) -> EngineResult:
+        from pydantic import TypeAdapter, ValidationError
+        from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreRequest
+
+        if self.scores is None:
+            return error_result(
+                request.custom_id,
+                400,
+                "invalid_request",
+                f"The model {self.name!r} cannot score: it is neither an embedding model nor a "
+                "one-label classifier.",
+                "model",
+            )
+        protocol: Any = RerankRequest if endpoint == "/v1/rerank" else ScoreRequest
+        try:
+            parsed = TypeAdapter(protocol).validate_python(request.body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            return error_result(
+                request.custom_id,
+                400,
+                "invalid_request",
+                f"Invalid request: {quote(first['msg'], 300)}",
+                param,
+            )
+        response = await self.scores(parsed, None)
+        body = json.loads(bytes(response.body))
+        if "error" in body:
+            error = body["error"]
+            return _error_line(
+                request.custom_id, int(error["code"]), error["message"], error.get("param"), False
+            )
+        body["model"] = self.name
+        tokens = (body.get("usage") or {}).get("prompt_tokens") or 0
+        return EngineResult(request.custom_id, 200, body, prompt_tokens=tokens)
 
 
 def _own_template(body: dict[str, Any]) -> bool:
