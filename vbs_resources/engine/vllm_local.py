@@ -19,13 +19,10 @@ from vbs_resources.engine import (
     EngineRequest,
     EngineResult,
     InferenceEngine,
-    RequestError,
     route,
 )
 from vbs_resources.engine.hardware import configure_vllm_env, detect_device, resolve_dtype
-from vbs_resources.engine.requests import embedding_inputs
-from vbs_resources.engine.responses import embedding_response
-from vbs_resources.engine.vllm_serving import Parsers, ScoringLayer, ServingLayer
+from vbs_resources.engine.vllm_serving import Parsers, PoolingLayer, ServingLayer
 from vbs_resources.registry import ServedModel, ServedModels, lora_rank_limit
 
 log = logging.getLogger(__name__)
@@ -34,7 +31,7 @@ log = logging.getLogger(__name__)
 # session (or a long-lived executor) must not load the same weights twice.
 _LOADED: dict[tuple[Any, ...], Any] = {}
 # vLLM's serving layer over each loaded engine, by runner ("generate", "pooling").
-_LAYERS: dict[str, ServingLayer | ScoringLayer] = {}
+_LAYERS: dict[str, ServingLayer | PoolingLayer] = {}
 
 
 class VLLMEngine(InferenceEngine):
@@ -142,11 +139,7 @@ class VLLMEngine(InferenceEngine):
     def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         results, runnable = route(endpoint, requests, self.servable(endpoint))
         if runnable:
-            run = {
-                "/v1/embeddings": self._run_embeddings,
-                "/v1/score": self._run_scores,
-                "/v1/rerank": self._run_scores,
-            }.get(endpoint, self._run_generation)
+            run = self._run_pooling if endpoint in POOLING_ENDPOINTS else self._run_generation
             for (i, _), result in zip(
                 runnable, run(endpoint, [r for _, r in runnable]), strict=True
             ):
@@ -244,54 +237,13 @@ class VLLMEngine(InferenceEngine):
             )
         return layer
 
-    def _run_scores(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
-        """Score and rerank requests, through vLLM's own scoring handler."""
+    def _run_pooling(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
+        """Embedding, score and rerank requests, through vLLM's own pooling handlers."""
         assert self.embedding_model is not None
         llm = self._llm(self.embedding_model, "pooling")
         layer = _LAYERS.get("pooling")
-        if not isinstance(layer, ScoringLayer) or layer.llm is not llm:
-            layer = _LAYERS["pooling"] = ScoringLayer(
+        if not isinstance(layer, PoolingLayer) or layer.llm is not llm:
+            layer = _LAYERS["pooling"] = PoolingLayer(
                 llm, self.embedding_served_name, self.embedding_model
             )
         return layer.run(endpoint, requests)
-
-    def _run_embeddings(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
-        assert self.embedding_model is not None
-        llm = self._llm(self.embedding_model, "pooling")
-        tokenizer = llm.get_tokenizer()
-        max_len = llm.llm_engine.model_config.max_model_len
-        results: list[EngineResult | None] = [None] * len(requests)
-        inputs: list[tuple[int, list[list[int]], str]] = []
-        for i, request in enumerate(requests):
-            try:
-                token_lists = embedding_inputs(request.body.get("input"), tokenizer, max_len)
-                encoding = request.body.get("encoding_format") or "float"
-                if encoding not in ("float", "base64"):
-                    raise RequestError(
-                        f"Invalid encoding_format {_name(encoding)}: use 'float' or 'base64'.",
-                        param="encoding_format",
-                    )
-                if request.body.get("dimensions") is not None:
-                    raise RequestError(
-                        "This model does not support 'dimensions'.", param="dimensions"
-                    )
-                inputs.append((i, token_lists, encoding))
-            except RequestError as exc:
-                results[i] = exc.result(request.custom_id)
-        flat = [{"prompt_token_ids": t} for _, lists, _ in inputs for t in lists]
-        outputs = llm.embed(flat, use_tqdm=False) if flat else []
-        cursor = 0
-        for i, lists, encoding in inputs:
-            chunk = outputs[cursor : cursor + len(lists)]
-            cursor += len(lists)
-            tokens = sum(len(t) for t in lists)
-            results[i] = embedding_response(
-                requests[i].custom_id, chunk, encoding, self.embedding_served_name, tokens
-            )
-        return [r for r in results if r is not None]
-
-
-def _name(value: Any) -> str:
-    from vbs_resources.strict_json import quote
-
-    return quote(value, 80)

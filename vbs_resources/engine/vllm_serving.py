@@ -456,14 +456,15 @@ class ServingLayer:
         return _result(request.custom_id, response, copies, chat)
 
 
-class ScoringLayer:
-    """vLLM's ``/score`` and ``/rerank`` handler over the embedding engine in this process: an
-    embedding model scores by the cosine similarity of its embeddings, a cross-encoder by its
+class PoolingLayer:
+    """vLLM's embeddings, score and rerank handlers over the embedding engine in this process.
+    An embedding model scores by the cosine similarity of its embeddings, a cross-encoder by its
     own head, as on a vLLM server."""
 
     def __init__(self, llm: Any, name: str, path: str) -> None:
         from vllm.entrypoints.openai.models.protocol import BaseModelPath
         from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.entrypoints.pooling.embed.serving import ServingEmbedding
         from vllm.entrypoints.pooling.scoring.serving import ServingScores
         from vllm.entrypoints.pooling.utils import enable_scoring_api
         from vllm.renderers.chat_utils import ChatTemplateConfig
@@ -473,17 +474,20 @@ class ScoringLayer:
         self.client = in_process_client(llm.llm_engine)
         self.loop = asyncio.new_event_loop()
         tasks = self.client._tasks
-        self.scores = None
+        models = OpenAIServingModels(self.client, [BaseModelPath(name=name, model_path=path)])
+        templates = ChatTemplateConfig(chat_template=None, chat_template_content_format="auto")
+        self.handlers: dict[str, Any] = {}
+        if self.client.model_config.get_pooling_task(tasks) == "embed":
+            self.handlers["/v1/embeddings"] = ServingEmbedding(
+                self.client, models, request_logger=None, chat_template_config=templates
+            )
         if enable_scoring_api(tasks, self.client.model_config):
-            models = OpenAIServingModels(self.client, [BaseModelPath(name=name, model_path=path)])
-            self.scores = ServingScores(
+            self.handlers["/v1/score"] = self.handlers["/v1/rerank"] = ServingScores(
                 self.client,
                 models,
                 supported_tasks=tasks,
                 request_logger=None,
-                chat_template_config=ChatTemplateConfig(
-                    chat_template=None, chat_template_content_format="auto"
-                ),
+                chat_template_config=templates,
             )
 
     def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
@@ -491,23 +495,38 @@ class ScoringLayer:
 
     async def _one(self, endpoint: str, request: EngineRequest) -> EngineResult:
         from pydantic import TypeAdapter, ValidationError
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
         from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreRequest
 
-        if self.scores is None:
+        handler = self.handlers.get(endpoint)
+        if handler is None:
             return error_result(
                 request.custom_id,
                 400,
                 "invalid_request",
-                f"The model {self.name!r} cannot score: it is neither an embedding model nor a "
-                "one-label classifier.",
+                f"The model {self.name!r} does not serve {endpoint}.",
                 "model",
             )
-        protocol: Any = RerankRequest if endpoint == "/v1/rerank" else ScoreRequest
+        encoding = request.body.get("encoding_format")
+        if endpoint == "/v1/embeddings" and encoding not in (None, "float", "base64"):
+            # vLLM's binary formats answer with a stream of bytes, which no JSONL line holds.
+            return error_result(
+                request.custom_id,
+                400,
+                "invalid_request",
+                f"Invalid encoding_format {quote(encoding, 40)}: use 'float' or 'base64'.",
+                "encoding_format",
+            )
+        protocol: Any = {
+            "/v1/embeddings": EmbeddingRequest,
+            "/v1/score": ScoreRequest,
+            "/v1/rerank": RerankRequest,
+        }[endpoint]
         try:
             parsed = TypeAdapter(protocol).validate_python(request.body)
         except ValidationError as exc:
             first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
+            param = ".".join(str(p) for p in first["loc"] if isinstance(p, str)) or None
             return error_result(
                 request.custom_id,
                 400,
@@ -515,7 +534,7 @@ class ScoringLayer:
                 f"Invalid request: {quote(first['msg'], 300)}",
                 param,
             )
-        response = await self.scores(parsed, None)
+        response = await handler(parsed, None)
         body = json.loads(bytes(response.body))
         if "error" in body:
             error = body["error"]
