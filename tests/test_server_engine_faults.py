@@ -173,3 +173,22 @@ def test_an_adapter_the_server_refuses_is_asked_for_once_per_chunk(tmp_path, dou
     assert server.loads == 1  # a 500 from the load is final, and remembered for the chunk
     message = results[1].body["error"]["message"]
     assert "LoRA is not enabled" in message and "VBS_ENGINE_LORA=on" in message
+
+
+def test_the_engine_server_command_carries_the_base_models_parsers_never_the_key(home, model_dir):
+    from vbs_cli.engine import server_command
+
+    settings = settings_for(
+        home,
+        model_dir,
+        VBS_TOOL_CALL_PARSER="hermes",
+        VBS_REASONING_PARSER="olmo3",
+        VBS_ENGINE_API_KEY="s3cret-key",
+    )
+    command, env = server_command(settings)
+    joined = " ".join(command)
+    assert "--tool-call-parser hermes --enable-auto-tool-choice" in joined
+    assert "--reasoning-parser olmo3" in joined
+    assert "s3cret-key" not in joined and env["VLLM_API_KEY"] == "s3cret-key"
+    # LoRA follows the registry (auto): no adapter is registered, so it stays off.
+    assert "--enable-lora" not in command

@@ -30,10 +30,11 @@ def lora_wanted(settings: Settings, base: str) -> bool:
     when the registry has adapters for ``base`` (LoRA slows every request on CPU builds)."""
     if settings.engine_lora != "auto":
         return settings.engine_lora == "on"
-    from vbs_resources import build_resources
+    from vbs_resources.catalog import Catalog
     from vbs_resources.registry import ModelRegistry
 
-    catalog = build_resources(settings)["catalog"]
+    # The catalog alone: building every resource would build the engine too.
+    catalog = Catalog(url=settings.resolved_catalog_url)
     try:
         return bool(ModelRegistry(catalog).snapshot().adapters_of(base))
     finally:

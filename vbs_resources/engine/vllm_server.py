@@ -47,6 +47,7 @@ from vbs_resources.engine import (
     route,
 )
 from vbs_resources.engine.vllm_local import VLLMEngine
+from vbs_resources.engine.vllm_serving import cut, error_line
 from vbs_resources.registry import ServedModel, ServedModels
 from vbs_resources.settings import redact_url
 
@@ -58,11 +59,12 @@ MAX_BACKOFF_S = 8.0
 
 
 class _Transient(Exception):
-    """A failure worth retrying (connection, 5xx, 429); ``what`` says which, for the log."""
+    """A failure worth retrying (connection, 5xx, 429); ``what`` says which, for the log, and
+    ``connection`` whether the server could not be reached at all (it may have restarted)."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, connection: bool = False) -> None:
         super().__init__(what)
-        self.what = what
+        self.what, self.connection = what, connection
 
 
 class VLLMServerEngine(InferenceEngine):
@@ -151,8 +153,10 @@ class VLLMServerEngine(InferenceEngine):
                 first_failure = first_failure or now
                 if now - first_failure >= self.retry_s:
                     raise self._unavailable(f"{exc.what} for {now - first_failure:.0f}s") from None
-                # A server that comes back has forgotten the adapters loaded at run time.
-                self._loaded.clear()
+                if exc.connection:
+                    # A server that comes back has forgotten the adapters loaded at run time
+                    # (one that answers 503 is still the same process and keeps them).
+                    self._loaded.clear()
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, MAX_BACKOFF_S)
 
@@ -170,10 +174,10 @@ class VLLMServerEngine(InferenceEngine):
             response = await client.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
             if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-                raise _Transient("no connection") from None
+                raise _Transient("no connection", connection=True) from None
             raise
         except httpx.TransportError as exc:
-            raise _Transient(type(exc).__name__) from None
+            raise _Transient(type(exc).__name__, connection=True) from None
         if retry_status and response.status_code in TRANSIENT_STATUS:
             raise _Transient(f"HTTP {response.status_code}")
         if response.status_code == 401:
@@ -264,7 +268,7 @@ class VLLMServerEngine(InferenceEngine):
                     self._loaded.pop(adapter.name, None)
                     reloads += 1
                     continue
-                return self._result(request.custom_id, answer)
+                return self._result(request.custom_id, answer, endpoint == "/v1/chat/completions")
 
     async def _ensure_adapter(
         self, client: httpx.AsyncClient, adapter: ServedModel, custom_id: str
@@ -297,7 +301,7 @@ class VLLMServerEngine(InferenceEngine):
                 retry_status=False,
                 json={"lora_name": adapter.name, "lora_path": adapter.path},
             )
-            message = _error_message(response)
+            message, _ = _error_parts(response)
             if response.is_success or "already been loaded" in message:
                 self._loaded[adapter.name] = adapter.path
                 log.info("adapter %s loaded on the engine server", adapter.name)
@@ -310,13 +314,13 @@ class VLLMServerEngine(InferenceEngine):
             else ""
         )
         why = (
-            f"The engine server could not load adapter {adapter.name!r}: {_cut(message, 300)}{hint}"
+            f"The engine server could not load adapter {adapter.name!r}: {cut(message, 300)}{hint}"
         )
         self._refused[adapter.name] = why
         return error_result(custom_id, 503, "model_unavailable", why, "model")
 
     @staticmethod
-    def _result(custom_id: str, response: httpx.Response) -> EngineResult:
+    def _result(custom_id: str, response: httpx.Response, chat: bool) -> EngineResult:
         if response.is_success:
             try:
                 body = response.json()
@@ -332,28 +336,15 @@ class VLLMServerEngine(InferenceEngine):
                 return error_result(
                     custom_id, 502, "engine_bad_response", "The engine answered with no JSON body."
                 )
-        param = None
-        try:
-            param = response.json()["error"].get("param")
-        except Exception:  # noqa: BLE001 - a body without OpenAI's error shape
-            pass
-        code = "model_not_found" if response.status_code == 404 else "invalid_request"
-        return error_result(
-            custom_id,
-            response.status_code,
-            code,
-            _cut(_error_message(response), 500),
-            param if isinstance(param, str) else None,
-        )
+        message, param = _error_parts(response)
+        return error_line(custom_id, response.status_code, message, param, chat)
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_parts(response: httpx.Response) -> tuple[str, str | None]:
+    """The message and ``param`` of a server's error answer (its text when not OpenAI's shape)."""
     try:
         error = response.json()["error"]
-        return str(error.get("message") or error)
+        param = error.get("param")
+        return str(error.get("message") or error), param if isinstance(param, str) else None
     except Exception:  # noqa: BLE001 - not OpenAI's error shape
-        return response.text[:500]
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
+        return response.text[:500], None

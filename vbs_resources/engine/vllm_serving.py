@@ -538,7 +538,7 @@ class PoolingLayer:
         body = json.loads(bytes(response.body))
         if "error" in body:
             error = body["error"]
-            return _error_line(
+            return error_line(
                 request.custom_id, int(error["code"]), error["message"], error.get("param"), False
             )
         body["model"] = self.name
@@ -594,7 +594,7 @@ def _result(custom_id: str, response: Any, copies: int, chat: bool) -> EngineRes
 
     if isinstance(response, ErrorResponse):
         error = response.error
-        return _error_line(custom_id, int(error.code), error.message, error.param, chat)
+        return error_line(custom_id, int(error.code), error.message, error.param, chat)
     if not hasattr(response, "model_dump"):  # a stream generator; refused above
         return error_result(custom_id, 400, "invalid_request", "Streaming is not available.")
     body = response.model_dump(mode="json")
@@ -618,10 +618,10 @@ def _from_exception(custom_id: str, exc: Exception, chat: bool) -> EngineResult:
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
     error = create_error_response(exc).error
-    return _error_line(custom_id, int(error.code), error.message, error.param, chat)
+    return error_line(custom_id, int(error.code), error.message, error.param, chat)
 
 
-def _error_line(
+def error_line(
     custom_id: str, status: int, message: str, param: str | None, chat: bool
 ) -> EngineResult:
     """vLLM's refusal as vbs's error line: OpenAI's codes where OpenAI has one, the prompt's
@@ -633,9 +633,9 @@ def _error_line(
         code, param = "context_length_exceeded", "messages" if chat else "prompt"
     elif status >= 500:
         code, message = "server_error", "The engine could not run the request."
-    return error_result(custom_id, status, code, _cut(message), param)
+    return error_result(custom_id, status, code, cut(message), param)
 
 
-def _cut(message: str, limit: int = 500) -> str:
+def cut(message: str, limit: int = 500) -> str:
     """An engine's message, cut so that no error line grows with the input it quotes."""
     return message if len(message) <= limit else message[:limit] + "..."
