@@ -22,6 +22,7 @@ from vbs_resources.engine import (
     route,
 )
 from vbs_resources.engine.hardware import configure_vllm_env, detect_device, resolve_dtype
+from vbs_resources.engine.lora_cpu import install as install_lora_kernels
 from vbs_resources.engine.vllm_serving import Parsers, PoolingLayer, ServingLayer
 from vbs_resources.registry import ServedModel, ServedModels, lora_rank_limit
 
@@ -189,6 +190,9 @@ class VLLMEngine(InferenceEngine):
                 gc.collect()
             configure_vllm_env(device, self.cpu_kvcache_space_gib)
             from vllm import LLM
+
+            if lora:
+                install_lora_kernels()
 
             started = time.perf_counter()
             kwargs: dict[str, Any] = dict(
