@@ -9,8 +9,10 @@ Legs (each in a process of its own; the engine is driven through vbs's ``Inferen
 - ``in_process`` beside a competing CPU load (a ``nice -n 19`` busy loop), with vbs's default
   threads (every core) and with one thread.
 
-Prints output tokens/s per leg, ``mixed_vs_base`` ratios (target >= 0.8) and ends with one JSON
-line. The adapters are random (rank 8, q_proj/v_proj), made here in PEFT's format.
+Prints output tokens/s per leg, ``mixed_vs_base`` ratios (target >= 0.8; against the base model
+with LoRA off, and against base-only lines on the LoRA engine) and ends with one JSON line. The
+adapters are random (rank 8, q_proj/v_proj), made here in PEFT's format. vbs's grouped LoRA
+kernels are on unless ``VBS_LORA_CPU_KERNELS=false`` (run it both ways to compare).
 """
 
 import argparse
@@ -194,7 +196,11 @@ def main() -> None:
         **{f"{name}_tok_s": value for name, value in tps.items()},
         "server_vs_in_process": round(tps["server_base"] / tps["in_process_base"], 3),
         "in_process_mixed_vs_base": round(tps["in_process_mixed"] / tps["in_process_base"], 3),
+        "in_process_mixed_vs_base_lora_on": round(
+            tps["in_process_mixed"] / tps["in_process_base_lora_on"], 3
+        ),
         "server_mixed_vs_base": round(tps["server_mixed"] / tps["server_base"], 3),
+        "lora_cpu_kernels": os.environ.get("VBS_LORA_CPU_KERNELS", "true"),
         "in_process_busy_vs_idle": round(tps["in_process_base_busy"] / tps["in_process_base"], 3),
         "target_mixed_vs_base": 0.8,
     }

@@ -82,6 +82,7 @@ def build_local_engine(settings: Settings) -> VLLMEngine:
         trust_request_chat_template=settings.trust_request_chat_template,
         tool_call_parser=settings.tool_call_parser,
         reasoning_parser=settings.reasoning_parser,
+        lora_cpu_kernels=settings.lora_cpu_kernels,
         max_lora_rank=settings.max_lora_rank,
         max_loras=settings.max_loras,
         max_cpu_loras=settings.max_cpu_loras,

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
         description="vLLM's reasoning parser for the base model (e.g. deepseek_r1, qwen3): "
         "puts the model's thinking in message.reasoning.",
     )
+    lora_cpu_kernels: bool = Field(
+        default=True,
+        description="vbs's grouped LoRA ops on vLLM's CPU build (one product per adapter in a "
+        "step); false keeps vLLM's own.",
+    )
     cuda_visible_devices: str | None = Field(
         default=None, validation_alias=AliasChoices("CUDA_VISIBLE_DEVICES")
     )

@@ -11,13 +11,12 @@ These replacements keep the ops' signatures and results: tokens are grouped by a
 group is one matrix product; tokens of no adapter get no delta. They are installed as a vLLM
 general plugin (``vllm.general_plugins`` entry point in pyproject.toml), so every vLLM process
 of this environment uses them, the in-process engine and ``vbs engine serve`` alike, and only
-on the CPU platform. ``VBS_LORA_CPU_KERNELS=0`` keeps vLLM's own.
+on the CPU platform. ``VBS_LORA_CPU_KERNELS=false`` keeps vLLM's own.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -223,14 +222,30 @@ def sgmv_expand_slice(
     )
 
 
+def _add_lora_linear(
+    self: Any,
+    y: Any,
+    x: Any,
+    lora_a_stacked: tuple[Any, ...],
+    lora_b_stacked: tuple[Any, ...],
+    *args: Any,
+    **kwargs: Any,
+) -> None:
+    """vLLM wraps every linear layer for LoRA; a layer no registered adapter touches (all its
+    slots zero) adds nothing, so its buffers and products are skipped."""
+    if not any(any(_live_slots(a)) for a in lora_a_stacked):
+        return
+    ORIGINALS["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, *args, **kwargs)
+
+
 # vLLM's own ops, kept when they are replaced (the tests compare against them).
 ORIGINALS: dict[str, Any] = {}
 
 
-def install() -> bool:
-    """Put the grouped ops where vLLM's CPU LoRA wrapper looks them up; False when not on
-    vLLM's CPU platform or turned off by ``VBS_LORA_CPU_KERNELS=0``."""
-    if os.environ.get("VBS_LORA_CPU_KERNELS", "1") == "0":
+def install(enabled: bool = True) -> bool:
+    """Put the grouped ops where vLLM's CPU LoRA wrapper looks them up; False when not
+    ``enabled`` or not on vLLM's CPU platform."""
+    if not enabled:
         return False
     from vllm.platforms import current_platform
 
@@ -245,10 +260,21 @@ def install() -> bool:
         for target in (package, module, wrapper):
             if hasattr(target, name):
                 setattr(target, name, globals()[name])
+    punica = wrapper.PunicaWrapperCPU
+    if "add_lora_linear" not in ORIGINALS:
+        ORIGINALS["add_lora_linear"] = punica.add_lora_linear
+        punica.add_lora_linear = _add_lora_linear
     log.debug("vbs: grouped LoRA kernels installed for vLLM's CPU build")
     return True
 
 
 def register() -> None:
-    """vLLM's general-plugin hook (called in every vLLM process)."""
-    install()
+    """vLLM's general-plugin hook (called in every vLLM process of this environment): installs
+    the ops unless the deployment's settings turn them off (``VBS_LORA_CPU_KERNELS=false``)."""
+    from vbs_resources.settings import SettingsError, load_settings
+
+    try:
+        enabled = load_settings().lora_cpu_kernels
+    except SettingsError:  # a vLLM process of someone else's, with settings vbs cannot read
+        enabled = True
+    install(enabled)

@@ -70,6 +70,9 @@ class VLLMEngine(InferenceEngine):
     max_cpu_loras: int | None = Field(
         default=None, description="Adapters kept in memory; every adapter of the run if None."
     )
+    lora_cpu_kernels: bool = Field(
+        default=True, description="vbs's grouped LoRA ops on vLLM's CPU build."
+    )
     seed: int = 0
 
     _served: ServedModels | None = PrivateAttr(default=None)
@@ -191,8 +194,8 @@ class VLLMEngine(InferenceEngine):
             configure_vllm_env(device, self.cpu_kvcache_space_gib)
             from vllm import LLM
 
-            if lora:
-                install_lora_kernels()
+            if lora.get("enable_lora"):
+                install_lora_kernels(self.lora_cpu_kernels)
 
             started = time.perf_counter()
             kwargs: dict[str, Any] = dict(
