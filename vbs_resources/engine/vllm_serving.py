@@ -273,6 +273,15 @@ class _ClientMethods:
 _CLIENT_CLASS: type | None = None
 
 
+class _RequestsAreProcessedHere(logging.Filter):
+    """``InProcessClient`` processes a request itself (to set the reasoning fields vLLM's
+    ``AsyncLLM`` sets) and hands ``LLMEngine`` the result, which vLLM calls deprecated for its
+    own callers; the warning says nothing to a vbs user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Passing EngineCoreRequest to LLMEngine")
+
+
 def run_chunk(
     client: Any,
     loop: asyncio.AbstractEventLoop,
@@ -309,6 +318,7 @@ def in_process_client(llm_engine: Any) -> Any:
     global _CLIENT_CLASS
     if _CLIENT_CLASS is None:
         _CLIENT_CLASS = type("InProcessClient", (_ClientMethods, _engine_client_base()), {})
+        logging.getLogger("vllm.v1.engine.llm_engine").addFilter(_RequestsAreProcessedHere())
     return _CLIENT_CLASS(llm_engine)
 
 
