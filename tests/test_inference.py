@@ -434,6 +434,33 @@ def test_a_request_that_breaks_preparation_is_only_its_own_error_line(resources)
     )
 
 
+def test_an_interrupt_during_a_step_ends_the_chunk_and_the_engine_is_loaded_again(
+    resources, monkeypatch
+):
+    """Dagster's termination arrives as an exception that is no ``Exception``, in whatever code
+    is running, most often the engine's step. It must end the chunk at once (an asyncio task
+    would otherwise keep it to itself and leave the chunk waiting for ever), and a later chunk
+    in the same process gets a freshly loaded engine."""
+    from vbs_resources.engine.vllm_local import _LOADED
+
+    engine = resources["engine"]
+    engine.start("/v1/chat/completions")
+    llm = engine._llm(engine.model, "generate")
+
+    def interrupted_step():
+        raise SimulatedKill("terminated")
+
+    monkeypatch.setattr(llm.llm_engine, "step", interrupted_step)
+    lines = [
+        EngineRequest(f"i{i}", chat_line(f"i{i}", PARIS, max_tokens=4)["body"]) for i in range(3)
+    ]
+    with pytest.raises(SimulatedKill):
+        engine.run("/v1/chat/completions", lines)
+    again = engine.run("/v1/chat/completions", lines)
+    assert [r.status_code for r in again] == [200, 200, 200]
+    assert all(loaded is not llm for loaded in _LOADED.values())
+
+
 def test_past_the_completion_window_the_batch_expires_keeping_what_finished(
     resources, instance, home
 ):

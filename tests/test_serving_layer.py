@@ -155,3 +155,41 @@ def test_score_and_rerank_run_through_vllms_scoring_handler(home, model_dir):
     assert score.ok, score.body
     scores = [d["score"] for d in sorted(score.body["data"], key=lambda d: d["index"])]
     assert len(scores) == 2 and scores[1] > scores[0]
+
+
+def test_lines_sharing_vllms_request_id_are_each_answered_their_own(home, model_dir):
+    """vLLM names a request after a body's ``request_id``; two lines giving the same one must
+    not take each other's answer (or leave the chunk waiting for ever)."""
+    engine = build_resources(settings_for(home, model_dir))["engine"]
+    engine.start("/v1/chat/completions")
+    paris = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    count = {"messages": [{"role": "user", "content": "Count from one to five."}]}
+    a, b = engine.run(
+        "/v1/chat/completions",
+        [
+            chat("a", request_id="same", max_tokens=16, **paris),
+            chat("b", request_id="same", max_tokens=16, **count),
+        ],
+    )
+    alone = engine.run("/v1/chat/completions", [chat("p", max_tokens=16, **paris)])[0]
+    assert a.ok and b.ok
+    assert a.body["choices"][0]["message"] == alone.body["choices"][0]["message"]
+    assert b.body["choices"][0]["message"] != a.body["choices"][0]["message"]
+
+
+def test_greedy_n_over_several_prompts_repeats_each_prompts_answer(home, model_dir):
+    engine = build_resources(settings_for(home, model_dir))["engine"]
+    engine.start("/v1/completions")
+    body = {
+        "model": MODEL,
+        "prompt": ["The capital of France is", "One, two, three,"],
+        "n": 2,
+        "temperature": 0,
+        "max_tokens": 6,
+    }
+    (result,) = engine.run("/v1/completions", [EngineRequest("c", body)])
+    choices = result.body["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    texts = [c["text"] for c in choices]
+    assert texts[0] == texts[1] and texts[2] == texts[3] and texts[0] != texts[2]
+    assert result.completion_tokens == result.body["usage"]["completion_tokens"]

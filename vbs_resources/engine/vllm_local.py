@@ -183,14 +183,7 @@ class VLLMEngine(InferenceEngine):
         if key not in _LOADED:
             # One engine per model in memory: another configuration of the same model (the
             # adapters changed) replaces it.
-            stale = [k for k in _LOADED if k[:2] == (path, runner)]
-            if stale:
-                for old in stale:
-                    del _LOADED[old]
-                _LAYERS.pop(runner, None)
-                # The old engine must be gone before the new one starts: its clean-up tears
-                # down process-wide state (vLLM's parallel groups) the new one would use.
-                gc.collect()
+            self._forget(runner, path)
             configure_vllm_env(device, self.cpu_kvcache_space_gib)
             from vllm import LLM
 
@@ -226,15 +219,32 @@ class VLLMEngine(InferenceEngine):
         try:
             return layer.run(endpoint, requests, parsers)
         except EngineFailure:
-            # A broken engine is not reused: the run's retry (or the next run) loads it again.
-            _LAYERS.pop("generate", None)
-            for key in [k for k in _LOADED if k[:2] == (self.model, "generate")]:
-                del _LOADED[key]
+            self._forget("generate", self.model)
             raise
+
+    @staticmethod
+    def _forget(runner: str, path: str) -> None:
+        """Drop the loaded engine of ``path`` (broken, or replaced by another configuration):
+        the next use loads it again. Its shutdown happens now, not when the garbage collector
+        gets to it (an exception's traceback may hold it for long): that shutdown tears down
+        process-wide state (vLLM's parallel groups) that a new engine would be using by then."""
+        _LAYERS.pop(runner, None)
+        for key in [k for k in _LOADED if k[:2] == (path, runner)]:
+            old = _LOADED.pop(key)
+            try:
+                old.llm_engine.engine_core.shutdown()
+            except Exception as exc:  # noqa: BLE001 - a broken engine may fail to shut down
+                log.warning("the replaced engine for %s did not shut down cleanly: %r", path, exc)
+        gc.collect()
 
     def _serving_layer(self) -> ServingLayer:
         llm = self._llm(self.model, "generate")
         layer = _LAYERS.get("generate")
+        if isinstance(layer, ServingLayer) and layer.client.errored:
+            # A chunk cut short by an interrupt left this engine mid-step: load it again.
+            layer = None
+            self._forget("generate", self.model)
+            llm = self._llm(self.model, "generate")
         if not isinstance(layer, ServingLayer) or layer.llm is not llm:
             layer = _LAYERS["generate"] = ServingLayer(
                 llm,
@@ -249,8 +259,16 @@ class VLLMEngine(InferenceEngine):
         assert self.embedding_model is not None
         llm = self._llm(self.embedding_model, "pooling")
         layer = _LAYERS.get("pooling")
+        if isinstance(layer, PoolingLayer) and layer.client.errored:
+            layer = None
+            self._forget("pooling", self.embedding_model)
+            llm = self._llm(self.embedding_model, "pooling")
         if not isinstance(layer, PoolingLayer) or layer.llm is not llm:
             layer = _LAYERS["pooling"] = PoolingLayer(
                 llm, self.embedding_served_name, self.embedding_model
             )
-        return layer.run(endpoint, requests)
+        try:
+            return layer.run(endpoint, requests)
+        except EngineFailure:
+            self._forget("pooling", self.embedding_model)
+            raise

@@ -139,6 +139,9 @@ class _ClientMethods:
 
         if self._dead is not None:
             raise self.dead_error
+        if request_id in self._queues:
+            # Outputs are matched to waiters by this id: a second one would take the first's.
+            raise ValueError(f"request id {request_id[:80]!r} is already in flight")
         request = self.input_processor.process_inputs(
             request_id,
             prompt,
@@ -175,6 +178,11 @@ class _ClientMethods:
     async def abort(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         self.engine.abort_request(ids)
+        # vLLM's offline engine sends no final output for an aborted request: end the waits.
+        for aborted in ids:
+            queue = self._queues.get(aborted)
+            if queue is not None:
+                queue.put_nowait(RuntimeError(f"request {aborted[:80]!r} was aborted"))
 
     async def add_lora(self, lora_request: Any) -> bool:
         return self.engine.add_lora(lora_request)
@@ -205,10 +213,16 @@ class _ClientMethods:
             await asyncio.sleep(0)
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # noqa: BLE001 - every waiting request learns of it
+            except BaseException as exc:  # every waiting request learns of it
+                # A step cut short (a failure, or the run interrupted: Dagster's termination
+                # arrives as an exception in whatever code runs) leaves the engine unusable.
+                # An asyncio task would keep a non-Exception to itself, so the handlers get it
+                # through their queues and the chunk ends with it.
                 self._dead = exc
                 for queue in self._queues.values():
                     queue.put_nowait(exc)
+                if not isinstance(exc, Exception):
+                    raise
                 return
             for output in outputs:
                 queue = self._queues.get(output.request_id)
@@ -302,8 +316,19 @@ def run_chunk(
             log.warning("request %r failed: %r", request.custom_id[:64], exc)
             return _from_exception(request.custom_id, exc, chat)
 
+    async def all_of_them() -> list[EngineResult]:
+        tasks = [asyncio.ensure_future(one(r)) for r in requests]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            # The engine failed: nothing of this chunk may stay pending on the reused loop.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
     async def chunk() -> list[EngineResult]:
-        return await client.serving(asyncio.gather(*(one(r) for r in requests)))
+        return await client.serving(all_of_them())
 
     try:
         return loop.run_until_complete(chunk())
@@ -416,7 +441,7 @@ class ServingLayer:
     ) -> EngineResult:
         from pydantic import ValidationError
 
-        body = dict(request.body)
+        body = _without_request_id(request.body)
         if body.get("stream"):
             return error_result(
                 request.custom_id,
@@ -533,7 +558,7 @@ class PoolingLayer:
             "/v1/rerank": RerankRequest,
         }[endpoint]
         try:
-            parsed = TypeAdapter(protocol).validate_python(request.body)
+            parsed = TypeAdapter(protocol).validate_python(_without_request_id(request.body))
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"] if isinstance(p, str)) or None
@@ -554,6 +579,13 @@ class PoolingLayer:
         body["model"] = self.name
         tokens = (body.get("usage") or {}).get("prompt_tokens") or 0
         return EngineResult(request.custom_id, 200, body, prompt_tokens=tokens)
+
+
+def _without_request_id(body: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``body`` without vLLM's ``request_id`` extension: vLLM names the request after
+    it, and two lines of a chunk giving the same one would be confused with each other. A batch
+    line is known by its ``custom_id``; vLLM gives each request a fresh id."""
+    return {k: v for k, v in body.items() if k != "request_id"}
 
 
 def _own_template(body: dict[str, Any]) -> bool:
@@ -610,8 +642,12 @@ def _result(custom_id: str, response: Any, copies: int, chat: bool) -> EngineRes
     body = response.model_dump(mode="json")
     usage = body.get("usage") or {}
     if copies > 1:
+        # One choice per prompt came back (a completion may have several prompts): each is
+        # given ``copies`` times, numbered as vLLM numbers n choices per prompt.
         body["choices"] = [
-            dict(choice, index=i) for i in range(copies) for choice in body["choices"][:1]
+            dict(choice, index=p * copies + j)
+            for p, choice in enumerate(body["choices"])
+            for j in range(copies)
         ]
         usage["completion_tokens"] = usage.get("completion_tokens", 0) * copies
         usage["total_tokens"] = usage.get("prompt_tokens", 0) + usage["completion_tokens"]
