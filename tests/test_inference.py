@@ -18,6 +18,7 @@ from tests.conftest import (
     submit,
 )
 from vbs_resources import EngineRequest, EngineResult
+from vbs_resources.engine import EngineFailure
 from vbs_resources.wire import BatchRequestOutput
 
 PARIS = "What is the capital of France?"
@@ -434,33 +435,6 @@ def test_a_request_that_breaks_preparation_is_only_its_own_error_line(resources)
     )
 
 
-def test_an_interrupt_during_a_step_ends_the_chunk_and_the_engine_is_loaded_again(
-    resources, monkeypatch
-):
-    """Dagster's termination arrives as an exception that is no ``Exception``, in whatever code
-    is running, most often the engine's step. It must end the chunk at once (an asyncio task
-    would otherwise keep it to itself and leave the chunk waiting for ever), and a later chunk
-    in the same process gets a freshly loaded engine."""
-    from vbs_resources.engine.vllm_local import _LOADED
-
-    engine = resources["engine"]
-    engine.start("/v1/chat/completions")
-    llm = engine._llm(engine.model, "generate")
-
-    def interrupted_step():
-        raise SimulatedKill("terminated")
-
-    monkeypatch.setattr(llm.llm_engine, "step", interrupted_step)
-    lines = [
-        EngineRequest(f"i{i}", chat_line(f"i{i}", PARIS, max_tokens=4)["body"]) for i in range(3)
-    ]
-    with pytest.raises(SimulatedKill):
-        engine.run("/v1/chat/completions", lines)
-    again = engine.run("/v1/chat/completions", lines)
-    assert [r.status_code for r in again] == [200, 200, 200]
-    assert all(loaded is not llm for loaded in _LOADED.values())
-
-
 def test_past_the_completion_window_the_batch_expires_keeping_what_finished(
     resources, instance, home
 ):
@@ -490,26 +464,41 @@ def test_past_the_completion_window_the_batch_expires_keeping_what_finished(
     assert all(v["response"] is None for v in errors.values())
 
 
-def test_a_broken_engine_stops_the_batch_and_is_loaded_again(resources, monkeypatch):
-    """An engine step that raises (a device failure; a CUDA error cannot happen on these CPU
-    machines, so the real engine's step is made to raise) stops the chunk with EngineFailure
-    instead of turning every request into an error line, and the next run loads a new engine."""
-    from vbs_resources.engine import EngineFailure
+@pytest.mark.parametrize(
+    "raised, expected, match",
+    [
+        # A device failure (a CUDA error cannot happen on these CPU machines, so the real
+        # engine's step is made to raise): the chunk stops with EngineFailure instead of turning
+        # every request into an error line.
+        (RuntimeError("CUDA error: an illegal memory access"), EngineFailure, "CUDA error"),
+        # Dagster's termination, an exception that is no ``Exception``, arriving in the step:
+        # it ends the chunk at once (an asyncio task would otherwise keep it to itself and leave
+        # the chunk waiting for ever).
+        (SimulatedKill("terminated"), SimulatedKill, "terminated"),
+    ],
+    ids=["device-failure", "interrupt"],
+)
+def test_a_step_that_raises_ends_the_chunk_and_the_engine_is_loaded_again(
+    resources, monkeypatch, raised, expected, match
+):
+    """Either way a later chunk in the same process gets a freshly loaded engine."""
     from vbs_resources.engine.vllm_local import _LOADED
 
     engine = resources["engine"]
     engine.start("/v1/chat/completions")
     llm = engine._llm(engine.model, "generate")
 
-    def broken_step():
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    def raising_step():
+        raise raised
 
-    monkeypatch.setattr(llm.llm_engine, "step", broken_step)
+    monkeypatch.setattr(llm.llm_engine, "step", raising_step)
     lines = [
         EngineRequest(f"b{i}", chat_line(f"b{i}", PARIS, max_tokens=4)["body"]) for i in range(3)
     ]
-    with pytest.raises(EngineFailure, match="CUDA error"):
+    with pytest.raises(expected, match=match):
         engine.run("/v1/chat/completions", lines)
-    assert all(loaded is not llm for loaded in _LOADED.values())
+    if expected is EngineFailure:
+        assert all(loaded is not llm for loaded in _LOADED.values())
     again = engine.run("/v1/chat/completions", lines)
     assert [r.status_code for r in again] == [200, 200, 200]
+    assert all(loaded is not llm for loaded in _LOADED.values())

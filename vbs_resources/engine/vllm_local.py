@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import Field, PrivateAttr
@@ -211,7 +212,16 @@ class VLLMEngine(InferenceEngine):
 
     def _run_generation(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         """Chat and completion requests, through vLLM's own serving layer over this engine."""
-        layer = self._serving_layer()
+        layer = self._layer(
+            "generate",
+            self.model,
+            lambda llm: ServingLayer(
+                llm,
+                self.served_model_name,
+                self.model,
+                trust_request_chat_template=self.trust_request_chat_template,
+            ),
+        )
         served = self.served()
         models = self.servable(endpoint)
         layer.use_adapters({m.name: m.path for m in models.values() if m.kind == "adapter"})
@@ -229,46 +239,37 @@ class VLLMEngine(InferenceEngine):
         gets to it (an exception's traceback may hold it for long): that shutdown tears down
         process-wide state (vLLM's parallel groups) that a new engine would be using by then."""
         _LAYERS.pop(runner, None)
-        for key in [k for k in _LOADED if k[:2] == (path, runner)]:
+        stale = [k for k in _LOADED if k[:2] == (path, runner)]
+        for key in stale:
             old = _LOADED.pop(key)
             try:
                 old.llm_engine.engine_core.shutdown()
             except Exception as exc:  # noqa: BLE001 - a broken engine may fail to shut down
                 log.warning("the replaced engine for %s did not shut down cleanly: %r", path, exc)
-        gc.collect()
+        if stale:
+            gc.collect()
 
-    def _serving_layer(self) -> ServingLayer:
-        llm = self._llm(self.model, "generate")
-        layer = _LAYERS.get("generate")
-        if isinstance(layer, ServingLayer) and layer.client.errored:
-            # A chunk cut short by an interrupt left this engine mid-step: load it again.
+    def _layer(self, runner: str, path: str, build: Callable[[Any], Any]) -> Any:
+        """vLLM's serving layer over the loaded engine of ``path``, built once per engine. An
+        engine a chunk left mid-step (an interrupt) is loaded again first."""
+        layer = _LAYERS.get(runner)
+        if layer is not None and layer.client.errored:
             layer = None
-            self._forget("generate", self.model)
-            llm = self._llm(self.model, "generate")
-        if not isinstance(layer, ServingLayer) or layer.llm is not llm:
-            layer = _LAYERS["generate"] = ServingLayer(
-                llm,
-                self.served_model_name,
-                self.model,
-                trust_request_chat_template=self.trust_request_chat_template,
-            )
+            self._forget(runner, path)
+        llm = self._llm(path, runner)
+        if layer is None or layer.llm is not llm:
+            layer = _LAYERS[runner] = build(llm)
         return layer
 
     def _run_pooling(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         """Embedding, score and rerank requests, through vLLM's own pooling handlers."""
-        assert self.embedding_model is not None
-        llm = self._llm(self.embedding_model, "pooling")
-        layer = _LAYERS.get("pooling")
-        if isinstance(layer, PoolingLayer) and layer.client.errored:
-            layer = None
-            self._forget("pooling", self.embedding_model)
-            llm = self._llm(self.embedding_model, "pooling")
-        if not isinstance(layer, PoolingLayer) or layer.llm is not llm:
-            layer = _LAYERS["pooling"] = PoolingLayer(
-                llm, self.embedding_served_name, self.embedding_model
-            )
+        path = self.embedding_model
+        assert path is not None
+        layer = self._layer(
+            "pooling", path, lambda llm: PoolingLayer(llm, self.embedding_served_name, path)
+        )
         try:
             return layer.run(endpoint, requests)
         except EngineFailure:
-            self._forget("pooling", self.embedding_model)
+            self._forget("pooling", path)
             raise

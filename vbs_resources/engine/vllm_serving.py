@@ -475,15 +475,7 @@ class ServingLayer:
         try:
             parsed = protocol.model_validate(body)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            return error_result(
-                request.custom_id,
-                400,
-                "invalid_request",
-                f"Invalid request: {quote(first['msg'], 300)}",
-                param,
-            )
+            return _invalid(request.custom_id, exc)
         if chat:
             response = await self.chat(model_parsers).create_chat_completion(parsed, None)
         else:
@@ -560,15 +552,7 @@ class PoolingLayer:
         try:
             parsed = TypeAdapter(protocol).validate_python(_without_request_id(request.body))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"] if isinstance(p, str)) or None
-            return error_result(
-                request.custom_id,
-                400,
-                "invalid_request",
-                f"Invalid request: {quote(first['msg'], 300)}",
-                param,
-            )
+            return _invalid(request.custom_id, exc, positions=False)
         response = await handler(parsed, None)
         body = json.loads(bytes(response.body))
         if "error" in body:
@@ -579,6 +563,20 @@ class PoolingLayer:
         body["model"] = self.name
         tokens = (body.get("usage") or {}).get("prompt_tokens") or 0
         return EngineResult(request.custom_id, 200, body, prompt_tokens=tokens)
+
+
+def _invalid(custom_id: str, exc: Any, *, positions: bool = True) -> EngineResult:
+    """A body vLLM's request model refuses (a pydantic ``ValidationError``): a 400 line naming
+    the first failing field, with its list positions unless ``positions`` is False."""
+    first = exc.errors()[0]
+    parts = [str(p) for p in first["loc"] if positions or isinstance(p, str)]
+    return error_result(
+        custom_id,
+        400,
+        "invalid_request",
+        f"Invalid request: {quote(first['msg'], 300)}",
+        ".".join(parts) or None,
+    )
 
 
 def _without_request_id(body: dict[str, Any]) -> dict[str, Any]:
