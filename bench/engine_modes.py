@@ -6,8 +6,10 @@ Legs (each in a process of its own; the engine is driven through vbs's ``Inferen
 - ``in_process`` and ``server`` (``vbs engine serve`` on a free loopback port), base model only;
 - the same with two LoRA adapters registered (LoRA on): base-only, then a mixed batch where a
   third of the lines name each adapter;
-- ``in_process`` beside a competing CPU load (a ``nice -n 19`` busy loop), with vbs's default
-  threads (every core) and with one thread.
+- ``in_process`` beside a competing CPU load (a busy loop at ``nice -n 19``, then at normal
+  priority), with vbs's default threads (every core) and with one thread.
+
+``--only in_process|server|busy`` runs one group of legs.
 
 Prints output tokens/s per leg, ``mixed_vs_base`` ratios (target >= 0.8; against the base model
 with LoRA off, and against base-only lines on the LoRA engine) and ends with one JSON line. The
@@ -140,6 +142,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--model", default=str(ROOT / ".vbs/models/SmolLM2-135M-Instruct"))
     parser.add_argument("--dtype", default=None)
+    parser.add_argument(
+        "--only",
+        choices=("in_process", "server", "busy"),
+        help="run one group of legs (the summary gives the ratios it can)",
+    )
     args = parser.parse_args()
     if args.dtype is None:
         sys.path.insert(0, str(ROOT))
@@ -157,10 +164,12 @@ def main() -> None:
         plain, lora = tmp / "plain" / "vbs", tmp / "lora" / "vbs"
         plain.mkdir(parents=True)
         lora.mkdir(parents=True)
-        results["in_process_base"] = run_leg(args, plain, env)
-        results["in_process_base_lora_on"] = run_leg(args, lora, env, adapters=True)
-        results["in_process_mixed"] = run_leg(args, lora, env, adapters=True, mixed=True)
-        for home, mode in ((plain, "off"), (lora, "on")):
+        if args.only in (None, "in_process", "busy"):
+            results["in_process_base"] = run_leg(args, plain, env)
+        if args.only in (None, "in_process"):
+            results["in_process_base_lora_on"] = run_leg(args, lora, env, adapters=True)
+            results["in_process_mixed"] = run_leg(args, lora, env, adapters=True, mixed=True)
+        for home, mode in ((plain, "off"), (lora, "on")) if args.only in (None, "server") else ():
             server = Server(home, args, env, mode)
             try:
                 if mode == "off":
@@ -174,14 +183,17 @@ def main() -> None:
                     )
             finally:
                 server.stop()
-        busy = subprocess.Popen(["nice", "-n", "19", "sh", "-c", "while :; do :; done"])
-        try:
-            results["in_process_base_busy"] = run_leg(args, plain, env)
-            results["in_process_base_busy_1_thread"] = run_leg(
-                args, plain, dict(env, OMP_NUM_THREADS="1")
-            )
-        finally:
-            busy.kill()
+        for niceness in (19, 0) if args.only in (None, "busy") else ():
+            label = "busy" if niceness else "busy_nice_0"
+            loop = ["nice", "-n", str(niceness), "sh", "-c", "while :; do :; done"]
+            busy = subprocess.Popen(loop)
+            try:
+                results[f"in_process_base_{label}"] = run_leg(args, plain, env)
+                results[f"in_process_base_{label}_1_thread"] = run_leg(
+                    args, plain, dict(env, OMP_NUM_THREADS="1")
+                )
+            finally:
+                busy.kill()
 
     for name, figures in results.items():
         print(f"{name:32s} {figures['tok_s']:8.1f} tok/s  ({figures['tokens']} tokens in "
@@ -193,17 +205,21 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "dtype": args.dtype,
         "cores": len(os.sched_getaffinity(0)),
-        **{f"{name}_tok_s": value for name, value in tps.items()},
-        "server_vs_in_process": round(tps["server_base"] / tps["in_process_base"], 3),
-        "in_process_mixed_vs_base": round(tps["in_process_mixed"] / tps["in_process_base"], 3),
-        "in_process_mixed_vs_base_lora_on": round(
-            tps["in_process_mixed"] / tps["in_process_base_lora_on"], 3
-        ),
-        "server_mixed_vs_base": round(tps["server_mixed"] / tps["server_base"], 3),
         "lora_cpu_kernels": os.environ.get("VBS_LORA_CPU_KERNELS", "true"),
-        "in_process_busy_vs_idle": round(tps["in_process_base_busy"] / tps["in_process_base"], 3),
+        **{f"{name}_tok_s": value for name, value in tps.items()},
         "target_mixed_vs_base": 0.8,
     }
+    ratios = {
+        "server_vs_in_process": ("server_base", "in_process_base"),
+        "in_process_mixed_vs_base": ("in_process_mixed", "in_process_base"),
+        "in_process_mixed_vs_base_lora_on": ("in_process_mixed", "in_process_base_lora_on"),
+        "server_mixed_vs_base": ("server_mixed", "server_base"),
+        "in_process_busy_vs_idle": ("in_process_base_busy", "in_process_base"),
+        "in_process_busy_nice_0_vs_idle": ("in_process_base_busy_nice_0", "in_process_base"),
+    }
+    for name, (part, whole) in ratios.items():
+        if part in tps and whole in tps:
+            summary[name] = round(tps[part] / tps[whole], 3)
     print(json.dumps(summary))
 
 

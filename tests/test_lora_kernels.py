@@ -80,6 +80,40 @@ def test_tokens_of_no_adapter_get_no_delta_even_when_every_slot_is_full(ops):
     assert theirs.abs().sum() > 0 and ours.abs().sum() == 0
 
 
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_fused_layer_gives_vllms_result(ops, pattern, monkeypatch):
+    """``add_lora_linear`` over a merged layer (q, k, v slices; one adapter leaving ``k`` alone,
+    one slot empty): vbs's two fused products give what vLLM's wrapper gives with its own ops."""
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    for name in lora_cpu._OPS:  # the original wrapper, as vLLM ships it
+        monkeypatch.setattr(punica_cpu, name, ops[name])
+    indices = PATTERNS[pattern]
+    punica = punica_cpu.PunicaWrapperCPU(64, 8, "cpu")
+    punica._token_lora_indices[: len(indices)] = torch.tensor(indices, dtype=torch.long)
+    punica.indices_len = [len(indices)] * 4
+    slices = (HIDDEN, HIDDEN // 2, HIDDEN // 2)
+    a = tuple(weights(RANK, HIDDEN) for _ in slices)
+    b = tuple(weights(size, RANK) for size in slices)
+    a[1][1] = 0  # adapter 1 leaves this slice alone
+    b[1][1] = 0
+    x = torch.randn(len(indices), HIDDEN)
+    base = torch.randn(len(indices), sum(slices))
+    theirs, ours = base.clone(), base.clone()
+    ops["add_lora_linear"](punica, theirs, x, a, b, 0.5, slices)
+    punica._vbs_step = None
+    lora_cpu._add_lora_linear(punica, ours, x, a, b, 0.5, slices)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    if any(i >= 0 for i in indices):
+        assert not torch.equal(ours, base)
+    # New weights in a slot (an adapter loaded) are picked up, not served from the cache.
+    a[0][0] += 1
+    theirs, ours = base.clone(), base.clone()
+    ops["add_lora_linear"](punica, theirs, x, a, b, 0.5, slices)
+    lora_cpu._add_lora_linear(punica, ours, x, a, b, 0.5, slices)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
 def test_a_mixed_batch_is_answered_as_each_model_answers_alone(home, model_dir, tmp_path):
     resources = build_resources(settings_for(home, model_dir))
     engine = resources["engine"]

@@ -222,20 +222,95 @@ def sgmv_expand_slice(
     )
 
 
+def _step(punica: Any) -> tuple[Any, set[int], dict[Any, Any]]:
+    """This step's adapter slot per token, the slots present and a cache of masks, worked out
+    once per mapping: vLLM rewrites the wrapper's indices only in ``update_metadata`` (wrapped
+    below to forget them)."""
+    step = getattr(punica, "_vbs_step", None)
+    if step is None:
+        indices = punica.token_lora_indices
+        step = punica._vbs_step = (indices, {i for i in indices.tolist() if i >= 0}, {})
+    return step
+
+
+def _update_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
+    self._vbs_step = None
+    return ORIGINALS["update_metadata"](self, *args, **kwargs)
+
+
+# Per LoRA-wrapped layer: the live slots' A weights stacked into one matrix and their B weights
+# into one block-diagonal matrix, rebuilt when any slot's weights are written.
+_FUSED: dict[Any, tuple[tuple[int, ...], list[int], Any, Any]] | None = None
+
+
+def _fused(
+    lora_a_stacked: tuple[Any, ...], lora_b_stacked: tuple[Any, ...]
+) -> tuple[list[int], Any, Any]:
+    """The slots holding weights in this layer, ``A`` as ``[slices * slots * rank, in]`` and
+    ``B`` block-diagonal as ``[sum(out), slices * slots * rank]``."""
+    global _FUSED
+    import torch
+
+    if _FUSED is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        _FUSED = WeakIdKeyDictionary()
+    versions = tuple(w._version for w in (*lora_a_stacked, *lora_b_stacked))
+    entry = _FUSED.get(lora_a_stacked[0])
+    if entry is None or entry[0] != versions:
+        flags = [_live_slots(a) for a in lora_a_stacked]
+        live = [slot for slot in range(len(flags[0])) if any(f[slot] for f in flags)]
+        a = torch.cat([w[live].flatten(0, 2) for w in lora_a_stacked])
+        b = torch.block_diag(
+            *(w[live].squeeze(1).permute(1, 0, 2).flatten(1) for w in lora_b_stacked)
+        )
+        entry = _FUSED[lora_a_stacked[0]] = (versions, live, a, b)
+    return entry[1], entry[2], entry[3]
+
+
 def _add_lora_linear(
     self: Any,
     y: Any,
     x: Any,
     lora_a_stacked: tuple[Any, ...],
     lora_b_stacked: tuple[Any, ...],
-    *args: Any,
+    scale: float,
+    output_slices: tuple[int, ...],
+    *,
+    buffer: Any = None,
     **kwargs: Any,
-) -> None:
-    """vLLM wraps every linear layer for LoRA; a layer no registered adapter touches (all its
-    slots zero) adds nothing, so its buffers and products are skipped."""
-    if not any(any(_live_slots(a)) for a in lora_a_stacked):
-        return
-    ORIGINALS["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, *args, **kwargs)
+) -> Any:
+    """vLLM's ``add_lora_linear`` (``y += x @ A[slot] @ B[slot] * scale`` per token, for every
+    slice of the layer) as two matrix products over every live slot at once, each token's rows
+    of the middle product masked to its own slot. A layer no adapter touches, or a step naming no
+    adapter, adds nothing and costs nothing."""
+    import torch
+
+    indices, present, masks = _step(self)
+    if not present:
+        return y
+    x2 = x.view(-1, x.shape[-1])
+    usual = buffer is None and kwargs.get("add_inputs", True) is True
+    if usual and x2.shape[0] == indices.shape[0]:
+        live, a, b = _fused(lora_a_stacked, lora_b_stacked)
+    if not usual or x2.shape[0] != indices.shape[0] or b.shape[0] != sum(output_slices):
+        return ORIGINALS["add_lora_linear"](
+            self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+            buffer=buffer, **kwargs,
+        )  # fmt: skip
+    if not present.intersection(live):
+        return y
+    key = (tuple(live), a.dtype, scale)
+    mask = masks.get(key)
+    if mask is None:
+        slots = torch.tensor(live, dtype=indices.dtype)
+        mask = masks[key] = (indices.unsqueeze(1) == slots).to(a.dtype).mul_(scale)
+    slices, rank = len(lora_a_stacked), lora_a_stacked[0].shape[-2]
+    shrunk = torch.nn.functional.linear(x2.to(a.dtype), a)
+    shrunk = shrunk.view(-1, slices, len(live), rank) * mask.view(-1, 1, len(live), 1)
+    out = y.view(-1, y.shape[-1])
+    out[:, : b.shape[0]] += torch.nn.functional.linear(shrunk.flatten(1), b).to(out.dtype)
+    return y
 
 
 # vLLM's own ops, kept when they are replaced (the tests compare against them).
@@ -261,9 +336,13 @@ def install(enabled: bool = True) -> bool:
             if hasattr(target, name):
                 setattr(target, name, globals()[name])
     punica = wrapper.PunicaWrapperCPU
-    if "add_lora_linear" not in ORIGINALS:
-        ORIGINALS["add_lora_linear"] = punica.add_lora_linear
-        punica.add_lora_linear = _add_lora_linear
+    for name, replacement in (
+        ("add_lora_linear", _add_lora_linear),
+        ("update_metadata", _update_metadata),
+    ):
+        if name not in ORIGINALS:
+            ORIGINALS[name] = getattr(punica, name)
+            setattr(punica, name, replacement)
     log.debug("vbs: grouped LoRA kernels installed for vLLM's CPU build")
     return True
 
