@@ -57,11 +57,10 @@ def leg(args: argparse.Namespace) -> None:
     registry.register_configured(engine.configured_models())
     names = [MODEL_NAME]
     if args.adapters:
-        for name in ("ad-a", "ad-b"):
+        for seed, name in enumerate(("ad-a", "ad-b"), start=1):
             if resources["catalog"].get_model(name) is None:
-                registry.add_adapter(
-                    name, str(make_adapter(home / name, args.model, seed=len(name)))
-                )
+                folder = make_adapter(home / name, args.model, seed=seed, targets=args.targets)
+                registry.add_adapter(name, str(folder))
             names.append(name)
     models = names if args.mixed else [MODEL_NAME]
     requests = [
@@ -93,6 +92,7 @@ def run_leg(args: argparse.Namespace, home: Path, env: dict, **options: object) 
     command = [sys.executable, __file__, "--leg", "--home", str(home), "--model", args.model]
     command += ["--dtype", args.dtype, "--requests", str(args.requests)]
     command += ["--max-tokens", str(args.max_tokens)]
+    command += ["--targets", ",".join(args.targets)]
     for key, value in options.items():
         if value is True:
             command.append(f"--{key.replace('_', '-')}")
@@ -142,6 +142,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--model", default=str(ROOT / ".vbs/models/SmolLM2-135M-Instruct"))
     parser.add_argument("--dtype", default=None)
+    parser.add_argument(
+        "--targets",
+        type=lambda value: tuple(value.split(",")),
+        default=("q_proj", "v_proj"),
+        help="the adapters' target modules, comma-separated (every linear layer: "
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)",
+    )
     parser.add_argument(
         "--only",
         choices=("in_process", "server", "busy"),

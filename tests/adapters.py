@@ -24,22 +24,28 @@ def make_adapter(
     model = json.loads((Path(base) / "config.json").read_text())
     hidden = model["hidden_size"]
     head_dim = model.get("head_dim") or hidden // model["num_attention_heads"]
-    out = {
-        "q_proj": model["num_attention_heads"] * head_dim,
-        "k_proj": model["num_key_value_heads"] * head_dim,
-        "v_proj": model["num_key_value_heads"] * head_dim,
-        "o_proj": hidden,
+    inter = model["intermediate_size"]
+    # target: (module path, in features, out features)
+    shapes = {
+        "q_proj": ("self_attn", hidden, model["num_attention_heads"] * head_dim),
+        "k_proj": ("self_attn", hidden, model["num_key_value_heads"] * head_dim),
+        "v_proj": ("self_attn", hidden, model["num_key_value_heads"] * head_dim),
+        "o_proj": ("self_attn", hidden, hidden),
+        "gate_proj": ("mlp", hidden, inter),
+        "up_proj": ("mlp", hidden, inter),
+        "down_proj": ("mlp", inter, hidden),
     }
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(model["num_hidden_layers"]):
         for target in targets:
-            prefix = f"base_model.model.model.layers.{layer}.self_attn.{target}"
+            block, fan_in, fan_out = shapes[target]
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{target}"
             tensors[f"{prefix}.lora_A.weight"] = (
-                torch.randn(rank, hidden, generator=generator) * std
+                torch.randn(rank, fan_in, generator=generator) * std
             )
             tensors[f"{prefix}.lora_B.weight"] = (
-                torch.randn(out[target], rank, generator=generator) * std
+                torch.randn(fan_out, rank, generator=generator) * std
             )
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))

@@ -247,7 +247,7 @@ def _fused(
     lora_a_stacked: tuple[Any, ...], lora_b_stacked: tuple[Any, ...]
 ) -> tuple[list[int], Any, Any]:
     """The slots holding weights in this layer, ``A`` as ``[slices * slots * rank, in]`` and
-    ``B`` block-diagonal as ``[sum(out), slices * slots * rank]``."""
+    ``B`` (transposed) block-diagonal as ``[slices * slots * rank, sum(out)]``."""
     global _FUSED
     import torch
 
@@ -262,7 +262,7 @@ def _fused(
         live = [slot for slot in range(len(flags[0])) if any(f[slot] for f in flags)]
         a = torch.cat([w[live].flatten(0, 2) for w in lora_a_stacked])
         b = torch.block_diag(
-            *(w[live].squeeze(1).permute(1, 0, 2).flatten(1) for w in lora_b_stacked)
+            *(w[live].squeeze(1).permute(0, 2, 1).flatten(0, 1) for w in lora_b_stacked)
         )
         entry = _FUSED[lora_a_stacked[0]] = (versions, live, a, b)
     return entry[1], entry[2], entry[3]
@@ -293,7 +293,7 @@ def _add_lora_linear(
     usual = buffer is None and kwargs.get("add_inputs", True) is True
     if usual and x2.shape[0] == indices.shape[0]:
         live, a, b = _fused(lora_a_stacked, lora_b_stacked)
-    if not usual or x2.shape[0] != indices.shape[0] or b.shape[0] != sum(output_slices):
+    if not usual or x2.shape[0] != indices.shape[0] or b.shape[1] != sum(output_slices):
         return ORIGINALS["add_lora_linear"](
             self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
             buffer=buffer, **kwargs,
@@ -307,9 +307,14 @@ def _add_lora_linear(
         mask = masks[key] = (indices.unsqueeze(1) == slots).to(a.dtype).mul_(scale)
     slices, rank = len(lora_a_stacked), lora_a_stacked[0].shape[-2]
     shrunk = torch.nn.functional.linear(x2.to(a.dtype), a)
-    shrunk = shrunk.view(-1, slices, len(live), rank) * mask.view(-1, 1, len(live), 1)
+    shrunk.view(-1, slices, len(live), rank).mul_(mask.view(-1, 1, len(live), 1))
     out = y.view(-1, y.shape[-1])
-    out[:, : b.shape[0]] += torch.nn.functional.linear(shrunk.flatten(1), b).to(out.dtype)
+    if out.shape[1] != b.shape[1]:
+        out = out[:, : b.shape[1]]
+    if out.dtype == b.dtype:
+        out.addmm_(shrunk, b)  # the sum into y inside the product: one pass over y, not two
+    else:
+        out += (shrunk @ b).to(out.dtype)
     return y
 
 
