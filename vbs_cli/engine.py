@@ -75,7 +75,10 @@ def server_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
     if device == "cpu":
         # Defaults only: a user's own setting of these wins.
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(local.cpu_kvcache_space_gib))
-        env.setdefault("OMP_NUM_THREADS", str(engine_threads()))
+        # The server's threads are fixed (VBS_ENGINE_THREADS, or every core): only the
+        # in-process engine follows the machine's load.
+        threads = settings.engine_threads
+        env.setdefault("OMP_NUM_THREADS", str(engine_threads() if threads == "auto" else threads))
         # vLLM binds its one worker to one core and keeps the other for its scheduler; unbound
         # threads on every core measured 225 vs 178 tok/s on a 2-core machine, idle or beside
         # a busy process (docs/engine.md).

@@ -83,6 +83,7 @@ def build_local_engine(settings: Settings) -> VLLMEngine:
         tool_call_parser=settings.tool_call_parser,
         reasoning_parser=settings.reasoning_parser,
         lora_cpu_kernels=settings.lora_cpu_kernels,
+        threads=None if settings.engine_threads == "auto" else settings.engine_threads,
         max_lora_rank=settings.max_lora_rank,
         max_loras=settings.max_loras,
         max_cpu_loras=settings.max_cpu_loras,

@@ -110,8 +110,14 @@ class Settings(BaseSettings):
     )
     lora_cpu_kernels: bool = Field(
         default=True,
-        description="vbs's grouped LoRA ops on vLLM's CPU build (one product per adapter in a "
-        "step); false keeps vLLM's own.",
+        description="vbs's fused LoRA ops on vLLM's CPU build (two products per layer over "
+        "every adapter of a step); false keeps vLLM's own.",
+    )
+    engine_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default="auto",
+        description="The CPU engine's OpenMP threads. auto: every core, less the cores other "
+        "work at normal priority keeps busy, re-measured every second while the in-process "
+        "engine runs; a number: that many, fixed.",
     )
     cuda_visible_devices: str | None = Field(
         default=None, validation_alias=AliasChoices("CUDA_VISIBLE_DEVICES")

@@ -42,7 +42,7 @@ def engine_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def configure_vllm_env(device: str, kvcache_gib: int) -> None:
+def configure_vllm_env(device: str, kvcache_gib: int, threads: int | None = None) -> None:
     """Settings vLLM and torch read at import or engine start; set before the first import.
     These are writes for the libraries' sake: vbs's own settings come from ``Settings``."""
     # One process: the engine core runs in this Dagster step (fast start, and a kill of the
@@ -52,5 +52,5 @@ def configure_vllm_env(device: str, kvcache_gib: int) -> None:
         set_library_defaults(
             VLLM_CPU_KVCACHE_SPACE=str(kvcache_gib),
             # Unset, vLLM drops torch to one thread "for serving"; a batch owns the machine.
-            OMP_NUM_THREADS=str(engine_threads()),
+            OMP_NUM_THREADS=str(threads or engine_threads()),
         )

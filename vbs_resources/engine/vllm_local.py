@@ -22,6 +22,7 @@ from vbs_resources.engine import (
     InferenceEngine,
     route,
 )
+from vbs_resources.engine.cpu_share import follow_load
 from vbs_resources.engine.hardware import configure_vllm_env, detect_device, resolve_dtype
 from vbs_resources.engine.lora_cpu import install as install_lora_kernels
 from vbs_resources.engine.vllm_serving import Parsers, PoolingLayer, ServingLayer
@@ -73,6 +74,11 @@ class VLLMEngine(InferenceEngine):
     )
     lora_cpu_kernels: bool = Field(
         default=True, description="vbs's grouped LoRA ops on vLLM's CPU build."
+    )
+    threads: int | None = Field(
+        default=None,
+        description="The CPU engine's threads, fixed; None: every core, less those other work "
+        "keeps busy.",
     )
     seed: int = 0
 
@@ -185,7 +191,7 @@ class VLLMEngine(InferenceEngine):
             # One engine per model in memory: another configuration of the same model (the
             # adapters changed) replaces it.
             self._forget(runner, path)
-            configure_vllm_env(device, self.cpu_kvcache_space_gib)
+            configure_vllm_env(device, self.cpu_kvcache_space_gib, self.threads)
             from vllm import LLM
 
             if lora.get("enable_lora"):
@@ -259,6 +265,8 @@ class VLLMEngine(InferenceEngine):
         llm = self._llm(path, runner)
         if layer is None or layer.llm is not llm:
             layer = _LAYERS[runner] = build(llm)
+            if self.device == "cpu" and self.threads is None:
+                layer.client.after_step = follow_load()
         return layer
 
     def _run_pooling(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:

@@ -50,6 +50,8 @@ class _ClientMethods:
         self._queues: dict[str, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
         self._dead: BaseException | None = None
+        # Called after every step (the CPU engine's thread count follows the machine's load).
+        self.after_step: Callable[[], object] | None = None
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -228,6 +230,8 @@ class _ClientMethods:
                 queue = self._queues.get(output.request_id)
                 if queue is not None:
                     queue.put_nowait(output)
+            if self.after_step is not None:
+                self.after_step()
 
     # ---- what a batch engine has no use for -------------------------------------------------
 
