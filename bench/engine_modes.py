@@ -51,6 +51,9 @@ def leg(args: argparse.Namespace) -> None:
     values = {"VBS_HOME": str(home), "VBS_MODEL": args.model, "VBS_DTYPE": args.dtype}
     if args.engine_url:
         values.update(VBS_ENGINE="server", VBS_ENGINE_URL=args.engine_url)
+    for name in ("VBS_ENGINE_CONCURRENCY", "VBS_ENGINE_THREADS"):  # settings a run may vary
+        if name in os.environ:
+            values[name] = os.environ[name]
     resources = build_resources(load_settings(values))
     registry = ModelRegistry(resources["catalog"])
     engine = resources["engine"]

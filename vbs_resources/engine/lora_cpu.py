@@ -1,17 +1,24 @@
-"""Grouped LoRA kernels for vLLM's CPU build: one matrix product per adapter in a step.
+"""Fused LoRA kernels for vLLM's CPU build.
 
 vLLM's CPU LoRA ops (``vllm.lora.ops.torch_ops``) gather a copy of the adapter weights for
 every token of a step (``weights[indices]``) and multiply token by token. On a 2-core machine
 that copying costs more than the base model itself: a batch naming two adapters ran at 0.19 of
-the base model's throughput, and a base-only batch on an engine with LoRA on at 0.68, because
-tokens of no adapter (index -1) are multiplied by the last slot's weights too (zeros unless
-every slot is in use, when base requests would get the last adapter's delta).
+the base model's throughput, and a base-only batch on an engine with LoRA on at 0.63. Tokens of
+no adapter (index -1) are multiplied by the last slot's weights too (zeros unless every slot is
+in use, when base requests would get the last adapter's delta).
 
-These replacements keep the ops' signatures and results: tokens are grouped by adapter and each
-group is one matrix product; tokens of no adapter get no delta. They are installed as a vLLM
-general plugin (``vllm.general_plugins`` entry point in pyproject.toml), so every vLLM process
-of this environment uses them, the in-process engine and ``vbs engine serve`` alike, and only
-on the CPU platform. ``VBS_LORA_CPU_KERNELS=false`` keeps vLLM's own.
+Replacements, with vLLM's results:
+
+- ``add_lora_linear`` (every LoRA-wrapped linear layer): two products over every slot holding
+  weights, the middle one masked to each token's own slot, the second summed into the layer's
+  output by ``addmm``; nothing at all in a step naming no adapter or a layer no adapter touches.
+- the ``bgmv``/``sgmv`` ops (still called directly for embeddings and logits): tokens grouped
+  by adapter, one product per group, no delta for tokens of no adapter.
+
+They are installed as a vLLM general plugin (``vllm.general_plugins`` entry point in
+pyproject.toml), so every vLLM process of this environment uses them, the in-process engine and
+``vbs engine serve`` alike, and only on the CPU platform. ``VBS_LORA_CPU_KERNELS=false`` keeps
+vLLM's own.
 """
 
 from __future__ import annotations
@@ -323,7 +330,7 @@ ORIGINALS: dict[str, Any] = {}
 
 
 def install(enabled: bool = True) -> bool:
-    """Put the grouped ops where vLLM's CPU LoRA wrapper looks them up; False when not
+    """Put vbs's ops where vLLM's CPU LoRA wrapper looks them up; False when not
     ``enabled`` or not on vLLM's CPU platform."""
     if not enabled:
         return False
@@ -348,7 +355,7 @@ def install(enabled: bool = True) -> bool:
         if name not in ORIGINALS:
             ORIGINALS[name] = getattr(punica, name)
             setattr(punica, name, replacement)
-    log.debug("vbs: grouped LoRA kernels installed for vLLM's CPU build")
+    log.debug("vbs: fused LoRA kernels installed for vLLM's CPU build")
     return True
 
 
