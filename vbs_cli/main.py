@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from vbs_cli import client, engine, models
+from vbs_cli import client, conquests, engine, models
 from vbs_resources import load_settings
 from vbs_resources.settings import SettingsError
 
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--api-port", type=int, help="API port (VBS_API_PORT)")
     client.add_commands(sub)
     models.add_commands(sub)
+    conquests.add_commands(sub)
     engine.add_commands(sub)
     args = parser.parse_args(argv)
     try:
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return client.run(args, settings)
     if args.command == "models":
         return models.run(args, settings)
+    if args.command == "conquests":
+        return conquests.run(args, settings)
     if args.command == "engine":
         return engine.run(args, settings)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

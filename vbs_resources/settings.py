@@ -160,6 +160,13 @@ class Settings(BaseSettings):
     )
     engine_step_retry_wait_s: float = Field(default=30, ge=0)
 
+    # ---- curation -----------------------------------------------------------------------
+    conquest_types_dir: Path | None = Field(
+        default=None,
+        description="The folder of conquest type files (YAML or JSON); the shipped "
+        "conquest_types/ if unset.",
+    )
+
     # ---- Dagster ------------------------------------------------------------------------
     dagster_host: str = "127.0.0.1"
     dagster_port: int = Field(default=3000, ge=1, le=65535)
