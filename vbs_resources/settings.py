@@ -144,7 +144,11 @@ class Settings(BaseSettings):
         default=None, description="The server's API key (vLLM's --api-key), if it has one."
     )
     engine_concurrency: int = Field(
-        default=64, ge=1, le=4096, description="Requests in flight to the server at once."
+        default=256,
+        ge=1,
+        le=4096,
+        description="Requests in flight to the server at once: at least the server's "
+        "max_num_seqs, or it idles between waves.",
     )
     engine_timeout_s: float = Field(
         default=600, gt=0, description="Longest wait for one response from the server."

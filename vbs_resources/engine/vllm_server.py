@@ -76,7 +76,7 @@ class VLLMServerEngine(InferenceEngine):
         description="The models this deployment serves (the server's base model and the "
         "in-process embedding model), as the in-process engine describes them."
     )
-    concurrency: int = Field(default=64, ge=1, description="Requests in flight at once.")
+    concurrency: int = Field(default=256, ge=1, description="Requests in flight at once.")
     timeout_s: float = Field(default=600, gt=0, description="Longest wait for one response.")
     retry_s: float = Field(
         default=120, ge=0, description="How long an unreachable server is retried per request."
