@@ -80,6 +80,8 @@ def test_a_record_becomes_the_types_prompt_and_a_chat_example(shipped):
         ),  # fmt: skip
         ({"ticket_subject": "s", "ticket_body": "x", "tickte": 1}, "tickte", "unknown field"),
         ({"ticket_subject": "s", "ticket_body": "x", "custom_id": 7}, "custom_id", "string"),
+        ({"ticket_subject": "s", "ticket_body": "x", "custom_id": "x" * 513}, "custom_id", "512"),
+        ({"ticket_subject": "s", "ticket_body": "x", "custom_id": ""}, "custom_id", "non-empty"),
     ],
 )
 def test_bad_records_name_the_field(shipped, record, field, message):

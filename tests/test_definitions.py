@@ -18,9 +18,17 @@ def test_assets_checks_jobs_and_sensors():
     assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {
         "batch_input",
         "batch_output",
+        "conquests",
     }
+    # A typed batch's conquests are made in its own run, after its results.
+    assert graph.get(dg.AssetKey("conquests")).parent_keys == {dg.AssetKey("batch_output")}
     assert {k.name for k in graph.asset_check_keys} == {"output_complete", "error_rate"}
     job = defs.resolve_job_def("batch_job")
+    assert {k.to_user_string() for k in job.asset_layer.asset_graph.get_all_asset_keys()} == {
+        "batch_input",
+        "batch_output",
+        "conquests",
+    }
     assert {k.name for k in job.asset_layer.asset_graph.asset_check_keys} == {
         "output_complete",
         "error_rate",

@@ -72,7 +72,9 @@ def create_app(
         bucket=resources["bucket"],
         catalog=catalog,
         engine=resources["engine"],
-        service=BatchService(resources["bucket"], catalog, lifecycle, launcher),
+        service=BatchService(
+            resources["bucket"], catalog, lifecycle, launcher, resources["conquest_types"]
+        ),
         reads=catalog.read_connection(),
         extras={"poll_cache": batches.PollCache(), "gauges": gauges, **gauges},
     )

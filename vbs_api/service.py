@@ -17,6 +17,7 @@ from vbs_api.errors import APIError
 from vbs_api.launch import BatchLauncher, LaunchFailed, LaunchUnavailable
 from vbs_resources import Bucket, Catalog
 from vbs_resources import layout as L
+from vbs_resources.curation import ConquestTypeFileError, ConquestTypes
 from vbs_resources.lifecycle import BatchLifecycle
 from vbs_resources.wire import (
     ENDPOINTS,
@@ -38,9 +39,11 @@ class BatchService:
         catalog: Catalog,
         lifecycle: BatchLifecycle,
         launcher: BatchLauncher | None = None,
+        conquest_types: ConquestTypes | None = None,
     ) -> None:
         self.bucket, self.catalog, self.lifecycle = bucket, catalog, lifecycle
         self.launcher = launcher
+        self.conquest_types = conquest_types or ConquestTypes()
 
     # ---- files -------------------------------------------------------------------------------
 
@@ -94,6 +97,7 @@ class BatchService:
                 "a file uploaded with purpose 'batch'.",
                 param="input_file_id",
             )
+        self._check_conquest_metadata(request.metadata or {})
         options = BatchOptions(metadata=request.metadata or {}, chunk_size=request.chunk_size)
         batch_id = L.new_batch_id()
         # Input and options first, then the record: a crash in between leaves an unknown folder,
@@ -115,6 +119,31 @@ class BatchService:
         )
         self._launch(batch_id, options, source["filename"])
         return Catalog.to_openai_batch(self.batch_row(batch_id))
+
+    def _check_conquest_metadata(self, metadata: dict[str, str]) -> None:
+        """A batch to be curated names a known conquest type, and a records file of its own."""
+        type_id = metadata.get(L.META_CONQUEST_TYPE)
+        if type_id is None:
+            return
+        try:
+            registry = self.conquest_types.registry()
+        except ConquestTypeFileError as exc:
+            log.error(f"the conquest types do not load: {exc}")
+            raise APIError(500, "The server's conquest types do not load; see its log.") from None
+        if type_id not in registry:
+            message = f"Unknown conquest type {type_id[:100]!r}; known: " + ", ".join(
+                t.id for t in registry.all()
+            )
+            raise APIError(400, message, param=f"metadata.{L.META_CONQUEST_TYPE}")
+        records = metadata.get(L.META_CONQUEST_RECORDS)
+        if records is not None:
+            row = self.catalog.get_file(records)
+            if row is None or row["purpose"] != "user_data":
+                raise APIError(
+                    400,
+                    f"{records[:100]} is not a file uploaded with purpose 'user_data'.",
+                    param=f"metadata.{L.META_CONQUEST_RECORDS}",
+                )
 
     def _launch(self, batch_id: str, options: BatchOptions, filename: str) -> None:
         if self.launcher is None:

@@ -15,7 +15,8 @@ from vbs_resources.wire import TERMINAL_STATUSES
 COMMANDS = ("submit", "batches", "results", "inbox")
 
 
-def _client(args: argparse.Namespace, settings: Settings) -> Any:
+def openai_client(args: argparse.Namespace, settings: Settings) -> Any:
+    """The official openai client, on the API of ``--api-url`` or ``VBS_API_URL``."""
     from openai import OpenAI
 
     key = settings.client_api_key or "none"
@@ -35,11 +36,15 @@ def add_commands(sub: Any) -> None:
     results.add_argument("--errors", action="store_true", help="print the error file instead")
     inbox = sub.add_parser("inbox", help="files in the inbox that cannot be taken, and why")
     for parser in (submit, batches, results, inbox):
-        parser.add_argument("--api-url", help="the API's /v1 URL (VBS_API_URL)")
+        add_api_url(parser)
+
+
+def add_api_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-url", help="the API's /v1 URL (VBS_API_URL)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    client = _client(args, settings)
+    client = openai_client(args, settings)
     if args.command == "batches":
         for b in client.batches.list(limit=args.limit).data:
             counts = b.request_counts
@@ -77,10 +82,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     print(batch.id, flush=True)
     if not args.wait:
         return 0
-    return 0 if _wait(client, batch.id) == "completed" else 1
+    return 0 if wait_for(client, batch.id) == "completed" else 1
 
 
-def _wait(client: Any, batch_id: str) -> str:
+def wait_for(client: Any, batch_id: str) -> str:
+    """Show a batch's progress until it ends; its last status."""
     from tqdm import tqdm
 
     bar = tqdm(total=None, unit="req", desc=batch_id[:18], file=sys.stderr)

@@ -9,6 +9,7 @@ import dagster as dg
 
 from vbs_resources.bucket import Bucket
 from vbs_resources.catalog import Catalog
+from vbs_resources.curation.registry import ConquestTypes
 from vbs_resources.engine import (
     EngineRequest,
     EngineResult,
@@ -111,4 +112,7 @@ def build_resources(settings: Settings, for_dagster: bool = False) -> dict[str, 
         "bucket": Bucket(url=settings.resolved_bucket_url),
         "catalog": Catalog(url=catalog_url),
         "engine": build_engine(settings, for_dagster),
+        "conquest_types": ConquestTypes(
+            folder=str(settings.conquest_types_dir) if settings.conquest_types_dir else None
+        ),
     }

@@ -153,6 +153,29 @@ models = sa.Table(
     sa.Column("options", sa.JSON),
 )
 
+# Conquests: one per result line of a batch whose metadata names a conquest type. The id is
+# derived from (batch, custom_id), so making them again finds the same rows.
+conquests = sa.Table(
+    "conquests",
+    metadata_obj,
+    sa.Column("id", sa.String(80), primary_key=True),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("type_version", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # PENDING, IN_PROGRESS, COMPLETED, FAILED
+    sa.Column("result", sa.String(16)),  # VICTORY, DEFEAT, or none yet
+    sa.Column("input_data", sa.JSON, nullable=False),
+    sa.Column("prompt", sa.JSON, nullable=False),  # the messages (or prompt) the model was sent
+    sa.Column("prediction", sa.Text),  # the model's answer; none for a failed request
+    sa.Column("error", sa.JSON),  # a failed request's error (code, message)
+    sa.Column("model", sa.String(256)),
+    sa.Column("batch_id", sa.String(80), nullable=False),
+    sa.Column("custom_id", sa.String(512), nullable=False),
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("batch_id", "custom_id", name="uq_conquests_batch_custom_id"),
+    sa.Index("ix_conquests_type_created_at_id", "type", "created_at", "id"),
+)
+
 # Point reads answer every API poll: built once, so each call only binds the id.
 _BATCH_BY_ID = sa.select(batches).where(batches.c.id == sa.bindparam("id"))
 _FILE_BY_ID = sa.select(files).where(files.c.id == sa.bindparam("id"), files.c.deleted.is_(False))
@@ -614,6 +637,33 @@ class Catalog(dg.ConfigurableResource):
                 .values(status="retired", retired_at=int(time.time()))
             ).rowcount
         return bool(changed)
+
+    # ---- conquests ---------------------------------------------------------------------------
+
+    def add_conquests(self, rows: list[dict[str, Any]]) -> int:
+        """Insert the conquests not there yet (by id); the number inserted. Rows already there
+        keep their state (annotations, result): making a batch's conquests again adds nothing."""
+        if not rows:
+            return 0
+        ids = [row["id"] for row in rows]
+        with self.engine.begin() as conn:
+            known = set(
+                conn.execute(sa.select(conquests.c.id).where(conquests.c.id.in_(ids))).scalars()
+            )
+            new = [row for row in rows if row["id"] not in known]
+            if new:
+                conn.execute(conquests.insert(), new)
+        return len(new)
+
+    def get_conquest(
+        self, conquest_id: str, conn: sa.Connection | None = None
+    ) -> dict[str, Any] | None:
+        rows = self._all(sa.select(conquests).where(conquests.c.id == conquest_id), conn)
+        return rows[0] if rows else None
+
+    def conquests_of_batch(self, batch_id: str) -> list[dict[str, Any]]:
+        query = sa.select(conquests).where(conquests.c.batch_id == batch_id)
+        return self._all(query.order_by(conquests.c.id))
 
     # ---- inbox problems ---------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ Ids are opaque (``batch_<hex>``, ``file-<hex>``); no path is ever built from a c
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 
@@ -81,6 +82,23 @@ def new_request_id() -> str:
 
 def new_event_id() -> str:
     return f"evt_{uuid.uuid4().hex}"
+
+
+def conquest_id(batch_id: str, custom_id: str) -> str:
+    """A conquest's id, the same every time its batch's conquests are made."""
+    digest = hashlib.sha256(f"{batch_id}\n{custom_id}".encode()).hexdigest()
+    return f"cq_{digest[:32]}"
+
+
+# ---- curation ------------------------------------------------------------------------------
+
+CONQUESTS = "conquests"
+CURATION_GROUP = "curation"
+# Batch metadata keys: the conquest type a batch's results are curated as, and the uploaded
+# file (purpose user_data) holding the records its prompts were made from.
+META_CONQUEST_TYPE = "conquest_type"
+META_CONQUEST_TYPE_VERSION = "conquest_type_version"
+META_CONQUEST_RECORDS = "conquest_records_file"
 
 
 # ---- the inbox ---------------------------------------------------------------------------

@@ -16,6 +16,9 @@ from vbs_resources import Catalog
 from vbs_resources import layout as L
 
 router = APIRouter(prefix="/v1/files")
+# batch: a batch's input. user_data: anything else a client keeps with the platform, such as the
+# records a conquest batch's prompts were made from (vbs conquests submit).
+PURPOSES = ("batch", "user_data")
 BLOCK = 1 << 20
 
 
@@ -35,9 +38,11 @@ async def upload_file(request: Request) -> JSONResponse:
         purpose = upload.fields.get("purpose")
         if staged is None:
             raise APIError(400, "Missing required parameter: 'file'.", param="file")
-        if purpose != "batch":
-            raise APIError(400, "Only purpose 'batch' is supported.", param="purpose")
-        if not (upload.filename or "").lower().endswith(".jsonl"):
+        if purpose not in PURPOSES:
+            raise APIError(
+                400, f"purpose must be one of {', '.join(map(repr, PURPOSES))}.", param="purpose"
+            )
+        if purpose == "batch" and not (upload.filename or "").lower().endswith(".jsonl"):
             raise APIError(400, "Batch files must be .jsonl files.", param="file")
         sha256 = await run_in_threadpool(staged.commit)
     except BaseException:

@@ -2,6 +2,7 @@
 
 from vbs_resources.curation.registry import (
     ConquestTypeFileError,
+    ConquestTypes,
     TaskRegistry,
     load_conquest_types,
     load_type_file,
@@ -21,6 +22,7 @@ __all__ = [
     "ConquestType",
     "ConquestTypeError",
     "ConquestTypeFileError",
+    "ConquestTypes",
     "DataSource",
     "Question",
     "RecordError",

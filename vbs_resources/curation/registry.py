@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 from pydantic import ValidationError
 
 from vbs_resources.curation.types import ConquestType
@@ -151,3 +152,14 @@ def load_conquest_types(folder: Path | None = None) -> TaskRegistry:
     None) loaded into it."""
     task_registry.load_folder(folder or SHIPPED)
     return task_registry
+
+
+class ConquestTypes(dg.ConfigurableResource):
+    """The deployment's conquest types: ``folder`` (the shipped ``conquest_types/`` when
+    unset) read at each use, so an edited type file counts from the next run, plus the types
+    integrations registered in code."""
+
+    folder: str | None = None
+
+    def registry(self) -> TaskRegistry:
+        return load_conquest_types(Path(self.folder) if self.folder else None)

@@ -217,8 +217,11 @@ class ConquestType(_Model):
                 f"unknown field {unknown[0]!r}; {self.id} records have: {', '.join(known)}",
                 unknown[0],
             )
-        if "custom_id" in record and not isinstance(record["custom_id"], str):
-            raise RecordError("custom_id must be a string", "custom_id")
+        if "custom_id" in record:
+            custom_id = record["custom_id"]
+            if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 512:
+                message = "custom_id must be a non-empty string of at most 512 characters"
+                raise RecordError(message, "custom_id")  # a batch line's own limits
         data: dict[str, Any] = {}
         for source in self.data_sources:
             value = record.get(source.id)

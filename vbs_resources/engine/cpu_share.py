@@ -108,13 +108,13 @@ _SHARED: CoreShare | None = None
 
 def follow_load() -> Callable[[], object]:
     """The check the in-process CPU engine runs after each step: one per process (every engine
-    of the process uses the same OpenMP threads), starting from ``OMP_NUM_THREADS``."""
+    of the process uses the same OpenMP threads), never above the threads the engine started
+    with (``OMP_NUM_THREADS``, as torch read it)."""
     global _SHARED
     if _SHARED is None:
         import torch
 
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op once it binds threads;
         # torch._C keeps the real one.
-        ceiling = int(os.environ.get("OMP_NUM_THREADS") or 0) or None
-        _SHARED = CoreShare(torch._C.set_num_threads, ceiling=ceiling)
+        _SHARED = CoreShare(torch._C.set_num_threads, ceiling=torch.get_num_threads())
     return _SHARED.check

@@ -1,0 +1,162 @@
+"""From records to conquests: ``vbs conquests submit`` checks records line by line and sends
+their rendered prompts as a batch; the batch's run makes one conquest per result line, and a
+plain batch naming a type in its metadata is curated the same way (real vLLM, real Dagster
+daemon and API)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import dagster as dg
+import openai
+import pytest
+
+from tests.conftest import API_KEY, MODEL, chat_line, jsonl, wait_for
+from vbs_assets.curation import conquests
+from vbs_cli.conquests import check_records
+from vbs_resources import layout as L
+from vbs_resources.curation import ConquestTypes
+
+SUPPORT = ConquestTypes().registry().get("support_reply")
+
+RECORDS = [
+    {
+        "custom_id": "t-mug",
+        "ticket_subject": "Broken mug",
+        "ticket_body": "My mug arrived in pieces. Can you send a new one?",
+        "order_history": [{"id": 12, "item": "mug"}],
+    },
+    {"ticket_subject": "Password", "ticket_body": "I forgot my password — help! 🙏"},
+]
+
+
+def test_records_are_checked_line_by_line():
+    lines = [
+        json.dumps(RECORDS[0]).encode(),
+        b"",  # blank: skipped
+        b'{"ticket_subject": "x", "ticket_body": NaN}',
+        b'{"ticket_subject": "x"}',
+        b'{"ticket_subject": "x", "ticket_body": "y", "custom_id": "t-mug"}',
+        b'{"ticket_subject": "x", "ticket_body": "\\ud800"}',
+        json.dumps(RECORDS[1]).encode(),
+        b"[1, 2]",
+    ]
+    good, errors = check_records(SUPPORT, lines)
+    assert [custom_id for custom_id, _ in good] == ["t-mug", "support_reply-7"]
+    assert good[0][1]["order_history"] == [{"id": 12, "item": "mug"}]
+    assert "custom_id" not in good[0][1]
+    assert [e.split(":")[0] for e in errors] == [
+        "line 3",
+        "line 4 (field ticket_body)",
+        "line 5 (field custom_id)",
+        "line 6 (field ticket_body)",
+        "line 8",
+    ]
+    assert "is also line 1" in errors[2]
+    assert "a JSON object, not list" in errors[4]
+
+
+def vbs(platform, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VBS_API_KEY": API_KEY}
+    command = [sys.executable, "-m", "vbs_cli.main", *args, "--api-url", platform.api_url]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_bad_records_submit_nothing(platform, tmp_path):
+    client = openai.OpenAI(base_url=platform.api_url, api_key=API_KEY)
+    before = [b.id for b in client.batches.list(limit=100).data]
+    path = tmp_path / "tickets.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n" + '{"ticket_subject": 3, "ticket_body": "b"}\n')
+    refused = vbs(platform, "conquests", "submit", "support_reply", str(path))
+    assert refused.returncode == 2
+    assert "1 bad record(s); nothing was submitted" in refused.stderr
+    assert "line 2 (field ticket_subject): field 'ticket_subject' must be" in refused.stderr
+    unknown = vbs(platform, "conquests", "submit", "no_such_type", str(path))
+    assert unknown.returncode == 2 and "unknown conquest type 'no_such_type'" in unknown.stderr
+    assert [b.id for b in client.batches.list(limit=100).data] == before
+
+
+def test_the_api_refuses_an_unknown_type_and_a_records_file_that_is_not_one(platform):
+    client = openai.OpenAI(base_url=platform.api_url, api_key=API_KEY)
+    uploaded = client.files.create(file=("x.jsonl", jsonl([chat_line("a", "hi")])), purpose="batch")
+    for metadata, param in (
+        ({"conquest_type": "nope"}, "metadata.conquest_type"),
+        (
+            {"conquest_type": "support_reply", "conquest_records_file": uploaded.id},
+            "metadata.conquest_records_file",
+        ),
+    ):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.batches.create(
+                input_file_id=uploaded.id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                metadata=metadata,
+            )
+        assert caught.value.body["param"] == param
+
+
+def test_submitted_records_become_conquests_once(platform, tmp_path):
+    path = tmp_path / "tickets.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    submitted = vbs(
+        platform, "conquests", "submit", "support_reply", str(path), "--max-tokens", "16", "--wait"
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.strip()
+    catalog = platform.resources["catalog"]
+    batch = catalog.get_batch(batch_id)
+    assert batch["batch_metadata"]["conquest_type"] == "support_reply"
+    wait_for(lambda: len(catalog.conquests_of_batch(batch_id)) == 2, 60, "the conquests")
+    rows = {row["custom_id"]: row for row in catalog.conquests_of_batch(batch_id)}
+    assert set(rows) == {"t-mug", "support_reply-2"}
+    mug = rows["t-mug"]
+    assert mug["id"] == L.conquest_id(batch_id, "t-mug")
+    assert (mug["type"], mug["type_version"], mug["status"]) == (
+        "support_reply",
+        "1.0.0",
+        "COMPLETED",
+    )
+    assert mug["model"] == MODEL and mug["prediction"]
+    assert mug["input_data"] == {k: v for k, v in RECORDS[0].items() if k != "custom_id"}
+    assert mug["prompt"] == SUPPORT.prompt(mug["input_data"])
+    assert '"item": "mug"' in mug["prompt"][1]["content"]
+    assert rows["support_reply-2"]["input_data"]["ticket_body"].endswith("help! 🙏")
+
+    # Materialized again (as from the UI): the same conquests, nothing added or changed.
+    result = dg.materialize(
+        [conquests],
+        partition_key=batch_id,
+        resources=platform.resources,
+        instance=platform.instance,
+    )
+    (event,) = result.asset_materializations_for_node(L.CONQUESTS)
+    assert event.metadata["conquests"].value == 2 and event.metadata["new"].value == 0
+    assert {r["id"]: r for r in catalog.conquests_of_batch(batch_id)} == {
+        r["id"]: r for r in rows.values()
+    }
+
+
+def test_a_plain_batch_naming_a_type_is_curated_with_its_errors(platform):
+    client = openai.OpenAI(base_url=platform.api_url, api_key=API_KEY)
+    lines = [
+        chat_line("ok", "Say hello.", max_tokens=8, temperature=0),
+        chat_line("bad", "Say hello.", model="no-such-model", max_tokens=8),
+    ]
+    uploaded = client.files.create(file=("typed.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"conquest_type": "support_reply"},
+    )
+    catalog = platform.resources["catalog"]
+    wait_for(lambda: len(catalog.conquests_of_batch(batch.id)) == 2, 300, "the conquests")
+    rows = {row["custom_id"]: row for row in catalog.conquests_of_batch(batch.id)}
+    assert rows["ok"]["status"] == "COMPLETED"
+    assert rows["ok"]["input_data"] == {"messages": lines[0]["body"]["messages"]}
+    assert rows["bad"]["status"] == "FAILED" and rows["bad"]["prediction"] is None
+    assert rows["bad"]["error"]["code"] == "model_not_found"

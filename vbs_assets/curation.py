@@ -1,0 +1,112 @@
+"""``conquests``: a typed batch's results as conquests in the catalog, ready to be judged.
+
+A batch is typed when its metadata names a conquest type (``vbs conquests submit`` sets it; an
+API client or an inbox sidecar may too). Each result line becomes one conquest; error lines
+become conquests with status ``FAILED``. Making them again (a re-materialization, a retried
+run) finds the same ids and adds nothing, keeping whatever curators have said since.
+"""
+
+import json
+
+import dagster as dg
+
+from vbs_assets.inference import batch_output
+from vbs_assets.partitions import batch_partitions
+from vbs_resources import Bucket, Catalog
+from vbs_resources import layout as L
+from vbs_resources.curation import ConquestTypeFileError, ConquestTypes
+from vbs_resources.curation.conquests import (
+    COMPLETED,
+    CURATED_ENDPOINTS,
+    ConquestSourceError,
+    build_conquests,
+    records_of,
+)
+
+_INSERT_ROWS = 1000
+
+
+def _preview(rows: list[dict[str, object]]) -> str:
+    lines = ["| custom_id | status | model | prediction |", "|---|---|---|---|"]
+    for row in rows[:5]:
+        text = row["prediction"] if row["status"] == COMPLETED else json.dumps(row["error"])
+        cells = [str(row["custom_id"])[:64], str(row["status"]), str(row["model"]), str(text)]
+        cells = [c.replace("\n", " ").replace("|", "\\|")[:120] for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _skipped(reason: str, **metadata: object) -> dg.MaterializeResult:
+    return dg.MaterializeResult(metadata={"conquests": 0, "skipped": reason, **metadata})
+
+
+@dg.asset(
+    name=L.CONQUESTS,
+    partitions_def=batch_partitions,
+    deps=[batch_output],
+    code_version="1",
+    kinds={"sql"},
+    group_name=L.CURATION_GROUP,
+)
+def conquests(
+    context: dg.AssetExecutionContext,
+    bucket: Bucket,
+    catalog: Catalog,
+    conquest_types: ConquestTypes,
+) -> dg.MaterializeResult:
+    """One conquest per result line of a batch whose metadata names a conquest type (id, type
+    and version, status, input data, prompt, prediction, model, batch, custom_id). A batch
+    without a type has none; a type that is not known is reported and skipped, never a failed
+    batch."""
+    batch_id = context.partition_key
+    batch = catalog.get_batch(batch_id)
+    if batch is None:
+        return _skipped("the batch is not in the catalog")
+    metadata = batch.get("batch_metadata") or {}
+    type_id = metadata.get(L.META_CONQUEST_TYPE)
+    if not type_id:
+        return _skipped("the batch names no conquest type (metadata conquest_type)")
+    if batch.get("endpoint") not in CURATED_ENDPOINTS:
+        context.log.warning(f"{batch_id}: {batch.get('endpoint')} answers are not curated")
+        return _skipped(f"{batch.get('endpoint')} answers are not curated", conquest_type=type_id)
+    try:
+        conquest_type = conquest_types.registry().get(type_id)
+    except (KeyError, ConquestTypeFileError) as exc:
+        # The batch has its results; its conquests can be made again once the type loads.
+        context.log.error(f"{batch_id}: {exc.args[0]}")
+        return _skipped(str(exc.args[0]), conquest_type=type_id)
+    version = metadata.get(L.META_CONQUEST_TYPE_VERSION) or conquest_type.version
+    conquest_type = conquest_type.model_copy(update={"version": version})
+    records = None
+    if metadata.get(L.META_CONQUEST_RECORDS):
+        try:
+            records = records_of(bucket, catalog, metadata[L.META_CONQUEST_RECORDS])
+        except ConquestSourceError as exc:
+            context.log.warning(f"{batch_id}: {exc}; input data is each request's messages")
+
+    made = added = completed = 0
+    sample: list[dict[str, object]] = []
+    pending: list[dict[str, object]] = []
+    for row in build_conquests(bucket, batch, conquest_type, records):
+        made += 1
+        completed += row["status"] == COMPLETED
+        if len(sample) < 5:
+            sample.append(row)
+        pending.append(row)
+        if len(pending) >= _INSERT_ROWS:
+            added += catalog.add_conquests(pending)
+            pending = []
+            context.log.info(f"{batch_id}: {made} conquests made")
+    added += catalog.add_conquests(pending)
+    context.log.info(f"{batch_id}: {made} conquests of type {type_id}, {added} new")
+    return dg.MaterializeResult(
+        metadata={
+            "conquest_type": type_id,
+            "type_version": version,
+            "conquests": made,
+            "new": added,
+            "completed": completed,
+            "failed": made - completed,
+            "preview": dg.MetadataValue.md(_preview(sample)),
+        }
+    )
