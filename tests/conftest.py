@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -303,12 +304,15 @@ class PlatformProcess:
 
 
 def start_platform(home: Path, model_dir: Path, **env: str) -> PlatformProcess:
+    """`vbs serve` on ``home``; without its own Label Studio unless ``env`` says otherwise (the
+    tests that curate share the session's, ``label_studio``)."""
     (home / "bucket" / "inbox").mkdir(parents=True, exist_ok=True)
     full_env = dict(
         os.environ,
         VBS_HOME=str(home),
         VBS_MODEL=str(model_dir),
         VBS_DTYPE=TEST_DTYPE,
+        VBS_LABEL_STUDIO_START="false",
         **env,
     )
     platform = PlatformProcess(home, full_env, free_port(), free_port())
@@ -316,9 +320,57 @@ def start_platform(home: Path, model_dir: Path, **env: str) -> PlatformProcess:
     return platform
 
 
+class LabelStudioServer:
+    """A real Label Studio, started the way `vbs serve` starts it."""
+
+    def __init__(self, home: Path) -> None:
+        from vbs_resources.curation.label_studio import LabelStudio, label_studio_command
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command, extra = label_studio_command(home, "127.0.0.1", self.port, None, None)
+        self.token = (home / "token").read_text().strip()
+        self.log = home / "label-studio.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VBS_")}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                command, env={**env, **extra}, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self.client = LabelStudio(url=self.url, token=self.token)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Label Studio exited: {self.log.read_text()[-2000:]}")
+            return self.client.healthy()
+
+        wait_for(up, 240, "Label Studio")
+
+    def stop(self) -> None:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
 @pytest.fixture(scope="session")
-def platform(tmp_path_factory, model_dir, webhook_receiver):
-    """The shared platform of the end-to-end tests, with API keys and webhooks."""
+def label_studio(tmp_path_factory):
+    server = LabelStudioServer(tmp_path_factory.mktemp("label-studio"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory, model_dir, webhook_receiver, label_studio):
+    """The shared platform of the end-to-end tests, with API keys, webhooks and the session's
+    Label Studio."""
     home = tmp_path_factory.mktemp("platform") / "vbs"
     process = start_platform(
         home,
@@ -327,6 +379,8 @@ def platform(tmp_path_factory, model_dir, webhook_receiver):
         VBS_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
         VBS_WEBHOOK_URLS=webhook_receiver.url,
         VBS_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        VBS_LABEL_STUDIO_URL=label_studio.url,
+        VBS_LABEL_STUDIO_TOKEN=label_studio.token,
     )
     try:
         yield Platform(home, process.port, process.api_port, process.log, process)

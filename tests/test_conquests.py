@@ -99,6 +99,26 @@ def test_the_api_refuses_an_unknown_type_and_a_records_file_that_is_not_one(plat
         assert caught.value.body["param"] == param
 
 
+def platform_label_studio(platform):
+    from vbs_resources.curation.label_studio import LabelStudio
+
+    env = platform.process.env
+    return LabelStudio(url=env["VBS_LABEL_STUDIO_URL"], token=env["VBS_LABEL_STUDIO_TOKEN"])
+
+
+def _tasks_of(ls, catalog, type_id: str, batch_id: str) -> dict[str, dict] | None:
+    project = catalog.label_studio_project(type_id, ls.url)
+    if project is None:
+        return None
+    ids = {row["id"] for row in catalog.conquests_of_batch(batch_id)}
+    found = {
+        t["data"]["conquest_id"]: t["data"]
+        for t in ls.tasks(project["project_id"])
+        if t["data"]["conquest_id"] in ids
+    }
+    return found if len(found) == len(ids) else None
+
+
 def test_submitted_records_become_conquests_once(platform, tmp_path):
     path = tmp_path / "tickets.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
@@ -125,6 +145,12 @@ def test_submitted_records_become_conquests_once(platform, tmp_path):
     assert mug["prompt"] == SUPPORT.prompt(mug["input_data"])
     assert '"item": "mug"' in mug["prompt"][1]["content"]
     assert rows["support_reply-2"]["input_data"]["ticket_body"].endswith("help! 🙏")
+
+    # In the same run, each conquest became a task of the type's Label Studio project.
+    ls = platform_label_studio(platform)
+    tasks = wait_for(lambda: _tasks_of(ls, catalog, "support_reply", batch_id), 120, "the tasks")
+    assert sorted(tasks) == sorted(r["id"] for r in rows.values())
+    assert tasks[mug["id"]]["prediction"] == mug["prediction"]
 
     # Materialized again (as from the UI): the same conquests, nothing added or changed.
     result = dg.materialize(

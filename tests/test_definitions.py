@@ -19,15 +19,19 @@ def test_assets_checks_jobs_and_sensors():
         "batch_input",
         "batch_output",
         "conquests",
+        "label_studio_tasks",
     }
-    # A typed batch's conquests are made in its own run, after its results.
+    # A typed batch's conquests are made in its own run, after its results, then sent to
+    # Label Studio.
     assert graph.get(dg.AssetKey("conquests")).parent_keys == {dg.AssetKey("batch_output")}
+    assert graph.get(dg.AssetKey("label_studio_tasks")).parent_keys == {dg.AssetKey("conquests")}
     assert {k.name for k in graph.asset_check_keys} == {"output_complete", "error_rate"}
     job = defs.resolve_job_def("batch_job")
     assert {k.to_user_string() for k in job.asset_layer.asset_graph.get_all_asset_keys()} == {
         "batch_input",
         "batch_output",
         "conquests",
+        "label_studio_tasks",
     }
     assert {k.name for k in job.asset_layer.asset_graph.asset_check_keys} == {
         "output_complete",

@@ -1,4 +1,5 @@
-"""``conquests``: a typed batch's results as conquests in the catalog, ready to be judged.
+"""``conquests``: a typed batch's results as conquests in the catalog, ready to be judged;
+``label_studio_tasks``: each conquest as a task of its type's Label Studio project.
 
 A batch is typed when its metadata names a conquest type (``vbs conquests submit`` sets it; an
 API client or an inbox sidecar may too). Each result line becomes one conquest; error lines
@@ -21,6 +22,12 @@ from vbs_resources.curation.conquests import (
     ConquestSourceError,
     build_conquests,
     records_of,
+)
+from vbs_resources.curation.handler import LabelStudioHandler
+from vbs_resources.curation.label_studio import (
+    LabelStudio,
+    LabelStudioError,
+    LabelStudioUnavailable,
 )
 
 _INSERT_ROWS = 1000
@@ -108,5 +115,63 @@ def conquests(
             "completed": completed,
             "failed": made - completed,
             "preview": dg.MetadataValue.md(_preview(sample)),
+        }
+    )
+
+
+@dg.asset(
+    name=L.LABEL_STUDIO_TASKS,
+    partitions_def=batch_partitions,
+    deps=[conquests],
+    code_version="1",
+    kinds={"labelstudio"},
+    group_name=L.CURATION_GROUP,
+    # Label Studio down or starting: the step waits and tries again; the batch is done.
+    retry_policy=dg.RetryPolicy(max_retries=5, delay=20, backoff=dg.Backoff.EXPONENTIAL),
+)
+def label_studio_tasks(
+    context: dg.AssetExecutionContext,
+    catalog: Catalog,
+    conquest_types: ConquestTypes,
+    label_studio: LabelStudio,
+) -> dg.MaterializeResult:
+    """The batch's conquests as tasks of their type's Label Studio project (one project per
+    type, its labeling config generated from the type), each imported once."""
+    batch_id = context.partition_key
+    rows = catalog.conquests_of_batch(batch_id)
+    if not rows:
+        return _skipped("the batch has no conquests")
+    type_id = rows[0]["type"]
+    try:
+        conquest_type = conquest_types.registry().get(type_id)
+    except (KeyError, ConquestTypeFileError) as exc:
+        context.log.error(f"{batch_id}: {exc.args[0]}")
+        return _skipped(str(exc.args[0]), conquest_type=type_id)
+    try:
+        export = LabelStudioHandler(label_studio, catalog).export(conquest_type, rows)
+    except LabelStudioUnavailable as exc:
+        raise dg.Failure(
+            description=f"Label Studio is unavailable: {exc}. The batch and its conquests are "
+            "kept; this step retries, and materializing it again later exports them.",
+            allow_retries=True,
+        ) from None
+    except LabelStudioError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+    context.log.info(
+        f"{batch_id}: {export.imported} tasks imported into project {export.project_id}, "
+        f"{export.already} already there, {export.recovered} found again"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "conquest_type": type_id,
+            "project_id": export.project_id,
+            "project_url": dg.MetadataValue.url(
+                f"{label_studio.url.rstrip('/')}/projects/{export.project_id}"
+            ),
+            "imported": export.imported,
+            "already_there": export.already,
+            "recovered": export.recovered,
+            "project_created": export.project_created,
+            "config_updated": export.config_updated,
         }
     )

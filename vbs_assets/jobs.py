@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from vbs_assets.curation import conquests
+from vbs_assets.curation import conquests, label_studio_tasks
 from vbs_assets.inference import batch_output
 from vbs_assets.ingest import batch_input
 from vbs_assets.partitions import batch_partitions
@@ -12,7 +12,7 @@ from vbs_resources.layout import BATCH_JOB
 # the run's process is a kill of the whole run, which the daemon then retries.
 batch_job = dg.define_asset_job(
     BATCH_JOB,
-    selection=dg.AssetSelection.assets(batch_input, batch_output, conquests),
+    selection=dg.AssetSelection.assets(batch_input, batch_output, conquests, label_studio_tasks),
     partitions_def=batch_partitions,
     executor_def=dg.in_process_executor,
     description="Validate a batch file, run it through the engine, check the results, and "

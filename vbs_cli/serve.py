@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from vbs_resources import Settings
+from vbs_resources.curation.label_studio import ADMIN_USERNAME, label_studio_command
 from vbs_resources.settings import is_loopback
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -57,12 +58,40 @@ def serve_commands(settings: Settings) -> list[tuple[list[str], dict[str, str]]]
     api = [sys.executable, "-m", "vbs_api.server", "--host", settings.api_host]
     api += ["--port", str(settings.api_port)]
     commands = [(webserver, env), (api, env)]
+    label_studio = label_studio_server(settings)
+    if label_studio is not None:
+        commands.append(label_studio)
     if settings.engine == "server" and settings.engine_url is None:
         # Server mode with no server named: a warm one beside the platform, stopped with it.
         from vbs_cli.engine import server_command
 
         commands.append(server_command(settings))
     return commands
+
+
+def label_studio_server(settings: Settings) -> tuple[list[str], dict[str, str]] | None:
+    """The local Label Studio's command and environment, unless ``VBS_LABEL_STUDIO_URL`` names
+    another or ``VBS_LABEL_STUDIO_START=false``; None (with a warning) when it is not installed."""
+    if settings.label_studio_url is not None or not settings.label_studio_start:
+        return None
+    token = settings.label_studio_token
+    command, extra = label_studio_command(
+        settings.label_studio_home,
+        settings.label_studio_host,
+        settings.label_studio_port,
+        token.get_secret_value() if token is not None else None,
+        settings.label_studio_bin,
+    )
+    if not Path(command[0]).exists():
+        print(
+            f"vbs: warning: {command[0]} is missing (`make setup` installs Label Studio); "
+            "curation runs without it",
+            file=sys.stderr,
+        )
+        return None
+    # Label Studio gets only what it needs: none of vbs's own secrets.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VBS_")}
+    return command, {**env, **extra}
 
 
 @contextlib.contextmanager
@@ -114,6 +143,14 @@ def serve(settings: Settings) -> int:
             ),
             flush=True,
         )
+        if settings.label_studio_url is None and settings.label_studio_start:
+            where = settings.label_studio_home
+            print(
+                f"vbs: Label Studio on {settings.resolved_label_studio_url} (user "
+                f"{ADMIN_USERNAME}, password in {where / 'password'}, API token in "
+                f"{where / 'token'}; the first start takes about a minute)",
+                flush=True,
+            )
         return supervise(commands)
 
 

@@ -6,7 +6,7 @@ the definitions: settings/layout/wire <- resources <- assets <- sensors <- defin
 
 import dagster as dg
 
-from vbs_assets.curation import conquests
+from vbs_assets.curation import conquests, label_studio_tasks
 from vbs_assets.inference import batch_output, error_rate, output_complete
 from vbs_assets.ingest import batch_input
 from vbs_assets.jobs import batch_job
@@ -14,7 +14,7 @@ from vbs_resources import build_resources, load_settings
 from vbs_sensors import all_sensors
 
 defs = dg.Definitions(
-    assets=[batch_input, batch_output, conquests],
+    assets=[batch_input, batch_output, conquests, label_studio_tasks],
     asset_checks=[output_complete, error_rate],
     jobs=[batch_job],
     sensors=all_sensors,

@@ -9,6 +9,7 @@ import dagster as dg
 
 from vbs_resources.bucket import Bucket
 from vbs_resources.catalog import Catalog
+from vbs_resources.curation.label_studio import LabelStudio
 from vbs_resources.curation.registry import ConquestTypes
 from vbs_resources.engine import (
     EngineRequest,
@@ -114,5 +115,10 @@ def build_resources(settings: Settings, for_dagster: bool = False) -> dict[str, 
         "engine": build_engine(settings, for_dagster),
         "conquest_types": ConquestTypes(
             folder=str(settings.conquest_types_dir) if settings.conquest_types_dir else None
+        ),
+        "label_studio": LabelStudio(
+            url=settings.resolved_label_studio_url,
+            token=_secret(settings, "label_studio_token", for_dagster),
+            token_file=str(settings.label_studio_home / "token"),
         ),
     }

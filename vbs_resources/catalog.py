@@ -176,6 +176,33 @@ conquests = sa.Table(
     sa.Index("ix_conquests_type_created_at_id", "type", "created_at", "id"),
 )
 
+# Label Studio: the project of each conquest type (in the Label Studio at ``url``) with the
+# type version and config it was last given, and the task of each conquest sent there. A task
+# row is written before its import (task_id empty) and completed after, so an import cut short
+# is found again in Label Studio instead of imported twice.
+label_studio_projects = sa.Table(
+    "label_studio_projects",
+    metadata_obj,
+    sa.Column("type", sa.String(64), primary_key=True),
+    sa.Column("url", sa.String(512), primary_key=True),
+    sa.Column("project_id", sa.Integer, nullable=False),
+    sa.Column("type_version", sa.String(64), nullable=False),
+    sa.Column("config_sha256", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+label_studio_tasks = sa.Table(
+    "label_studio_tasks",
+    metadata_obj,
+    sa.Column("conquest_id", sa.String(80), primary_key=True),
+    sa.Column("url", sa.String(512), primary_key=True),
+    sa.Column("project_id", sa.Integer, nullable=False),
+    sa.Column("task_id", sa.Integer),
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Index("ix_label_studio_tasks_project_task", "project_id", "task_id"),
+)
+
 # Point reads answer every API poll: built once, so each call only binds the id.
 _BATCH_BY_ID = sa.select(batches).where(batches.c.id == sa.bindparam("id"))
 _FILE_BY_ID = sa.select(files).where(files.c.id == sa.bindparam("id"), files.c.deleted.is_(False))
@@ -664,6 +691,72 @@ class Catalog(dg.ConfigurableResource):
     def conquests_of_batch(self, batch_id: str) -> list[dict[str, Any]]:
         query = sa.select(conquests).where(conquests.c.batch_id == batch_id)
         return self._all(query.order_by(conquests.c.id))
+
+    # ---- Label Studio -------------------------------------------------------------------------
+
+    def label_studio_project(self, type_id: str, url: str) -> dict[str, Any] | None:
+        query = sa.select(label_studio_projects).where(
+            label_studio_projects.c.type == type_id, label_studio_projects.c.url == url
+        )
+        rows = self._all(query)
+        return rows[0] if rows else None
+
+    def save_label_studio_project(self, row: dict[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            key = (label_studio_projects.c.type == row["type"]) & (
+                label_studio_projects.c.url == row["url"]
+            )
+            if conn.execute(label_studio_projects.update().where(key).values(**row)).rowcount:
+                return
+            conn.execute(label_studio_projects.insert().values(**row))
+
+    def label_studio_tasks_of(
+        self, url: str, project_id: int, conquest_ids: list[str]
+    ) -> dict[str, int | None]:
+        """conquest id -> task id in ``project_id`` (None: its import was started, not
+        confirmed). Rows of another project (the type's project was deleted in Label Studio
+        and made again) are dropped, so those conquests are imported into this one."""
+        if not conquest_ids:
+            return {}
+        mine = (label_studio_tasks.c.url == url) & label_studio_tasks.c.conquest_id.in_(
+            conquest_ids
+        )
+        with self.engine.begin() as conn:
+            conn.execute(
+                label_studio_tasks.delete().where(
+                    mine, label_studio_tasks.c.project_id != project_id
+                )
+            )
+            query = sa.select(label_studio_tasks.c.conquest_id, label_studio_tasks.c.task_id)
+            return {row.conquest_id: row.task_id for row in conn.execute(query.where(mine))}
+
+    def start_label_studio_tasks(self, url: str, project_id: int, conquest_ids: list[str]) -> None:
+        now = int(time.time())
+        rows = [
+            {
+                "conquest_id": c,
+                "url": url,
+                "project_id": project_id,
+                "task_id": None,
+                "created_at": now,
+            }
+            for c in conquest_ids
+        ]
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(label_studio_tasks.insert(), rows)
+
+    def finish_label_studio_tasks(self, url: str, task_ids: dict[str, int]) -> None:
+        with self.engine.begin() as conn:
+            for conquest_id, task_id in task_ids.items():
+                conn.execute(
+                    label_studio_tasks.update()
+                    .where(
+                        label_studio_tasks.c.conquest_id == conquest_id,
+                        label_studio_tasks.c.url == url,
+                    )
+                    .values(task_id=task_id)
+                )
 
     # ---- inbox problems ---------------------------------------------------------------------
 

@@ -93,6 +93,7 @@ def conquest_id(batch_id: str, custom_id: str) -> str:
 # ---- curation ------------------------------------------------------------------------------
 
 CONQUESTS = "conquests"
+LABEL_STUDIO_TASKS = "label_studio_tasks"
 CURATION_GROUP = "curation"
 # Batch metadata keys: the conquest type a batch's results are curated as, and the uploaded
 # file (purpose user_data) holding the records its prompts were made from.

@@ -26,6 +26,7 @@ SECRET_VARIABLES = {
     "webhook_secret": "VBS_WEBHOOK_SECRET",
     "catalog_url": "VBS_CATALOG_URL",
     "engine_api_key": "VBS_ENGINE_API_KEY",
+    "label_studio_token": "VBS_LABEL_STUDIO_TOKEN",
 }
 
 
@@ -171,6 +172,26 @@ class Settings(BaseSettings):
         "conquest_types/ if unset.",
     )
 
+    label_studio_url: str | None = Field(
+        default=None,
+        description="A Label Studio of your own; unset, `vbs serve` starts one on "
+        "VBS_LABEL_STUDIO_HOST:VBS_LABEL_STUDIO_PORT.",
+    )
+    label_studio_host: str = Field(default="127.0.0.1", description="Where the local one listens.")
+    label_studio_port: int = Field(default=8080, ge=1, le=65535)
+    label_studio_token: SecretStr | None = Field(
+        default=None,
+        description="Label Studio's API token; unset, one is generated once into "
+        "$VBS_HOME/label-studio/token (mode 600) for the local one's admin user.",
+    )
+    label_studio_start: bool = Field(
+        default=True, description="Let `vbs serve` start the local Label Studio."
+    )
+    label_studio_bin: Path | None = Field(
+        default=None,
+        description="The label-studio command; the project's .venv-label-studio if unset.",
+    )
+
     # ---- Dagster ------------------------------------------------------------------------
     dagster_host: str = "127.0.0.1"
     dagster_port: int = Field(default=3000, ge=1, le=65535)
@@ -282,6 +303,15 @@ class Settings(BaseSettings):
         """Where server mode sends requests: ``VBS_ENGINE_URL``, else the server `vbs serve`
         starts."""
         return self.engine_url or f"http://{self.engine_host}:{self.engine_port}"
+
+    @property
+    def label_studio_home(self) -> Path:
+        """The local Label Studio's data, its admin's token and password."""
+        return self.home / "label-studio"
+
+    @property
+    def resolved_label_studio_url(self) -> str:
+        return self.label_studio_url or f"http://{self.label_studio_host}:{self.label_studio_port}"
 
     @property
     def dagster_home(self) -> Path:
