@@ -186,3 +186,78 @@ def test_a_plain_batch_naming_a_type_is_curated_with_its_errors(platform):
     assert rows["ok"]["input_data"] == {"messages": lines[0]["body"]["messages"]}
     assert rows["bad"]["status"] == "FAILED" and rows["bad"]["prediction"] is None
     assert rows["bad"]["error"]["code"] == "model_not_found"
+
+
+def test_the_conquest_api_lists_annotates_and_meets_label_studio_edits(platform):
+    import httpx
+
+    client = openai.OpenAI(base_url=platform.api_url, api_key=API_KEY)
+    lines = [chat_line(f"api-{n}", f"Say {n}.", max_tokens=4, temperature=0) for n in range(3)]
+    uploaded = client.files.create(file=("api.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"conquest_type": "support_reply"},
+    )
+    catalog = platform.resources["catalog"]
+    wait_for(lambda: len(catalog.conquests_of_batch(batch.id)) == 3, 300, "the conquests")
+    ids = {r["custom_id"]: r["id"] for r in catalog.conquests_of_batch(batch.id)}
+    api = httpx.Client(
+        base_url=platform.api_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
+    )
+    assert api.get("/conquests").status_code == 200
+    assert httpx.get(f"{platform.api_url}/conquests").status_code == 401  # the Batch API's auth
+
+    good = {"isGoldStar": True, "rating": 5, "feedback": "Spot on",
+            "answers": {"resolves_issue": "yes", "needs_escalation": False}}  # fmt: skip
+    answered = api.post(f"/conquests/{ids['api-0']}/annotate", json=good)
+    assert answered.status_code == 200, answered.text
+    body = answered.json()
+    assert body["result"] == "VICTORY" and body["annotation"]["isGoldStar"] is True
+    assert body["annotation"]["answers"] == {"resolves_issue": "yes", "needs_escalation": False}
+    api.post(f"/conquests/{ids['api-1']}/annotate", json={"rating": 2})
+
+    gold = api.get("/conquests", params={"type": "support_reply", "gold": "true"}).json()
+    assert ids["api-0"] in [c["id"] for c in gold["data"]]
+    assert ids["api-1"] not in [c["id"] for c in gold["data"]]
+    low = api.get("/conquests", params={"result": "DEFEAT", "limit": 1000}).json()
+    assert ids["api-1"] in [c["id"] for c in low["data"]]
+    page = api.get("/conquests", params={"type": "support_reply", "limit": 1}).json()
+    assert len(page["data"]) == 1 and page["has_more"] is True
+    after = api.get("/conquests", params={"type": "support_reply", "after": page["last_id"]})
+    assert page["last_id"] not in [c["id"] for c in after.json()["data"]]
+
+    for bad, param in (
+        ({"rating": 6}, "rating"),
+        ({"isGoldStar": "yes"}, "isGoldStar"),
+        ({"answers": {"resolves_issue": "maybe"}}, "answers.resolves_issue"),
+        ({"answers": {"nope": 1}}, "answers.nope"),
+        ({"stars": 5}, "stars"),
+    ):
+        refused = api.post(f"/conquests/{ids['api-2']}/annotate", json=bad)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, bad
+    assert api.post("/conquests/cq_nope/annotate", json={"rating": 3}).status_code == 404
+    assert api.get("/conquests/cq_nope").status_code == 404
+    assert api.get(f"/conquests/{ids['api-2']}").json()["annotation"] is None
+
+    # The same conquest edited later in Label Studio: the sensor brings it in, newest wins,
+    # the API's edit stays in the history.
+    ls = platform_label_studio(platform)
+    tasks = wait_for(lambda: _tasks_of(ls, catalog, "support_reply", batch.id), 120, "the tasks")
+    project = catalog.label_studio_project("support_reply", ls.url)["project_id"]
+    (task,) = [t for t in ls.tasks(project) if t["data"]["conquest_id"] == ids["api-0"]]
+    assert tasks[ids["api-0"]]
+    ls._call("POST", f"/api/tasks/{task['id']}/annotations", json={"result": [
+        {"from_name": "rating", "to_name": "prediction", "type": "rating", "value": {"rating": 3}},
+    ]})  # fmt: skip
+
+    def synced():
+        one = api.get(f"/conquests/{ids['api-0']}").json()
+        return one if one["annotation"]["source"] == "label_studio" else None
+
+    one = wait_for(synced, 90, "the sensor to bring the Label Studio edit in")
+    assert one["annotation"]["rating"] == 3 and one["annotation"]["isGoldStar"] is False
+    assert one["result"] is None
+    assert [h["source"] for h in one["annotation_history"]] == ["api"]
+    assert one["annotation_history"][0]["feedback"] == "Spot on"

@@ -37,7 +37,11 @@ def test_assets_checks_jobs_and_sensors():
         "output_complete",
         "error_rate",
     }
-    assert sorted(s.name for s in defs.sensors) == ["batch_reconciler", "inbox_sensor"]
+    assert sorted(s.name for s in defs.sensors) == [
+        "batch_reconciler",
+        "inbox_sensor",
+        "label_studio_sync",
+    ]
     assert defs.resolve_sensor_def("inbox_sensor").minimum_interval_seconds == 1
     assert defs.resolve_sensor_def("batch_reconciler").minimum_interval_seconds == 5
     assert graph.get(dg.AssetKey("batch_output")).pools == {"gpu"}

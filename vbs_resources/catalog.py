@@ -203,6 +203,37 @@ label_studio_tasks = sa.Table(
     sa.Index("ix_label_studio_tasks_project_task", "project_id", "task_id"),
 )
 
+# What curators said of each conquest: the newest edit (from Label Studio or the conquest API)
+# in ``annotations``, every edit it replaced in ``annotation_history``.
+_ANNOTATION_COLUMNS = (
+    ("is_gold_star", sa.Boolean),
+    ("rating", sa.Integer),
+    ("feedback", sa.Text),
+    ("improvement_notes", sa.Text),
+    ("answers", sa.JSON),
+    ("source", sa.String(16)),  # label_studio, api
+    ("source_ref", sa.String(64)),  # Label Studio's annotation id
+    ("edited_at", sa.Float),  # when the edit was made (Label Studio's updated_at, or the call)
+)
+ANNOTATION_FIELDS = tuple(name for name, _ in _ANNOTATION_COLUMNS)
+
+annotations = sa.Table(
+    "annotations",
+    metadata_obj,
+    sa.Column("conquest_id", sa.String(80), primary_key=True),
+    *(sa.Column(name, kind) for name, kind in _ANNOTATION_COLUMNS),
+    sa.Column("recorded_at", sa.Float, nullable=False),
+)
+
+annotation_history = sa.Table(
+    "annotation_history",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("conquest_id", sa.String(80), nullable=False, index=True),
+    *(sa.Column(name, kind) for name, kind in _ANNOTATION_COLUMNS),
+    sa.Column("replaced_at", sa.Float, nullable=False),
+)
+
 # Point reads answer every API poll: built once, so each call only binds the id.
 _BATCH_BY_ID = sa.select(batches).where(batches.c.id == sa.bindparam("id"))
 _FILE_BY_ID = sa.select(files).where(files.c.id == sa.bindparam("id"), files.c.deleted.is_(False))
@@ -692,6 +723,99 @@ class Catalog(dg.ConfigurableResource):
         query = sa.select(conquests).where(conquests.c.batch_id == batch_id)
         return self._all(query.order_by(conquests.c.id))
 
+    def record_annotation(
+        self, conquest_id: str, values: dict[str, Any], result: str | None
+    ) -> str:
+        """Record an edit (``ANNOTATION_FIELDS``). The newest edit (by ``edited_at``) is the
+        conquest's annotation and sets its ``result``; every edit it replaces, and an edit older
+        than the current one, goes to the history. Returns ``new``, ``updated``, ``older`` (kept
+        in the history only) or ``unchanged`` (the same edit seen again)."""
+        now = time.time()
+        row = {name: values.get(name) for name in ANNOTATION_FIELDS}
+        with self.engine.begin() as conn:
+            current = (
+                conn.execute(sa.select(annotations).where(annotations.c.conquest_id == conquest_id))
+                .mappings()
+                .first()
+            )
+            if current is not None:
+                kept = {name: current[name] for name in ANNOTATION_FIELDS}
+                if kept == row:
+                    return "unchanged"
+                if (current["edited_at"] or 0) > (row["edited_at"] or 0):
+                    conn.execute(
+                        annotation_history.insert().values(
+                            conquest_id=conquest_id, replaced_at=now, **row
+                        )
+                    )
+                    return "older"
+                conn.execute(
+                    annotation_history.insert().values(
+                        conquest_id=conquest_id, replaced_at=now, **kept
+                    )
+                )
+                conn.execute(
+                    annotations.update()
+                    .where(annotations.c.conquest_id == conquest_id)
+                    .values(recorded_at=now, **row)
+                )
+            else:
+                conn.execute(
+                    annotations.insert().values(conquest_id=conquest_id, recorded_at=now, **row)
+                )
+            conn.execute(
+                conquests.update()
+                .where(conquests.c.id == conquest_id)
+                .values(result=result, updated_at=now)
+            )
+        return "new" if current is None else "updated"
+
+    def annotation_of(self, conquest_id: str) -> dict[str, Any] | None:
+        rows = self._all(sa.select(annotations).where(annotations.c.conquest_id == conquest_id))
+        return rows[0] if rows else None
+
+    def annotation_history_of(self, conquest_id: str) -> list[dict[str, Any]]:
+        query = sa.select(annotation_history).where(annotation_history.c.conquest_id == conquest_id)
+        return self._all(query.order_by(annotation_history.c.id))
+
+    def list_conquests(
+        self,
+        type_id: str | None = None,
+        status: str | None = None,
+        result: str | None = None,
+        gold: bool | None = None,
+        min_rating: int | None = None,
+        limit: int = 100,
+        after: str | None = None,
+        conn: sa.Connection | None = None,
+    ) -> list[dict[str, Any]]:
+        """Conquests with their annotation (``annotation_*`` keys), oldest first, after the
+        conquest ``after``; ``limit + 1`` rows at most (the caller tells whether more follow)."""
+        labelled = [annotations.c[name].label(f"annotation_{name}") for name in ANNOTATION_FIELDS]
+        query = sa.select(conquests, *labelled).select_from(
+            conquests.outerjoin(annotations, annotations.c.conquest_id == conquests.c.id)
+        )
+        if type_id is not None:
+            query = query.where(conquests.c.type == type_id)
+        if status is not None:
+            query = query.where(conquests.c.status == status)
+        if result is not None:
+            query = query.where(conquests.c.result == result)
+        if gold is True:
+            query = query.where(annotations.c.is_gold_star.is_(True))
+        elif gold is False:
+            query = query.where(annotations.c.is_gold_star.is_not(True))
+        if min_rating is not None:
+            query = query.where(annotations.c.rating >= min_rating)
+        if after is not None:
+            anchor = sa.select(conquests.c.created_at).where(conquests.c.id == after)
+            query = query.where(
+                sa.tuple_(conquests.c.created_at, conquests.c.id)
+                > sa.tuple_(anchor.scalar_subquery(), sa.literal(after))
+            )
+        query = query.order_by(conquests.c.created_at, conquests.c.id).limit(limit + 1)
+        return self._all(query, conn)
+
     # ---- Label Studio -------------------------------------------------------------------------
 
     def label_studio_project(self, type_id: str, url: str) -> dict[str, Any] | None:
@@ -700,6 +824,10 @@ class Catalog(dg.ConfigurableResource):
         )
         rows = self._all(query)
         return rows[0] if rows else None
+
+    def label_studio_projects_at(self, url: str) -> list[dict[str, Any]]:
+        query = sa.select(label_studio_projects).where(label_studio_projects.c.url == url)
+        return self._all(query.order_by(label_studio_projects.c.project_id))
 
     def save_label_studio_project(self, row: dict[str, Any]) -> None:
         with self.engine.begin() as conn:

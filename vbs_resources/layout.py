@@ -94,6 +94,7 @@ def conquest_id(batch_id: str, custom_id: str) -> str:
 
 CONQUESTS = "conquests"
 LABEL_STUDIO_TASKS = "label_studio_tasks"
+LABEL_STUDIO_SYNC = "label_studio_sync"
 CURATION_GROUP = "curation"
 # Batch metadata keys: the conquest type a batch's results are curated as, and the uploaded
 # file (purpose user_data) holding the records its prompts were made from.

@@ -280,6 +280,39 @@ class ModelObject(BaseModel):
     parent: str | None = None
 
 
+class AnnotationObject(BaseModel):
+    """What curators said of a conquest (the seed's names), and where it came from."""
+
+    isGoldStar: bool | None = None  # noqa: N815 - the seed's wire names
+    rating: int | None = None
+    feedback: str | None = None
+    improvementNotes: str | None = None  # noqa: N815
+    answers: dict[str, Any] = Field(default_factory=dict)
+    source: str | None = None
+    edited_at: float | None = None
+
+
+class ConquestObject(BaseModel):
+    """One conquest, as ``/v1/conquests`` answers it."""
+
+    id: str
+    object: Literal["conquest"] = "conquest"
+    type: str
+    type_version: str
+    status: str
+    result: str | None = None
+    input_data: dict[str, Any]
+    prompt: Any
+    prediction: str | None = None
+    error: dict[str, Any] | None = None
+    model: str | None = None
+    batch_id: str
+    custom_id: str
+    created_at: int
+    annotation: AnnotationObject | None = None
+    annotation_history: list[AnnotationObject] | None = None
+
+
 class WebhookEventData(BaseModel):
     id: str
 

@@ -1,6 +1,7 @@
 """Sensors and schedules."""
 
+from vbs_sensors.curation import label_studio_sync
 from vbs_sensors.inbox import inbox_sensor
 from vbs_sensors.reconcile import batch_reconciler
 
-all_sensors = [inbox_sensor, batch_reconciler]
+all_sensors = [inbox_sensor, batch_reconciler, label_studio_sync]

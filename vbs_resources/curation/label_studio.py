@@ -8,6 +8,7 @@ a virtual environment of its own (``.venv-label-studio``, made by ``make setup``
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -162,12 +163,23 @@ class LabelStudio(dg.ConfigurableResource):
         )
         return [int(i) for i in answer.get("task_ids", [])]
 
-    def tasks(self, project_id: int, page_size: int = 100) -> list[dict[str, Any]]:
-        """Every task of a project, with its annotations."""
+    def tasks(
+        self, project_id: int, updated_after: str | None = None, page_size: int = 100
+    ) -> list[dict[str, Any]]:
+        """Every task of a project, with its annotations; with ``updated_after`` (Label
+        Studio's time format, microseconds and ``Z``), only those whose ``updated_at`` (moved by
+        new and edited annotations) is later."""
         found: list[dict[str, Any]] = []
         page = 1
+        query = None
+        if updated_after is not None:
+            item = {"filter": "filter:tasks:updated_at", "operator": "greater",
+                    "type": "Datetime", "value": updated_after}  # fmt: skip
+            query = json.dumps({"filters": {"conjunction": "and", "items": [item]}})
         while True:
             params = {"project": project_id, "fields": "all", "page": page, "page_size": page_size}
+            if query is not None:
+                params["query"] = query
             try:
                 answer = self._call("GET", "/api/tasks", params=params)
             except LabelStudioError as exc:
