@@ -13,7 +13,7 @@ Legs (each in a process of its own; the engine is driven through vbs's ``Inferen
 
 Prints output tokens/s per leg, ``mixed_vs_base`` ratios (target >= 0.8; against the base model
 with LoRA off, and against base-only lines on the LoRA engine) and ends with one JSON line. The
-adapters are random (rank 8, q_proj/v_proj), made here in PEFT's format. vbs's grouped LoRA
+adapters are random (rank 8, q_proj/v_proj), made here in PEFT's format. vbs's fused LoRA
 kernels are on unless ``VBS_LORA_CPU_KERNELS=false`` (run it both ways to compare).
 """
 

@@ -1,4 +1,4 @@
-"""vbs's grouped LoRA kernels for vLLM's CPU build (``vbs_resources/engine/lora_cpu.py``) give
+"""vbs's fused LoRA kernels for vLLM's CPU build (``vbs_resources/engine/lora_cpu.py``) give
 vLLM's own results, and a batch mixing the base model and two adapters is answered as each model
 answers alone (real SmolLM2, float32)."""
 

@@ -73,7 +73,7 @@ class VLLMEngine(InferenceEngine):
         default=None, description="Adapters kept in memory; every adapter of the run if None."
     )
     lora_cpu_kernels: bool = Field(
-        default=True, description="vbs's grouped LoRA ops on vLLM's CPU build."
+        default=True, description="vbs's fused LoRA ops on vLLM's CPU build."
     )
     threads: int | None = Field(
         default=None,
