@@ -15,7 +15,7 @@ from vbs_assets.inference import batch_output
 from vbs_assets.partitions import batch_partitions
 from vbs_resources import Bucket, Catalog
 from vbs_resources import layout as L
-from vbs_resources.curation import ConquestTypeFileError, ConquestTypes
+from vbs_resources.curation import ConquestType, ConquestTypeFileError, ConquestTypes
 from vbs_resources.curation.conquests import (
     COMPLETED,
     CURATED_ENDPOINTS,
@@ -47,6 +47,18 @@ def _skipped(reason: str, **metadata: object) -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata={"conquests": 0, "skipped": reason, **metadata})
 
 
+def _type(
+    context: dg.AssetExecutionContext, conquest_types: ConquestTypes, type_id: str
+) -> ConquestType | dg.MaterializeResult:
+    """The batch's conquest type, or the skip that reports why it cannot be had: the batch
+    keeps its results, and this asset can be materialized again once the type loads."""
+    try:
+        return conquest_types.registry().get(type_id)
+    except (KeyError, ConquestTypeFileError) as exc:
+        context.log.error(f"{context.partition_key}: {exc.args[0]}")
+        return _skipped(str(exc.args[0]), conquest_type=type_id)
+
+
 @dg.asset(
     name=L.CONQUESTS,
     partitions_def=batch_partitions,
@@ -76,12 +88,9 @@ def conquests(
     if batch.get("endpoint") not in CURATED_ENDPOINTS:
         context.log.warning(f"{batch_id}: {batch.get('endpoint')} answers are not curated")
         return _skipped(f"{batch.get('endpoint')} answers are not curated", conquest_type=type_id)
-    try:
-        conquest_type = conquest_types.registry().get(type_id)
-    except (KeyError, ConquestTypeFileError) as exc:
-        # The batch has its results; its conquests can be made again once the type loads.
-        context.log.error(f"{batch_id}: {exc.args[0]}")
-        return _skipped(str(exc.args[0]), conquest_type=type_id)
+    conquest_type = _type(context, conquest_types, type_id)
+    if isinstance(conquest_type, dg.MaterializeResult):
+        return conquest_type
     version = metadata.get(L.META_CONQUEST_TYPE_VERSION) or conquest_type.version
     conquest_type = conquest_type.model_copy(update={"version": version})
     records = None
@@ -142,11 +151,9 @@ def label_studio_tasks(
     if not rows:
         return _skipped("the batch has no conquests")
     type_id = rows[0]["type"]
-    try:
-        conquest_type = conquest_types.registry().get(type_id)
-    except (KeyError, ConquestTypeFileError) as exc:
-        context.log.error(f"{batch_id}: {exc.args[0]}")
-        return _skipped(str(exc.args[0]), conquest_type=type_id)
+    conquest_type = _type(context, conquest_types, type_id)
+    if isinstance(conquest_type, dg.MaterializeResult):
+        return conquest_type
     try:
         export = LabelStudioHandler(label_studio, catalog).export(conquest_type, rows)
     except LabelStudioUnavailable as exc:

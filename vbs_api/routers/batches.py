@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
@@ -19,6 +19,7 @@ from vbs_resources.strict_json import loads as strict_loads
 from vbs_resources.wire import CreateBatchRequest
 
 router = APIRouter(prefix="/v1/batches")
+Model = TypeVar("Model", bound=BaseModel)
 
 
 async def json_body(request: Request) -> object:
@@ -34,17 +35,22 @@ async def json_body(request: Request) -> object:
         ) from None
 
 
-@router.post("")
-async def create_batch(request: Request) -> JSONResponse:
+async def json_model(request: Request, model: type[Model]) -> Model:
+    """The request's JSON as ``model``; a 400 naming the first field at fault otherwise."""
     body = await json_body(request)
     try:
-        create = CreateBatchRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"])[:80] or None
         raise APIError(
             400, f"Invalid value for '{param}': {first['msg'][:200]}", param=param
         ) from None
+
+
+@router.post("")
+async def create_batch(request: Request) -> JSONResponse:
+    create = await json_model(request, CreateBatchRequest)
     created = await run_in_threadpool(state(request).service.create_batch, create)
     return JSONResponse(created.model_dump())
 

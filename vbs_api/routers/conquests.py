@@ -9,12 +9,11 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from vbs_api.errors import APIError
 from vbs_api.routers import list_page
-from vbs_api.routers.batches import json_body
+from vbs_api.routers.batches import json_model
 from vbs_api.state import state
 from vbs_resources.curation.annotations import (
     AnnotateBody,
@@ -87,15 +86,7 @@ async def retrieve_conquest(request: Request, conquest_id: str) -> JSONResponse:
 
 @router.post("/{conquest_id}/annotate")
 async def annotate_conquest(request: Request, conquest_id: str) -> JSONResponse:
-    raw = await json_body(request)
-    try:
-        body = AnnotateBody.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])[:80] or None
-        raise APIError(
-            400, f"Invalid value for '{param}': {first['msg'][:200]}", param=param
-        ) from None
+    body = await json_model(request, AnnotateBody)
     vbs = state(request)
 
     def annotate() -> ConquestObject:
