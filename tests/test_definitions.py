@@ -20,12 +20,23 @@ def test_assets_checks_jobs_and_sensors():
         "batch_output",
         "conquests",
         "label_studio_tasks",
+        "curated_dataset",
     }
     # A typed batch's conquests are made in its own run, after its results, then sent to
     # Label Studio.
     assert graph.get(dg.AssetKey("conquests")).parent_keys == {dg.AssetKey("batch_output")}
     assert graph.get(dg.AssetKey("label_studio_tasks")).parent_keys == {dg.AssetKey("conquests")}
-    assert {k.name for k in graph.asset_check_keys} == {"output_complete", "error_rate"}
+    # A type's dataset is made of every batch's conquests: its lineage reaches the batches.
+    dataset = graph.get(dg.AssetKey("curated_dataset"))
+    assert dataset.parent_keys == {dg.AssetKey("conquests")}
+    assert dataset.partitions_def.name == "conquest_types"
+    assert {k.name for k in graph.asset_check_keys} == {
+        "output_complete", "error_rate", "min_examples", "chat_format_valid", "no_eval_leakage",
+    }  # fmt: skip
+    datasets = defs.resolve_job_def("dataset_job")
+    assert {k.to_user_string() for k in datasets.asset_layer.asset_graph.get_all_asset_keys()} >= {
+        "curated_dataset"
+    }
     job = defs.resolve_job_def("batch_job")
     assert {k.to_user_string() for k in job.asset_layer.asset_graph.get_all_asset_keys()} == {
         "batch_input",
@@ -39,6 +50,7 @@ def test_assets_checks_jobs_and_sensors():
     }
     assert sorted(s.name for s in defs.sensors) == [
         "batch_reconciler",
+        "conquest_type_partitions",
         "inbox_sensor",
         "label_studio_sync",
     ]
@@ -50,7 +62,10 @@ def test_assets_checks_jobs_and_sensors():
 def test_blocking_completeness_check():
     graph = defs.resolve_asset_graph()
     blocking = {k.name: graph.get_check_spec(k).blocking for k in graph.asset_check_keys}
-    assert blocking == {"output_complete": True, "error_rate": False}
+    assert blocking == {
+        "output_complete": True, "error_rate": False,
+        "min_examples": True, "chat_format_valid": True, "no_eval_leakage": True,
+    }  # fmt: skip
 
 
 def test_loading_the_code_location_does_not_import_heavy_libraries():

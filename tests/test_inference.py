@@ -197,6 +197,37 @@ def test_failing_requests_become_error_lines_and_the_batch_goes_on(chat_batch):
     assert row["usage"]["output_tokens"] > 0
 
 
+def test_the_results_lake_has_a_flat_row_per_line(chat_batch, tmp_path):
+    from vbs_resources import Bucket, Catalog
+    from vbs_resources.lake import open_lake
+
+    home, batch_id = chat_batch["home"], chat_batch["batch_id"]
+    bucket = Bucket(url=str(home / "bucket"))
+    lake = open_lake(bucket, Catalog(url=f"sqlite:///{tmp_path / 'other.db'}"))
+    rows = {
+        r[0]: r[1:]
+        for r in lake.sql(
+            "SELECT custom_id, status, status_code, model, finish_reason, completion_tokens, "
+            "text, error_code, error_param FROM results WHERE batch_id = $b",
+            params={"b": batch_id},
+        ).fetchall()
+    }
+    assert set(rows) == set(chat_batch["ok"]) | set(chat_batch["errors"])
+    assert rows["paris"][:4] == ("completed", 200, MODEL, "stop") and "Paris" in rows["paris"][5]
+    assert rows["short"][3] == "length" and rows["short"][4] == 3
+    assert rows["unknown-model"][:2] == ("failed", 404) and rows["unknown-model"][6] == (
+        "model_not_found"
+    )
+    assert rows["own-template"][6:] == ("invalid_request", "chat_template")
+    tokens = lake.sql("SELECT sum(completion_tokens) FROM results").fetchone()[0]
+    assert tokens == chat_batch["row"]["usage"]["output_tokens"]
+    per_day = lake.sql(
+        "SELECT model, date_trunc('day', created_at) AS day, sum(total_tokens) FROM results "
+        "WHERE status = 'completed' GROUP BY ALL"
+    ).fetchall()
+    assert [(m, t > 0) for m, _, t in per_day] == [(MODEL, True)]
+
+
 def test_catalog_row_is_an_openai_batch_object(chat_batch):
     from openai.types import Batch
 

@@ -20,7 +20,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from vbs_api import errors
 from vbs_api.launch import BatchLauncher
 from vbs_api.middleware import BearerAuth, BodyLimit, Latency
-from vbs_api.routers import batches, conquests, files, models, service
+from vbs_api.routers import batches, conquests, datasets, files, models, service
 from vbs_api.service import BatchService
 from vbs_api.state import APIState
 from vbs_resources import Settings, build_resources
@@ -80,7 +80,8 @@ def create_app(
     )
     errors.install(app)
     app.router.routes.insert(0, batches.retrieve_route)
-    for router in (files.router, batches.router, models.router, conquests.router, service.router):
+    routers = (files, batches, models, conquests, datasets, service)
+    for router in (r.router for r in routers):
         app.include_router(router)
 
     # Outermost last: latency sees everything; hosts and body limits come before any work.

@@ -32,6 +32,16 @@ mutation VbsAddBatchPartition($selector: RepositorySelector!, $name: String!, $k
 }
 """
 
+RUN_STATUS = """
+query VbsRunStatus($runId: ID!) {
+  runOrError(runId: $runId) {
+    __typename
+    ... on Run { status }
+    ... on Error { message }
+  }
+}
+"""
+
 LAUNCH_RUN = """
 mutation VbsLaunchBatchRun($params: ExecutionParams!) {
   launchPipelineExecution(executionParams: $params) {
@@ -115,11 +125,20 @@ class BatchLauncher:
         refused = LaunchFailed if typename in DEFINITIVE else LaunchUnavailable
         return refused(f"{self._where()} refused the {what}: {typename}")
 
-    def launch(self, batch_id: str, run_config: dict[str, Any], tags: dict[str, str]) -> str:
-        """Adds the partition (a repeat is harmless) and queues its run; returns the run id."""
+    def launch(
+        self,
+        batch_id: str,
+        run_config: dict[str, Any],
+        tags: dict[str, str],
+        job: str = L.BATCH_JOB,
+        partitions: str = L.BATCH_PARTITIONS,
+    ) -> str:
+        """Adds the partition ``batch_id`` of ``partitions`` (a repeat is harmless) and queues
+        ``job``'s run of it; returns the run id. Other partitioned jobs (``dataset_job`` by
+        conquest type) are launched the same way."""
         added = self._call(
             ADD_PARTITION,
-            {"selector": self.selector, "name": L.BATCH_PARTITIONS, "key": batch_id},
+            {"selector": self.selector, "name": partitions, "key": batch_id},
         )["addDynamicPartition"]
         if added["__typename"] not in (
             "AddDynamicPartitionSuccess",
@@ -129,7 +148,7 @@ class BatchLauncher:
             raise self._refused("partition", added["__typename"])
         tags = {**tags, L.TAG_PARTITION: batch_id}
         params = {
-            "selector": {**self.selector, "jobName": L.BATCH_JOB},
+            "selector": {**self.selector, "jobName": job},
             "runConfigData": run_config,
             "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
         }
@@ -138,3 +157,10 @@ class BatchLauncher:
             log.warning("run refused: %s %s", result["__typename"], result)
             raise self._refused("run", result["__typename"])
         return result["run"]["runId"]
+
+    def run_status(self, run_id: str) -> str:
+        """The run's Dagster status (``QUEUED``, ``STARTED``, ``SUCCESS``, ``FAILURE``, ...)."""
+        found = self._call(RUN_STATUS, {"runId": run_id})["runOrError"]
+        if found["__typename"] != "Run":
+            raise LaunchFailed(f"{self._where()} has no run {run_id}: {found['__typename']}")
+        return found["status"]

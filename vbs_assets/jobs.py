@@ -3,10 +3,11 @@
 import dagster as dg
 
 from vbs_assets.curation import conquests, label_studio_tasks
+from vbs_assets.datasets import curated_dataset
 from vbs_assets.inference import batch_output
 from vbs_assets.ingest import batch_input
-from vbs_assets.partitions import batch_partitions
-from vbs_resources.layout import BATCH_JOB
+from vbs_assets.partitions import batch_partitions, conquest_type_partitions
+from vbs_resources.layout import BATCH_JOB, DATASET_JOB
 
 # One process per run: the vLLM engine is loaded once, in the step that uses it, and a kill of
 # the run's process is a kill of the whole run, which the daemon then retries.
@@ -17,4 +18,11 @@ batch_job = dg.define_asset_job(
     executor_def=dg.in_process_executor,
     description="Validate a batch file, run it through the engine, check the results, and "
     "make a typed batch's results conquests.",
+)
+
+dataset_job = dg.define_asset_job(
+    DATASET_JOB,
+    selection=dg.AssetSelection.assets(curated_dataset),
+    partitions_def=conquest_type_partitions,
+    description="Build a conquest type's curated dataset from its gold conquests, and check it.",
 )

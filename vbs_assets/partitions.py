@@ -1,11 +1,14 @@
-"""Batches in Dagster: one dynamic partition per batch (added only by sensors, or the API), and
-what sensors and assets need to know of a batch's runs."""
+"""Partitions: one dynamic partition per batch (added only by sensors, or the API) and one per
+conquest type (a sensor, or ``vbs datasets build``), and what sensors and assets need to know
+of a batch's runs."""
 
 import dagster as dg
 
-from vbs_resources.layout import BATCH_PARTITIONS
+from vbs_resources.layout import BATCH_PARTITIONS, CONQUEST_TYPE_PARTITIONS
 
 batch_partitions = dg.DynamicPartitionsDefinition(name=BATCH_PARTITIONS)
+# One per conquest type, for its curated dataset (and, later, its adapters).
+conquest_type_partitions = dg.DynamicPartitionsDefinition(name=CONQUEST_TYPE_PARTITIONS)
 
 # A run in one of these may still write a batch's files.
 ACTIVE_RUN_STATUSES = frozenset(

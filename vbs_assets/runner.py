@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from vbs_resources import Bucket, Catalog, EngineRequest, EngineResult, InferenceEngine
 from vbs_resources import layout as L
+from vbs_resources.lake import write_results
 from vbs_resources.lifecycle import BatchLifecycle
 from vbs_resources.registry import ModelRegistry
 from vbs_resources.wire import (
@@ -221,6 +222,17 @@ def register_result_files(bucket: Bucket, catalog: Catalog, batch_id: str) -> di
     return ids
 
 
+def write_lake(bucket: Bucket, batch_id: str) -> None:
+    """The batch's ``results.parquet``. It is derived from the final files, so a write that
+    fails must not keep the batch from ending: whoever reads the lake writes it then."""
+    try:
+        rows = write_results(bucket, batch_id)
+    except Exception:  # noqa: BLE001 - anything DuckDB or the bucket raise
+        logging.getLogger("vbs.lake").exception(f"{batch_id}: results.parquet not written")
+    else:
+        logging.getLogger("vbs.lake").info(f"{batch_id}: results.parquet, {rows} rows")
+
+
 def stop_reason(row: dict[str, Any], now: float | None = None) -> str | None:
     """'cancelled' once a cancel was requested, 'expired' past the completion window."""
     if row["status"] == "cancelling":
@@ -267,6 +279,7 @@ def finish(
                 progress.add(line.model_dump())
     checkpoint.merge(chunks=valid)
     file_ids = register_result_files(bucket, catalog, batch_id)
+    write_lake(bucket, batch_id)
     if status == "failed":
         ended = lifecycle.fail(batch_id, errors or [], **file_ids, **progress.counts())
     else:

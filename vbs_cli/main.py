@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from vbs_cli import client, conquests, engine, models
+from vbs_cli import client, conquests, datasets, engine, models, query
 from vbs_resources import load_settings
 from vbs_resources.settings import SettingsError
 
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     client.add_commands(sub)
     models.add_commands(sub)
     conquests.add_commands(sub)
+    datasets.add_commands(sub)
+    query.add_commands(sub)
     engine.add_commands(sub)
     args = parser.parse_args(argv)
     try:
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         return models.run(args, settings)
     if args.command == "conquests":
         return conquests.run(args, settings)
+    if args.command == "datasets":
+        return datasets.run(args, settings)
+    if args.command == "query":
+        return query.run(args, settings)
     if args.command == "engine":
         return engine.run(args, settings)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

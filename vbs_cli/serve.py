@@ -46,11 +46,10 @@ def serve_commands(settings: Settings) -> list[tuple[list[str], dict[str, str]]]
     """The ``dagster dev`` and API server command lines (and the engine server's, in server
     mode with no ``VBS_ENGINE_URL``), each with its environment."""
     dagster_home(settings)
-    reach = "127.0.0.1" if settings.dagster_host in ("0.0.0.0", "::", "") else settings.dagster_host
     extra = {}
     if settings.dagster_url is None:
         # The API launches the runs of the batches it creates through this webserver.
-        extra["VBS_DAGSTER_URL"] = f"http://{reach}:{settings.dagster_port}"
+        extra["VBS_DAGSTER_URL"] = settings.resolved_dagster_url
     env = settings.child_environment(**extra)
     dagster = Path(sys.executable).with_name("dagster")
     webserver = [str(dagster), "dev", "-h", settings.dagster_host, "-p", str(settings.dagster_port)]

@@ -9,6 +9,7 @@ import dagster as dg
 
 from vbs_resources.bucket import Bucket
 from vbs_resources.catalog import Catalog
+from vbs_resources.curation.datasets import CurationPolicy
 from vbs_resources.curation.label_studio import LabelStudio
 from vbs_resources.curation.registry import ConquestTypes
 from vbs_resources.engine import (
@@ -115,6 +116,11 @@ def build_resources(settings: Settings, for_dagster: bool = False) -> dict[str, 
         "engine": build_engine(settings, for_dagster),
         "conquest_types": ConquestTypes(
             folder=str(settings.conquest_types_dir) if settings.conquest_types_dir else None
+        ),
+        "curation": CurationPolicy(
+            gold_min_rating=settings.gold_min_rating,
+            eval_fraction=settings.dataset_eval_fraction,
+            min_examples=settings.dataset_min_examples,
         ),
         "label_studio": LabelStudio(
             url=settings.resolved_label_studio_url,

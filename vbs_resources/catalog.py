@@ -234,6 +234,26 @@ annotation_history = sa.Table(
     sa.Column("replaced_at", sa.Float, nullable=False),
 )
 
+# Curated datasets: one row per version (the content hash of its files) with the conquests it
+# was made of. Building the same content again finds the same row and moves ``built_at``.
+datasets = sa.Table(
+    "datasets",
+    metadata_obj,
+    sa.Column("version", sa.String(100), primary_key=True),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("type_version", sa.String(64), nullable=False),
+    sa.Column("path", sa.String(512), nullable=False),  # its folder in the bucket
+    sa.Column("train_count", sa.Integer, nullable=False),
+    sa.Column("eval_count", sa.Integer, nullable=False),
+    sa.Column("icl_count", sa.Integer, nullable=False),
+    sa.Column("conquest_ids", sa.JSON, nullable=False),  # {"train": [...], "eval": [...]}
+    sa.Column("options", sa.JSON, nullable=False),  # min_rating, eval_fraction
+    sa.Column("run_id", sa.String(64)),  # the Dagster run of its latest build
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("built_at", sa.Float, nullable=False),
+    sa.Index("ix_datasets_type_built_at", "type", "built_at"),
+)
+
 # Point reads answer every API poll: built once, so each call only binds the id.
 _BATCH_BY_ID = sa.select(batches).where(batches.c.id == sa.bindparam("id"))
 _FILE_BY_ID = sa.select(files).where(files.c.id == sa.bindparam("id"), files.c.deleted.is_(False))
@@ -887,6 +907,52 @@ class Catalog(dg.ConfigurableResource):
                 )
 
     # ---- inbox problems ---------------------------------------------------------------------
+
+    # ---- datasets ----------------------------------------------------------------------------
+
+    def record_dataset(self, row: dict[str, Any]) -> bool:
+        """Record a built version; True when it is new. Building a version again keeps its row
+        (its conquests, its first build) and notes the run and time of this build."""
+        again = (
+            datasets.update()
+            .where(datasets.c.version == row["version"])
+            .values(run_id=row.get("run_id"), built_at=row["built_at"])
+        )
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(again).rowcount:
+                    return False
+                conn.execute(datasets.insert().values(**row))
+                return True
+        except sa.exc.IntegrityError:  # the same version recorded by a build running alongside
+            with self.engine.begin() as conn:
+                conn.execute(again)
+            return False
+
+    def get_dataset(self, version: str, conn: sa.Connection | None = None) -> dict[str, Any] | None:
+        rows = self._all(sa.select(datasets).where(datasets.c.version == version), conn)
+        return rows[0] if rows else None
+
+    def list_datasets(
+        self,
+        type_id: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+        conn: sa.Connection | None = None,
+    ) -> list[dict[str, Any]]:
+        """Versions, the most recently built first, after the version ``after``; ``limit + 1``
+        rows at most (the caller tells whether more follow)."""
+        query = sa.select(datasets)
+        if type_id is not None:
+            query = query.where(datasets.c.type == type_id)
+        if after is not None:
+            anchor = sa.select(datasets.c.built_at).where(datasets.c.version == after)
+            query = query.where(
+                sa.tuple_(datasets.c.built_at, datasets.c.version)
+                < sa.tuple_(anchor.scalar_subquery(), sa.literal(after))
+            )
+        query = query.order_by(datasets.c.built_at.desc(), datasets.c.version.desc())
+        return self._all(query.limit(limit + 1), conn)
 
     def set_inbox_problems(self, problems: dict[str, tuple[str, str]]) -> dict[str, str]:
         """Replace the recorded problems with ``problems`` (name -> (kind, message)); returns the

@@ -96,6 +96,10 @@ CONQUESTS = "conquests"
 LABEL_STUDIO_TASKS = "label_studio_tasks"
 LABEL_STUDIO_SYNC = "label_studio_sync"
 CURATION_GROUP = "curation"
+CURATED_DATASET = "curated_dataset"
+DATASET_JOB = "dataset_job"
+CONQUEST_TYPE_PARTITIONS = "conquest_types"
+CONQUEST_TYPE_SENSOR = "conquest_type_partitions"
 # Batch metadata keys: the conquest type a batch's results are curated as, and the uploaded
 # file (purpose user_data) holding the records its prompts were made from.
 META_CONQUEST_TYPE = "conquest_type"
@@ -156,15 +160,24 @@ SIDECAR = "sidecar.json"
 REQUESTS = "requests.parquet"
 OUTPUT = "output.jsonl"
 ERRORS = "errors.jsonl"
+RESULTS = "results.parquet"  # the results lake's row per line (vbs_resources/lake.py)
 CHECKPOINT = "checkpoint"
 CHECKPOINT_MANIFEST = f"{CHECKPOINT}/manifest.json"
 _CHUNK = re.compile(r"^chunk-(\d{5,})\.jsonl$")
 
 
+BATCHES = "batches"
+
+
 def batch_folder(batch_id: str) -> str:
     if not is_batch_id(batch_id):
         raise ValueError(f"{batch_id[:80]!r} is not a batch id")
-    return f"batches/{batch_id}"
+    return f"{BATCHES}/{batch_id}"
+
+
+def every_batch_file(name: str) -> str:
+    """A glob of one file (``RESULTS``, ...) across all batches, for DuckDB's readers."""
+    return f"{BATCHES}/*/{name}"
 
 
 def batch_file(batch_id: str, name: str) -> str:
@@ -184,6 +197,34 @@ def chunk_index(name: str) -> int | None:
     """The index of a checkpoint chunk's file name, None for any other name."""
     match = _CHUNK.match(name)
     return int(match.group(1)) if match else None
+
+
+# ---- curated datasets ----------------------------------------------------------------------
+
+DATASETS = "datasets"
+TRAIN, EVAL, ICL = "train.jsonl", "eval.jsonl", "icl.jsonl"
+DATASET_MANIFEST = "manifest.json"  # written last: a folder without it is an unfinished write
+DATASET_VERSION_PATTERN = r"^[a-z][a-z0-9_]{0,63}-[0-9a-f]{16}$"
+_DATASET_VERSION = re.compile(DATASET_VERSION_PATTERN)
+
+
+def dataset_version(type_id: str, content_sha256: str) -> str:
+    """A dataset's version: its type and the hash of its files' content."""
+    return f"{type_id}-{content_sha256[:16]}"
+
+
+def is_dataset_version(value: str) -> bool:
+    return bool(_DATASET_VERSION.match(value))
+
+
+def dataset_folder(version: str) -> str:
+    if not is_dataset_version(version):
+        raise ValueError(f"{version[:80]!r} is not a dataset version")
+    return f"{DATASETS}/{version}"
+
+
+def dataset_file(version: str, name: str) -> str:
+    return f"{dataset_folder(version)}/{name}"
 
 
 # ---- uploaded files ------------------------------------------------------------------------

@@ -172,6 +172,27 @@ class Settings(BaseSettings):
         "conquest_types/ if unset.",
     )
 
+    gold_min_rating: int = Field(
+        default=4,
+        ge=1,
+        le=5,
+        description="A rating at or above this makes a conquest gold (a VICTORY), like a gold "
+        "star; a rating of 2 or less is a DEFEAT.",
+    )
+    dataset_eval_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="The share of a curated dataset's distinct prompts held out for eval "
+        "(by hash: a prompt keeps its split across versions).",
+    )
+    dataset_min_examples: int = Field(
+        default=10,
+        ge=0,
+        description="The curated_dataset check min_examples fails (and blocks training) "
+        "below this many examples.",
+    )
+
     label_studio_url: str | None = Field(
         default=None,
         description="A Label Studio of your own; unset, `vbs serve` starts one on "
@@ -308,6 +329,15 @@ class Settings(BaseSettings):
     def label_studio_home(self) -> Path:
         """The local Label Studio's data, its admin's token and password."""
         return self.home / "label-studio"
+
+    @property
+    def resolved_dagster_url(self) -> str:
+        """Where runs are launched (GraphQL): ``VBS_DAGSTER_URL``, or the local webserver."""
+        if self.dagster_url is not None:
+            return self.dagster_url.get_secret_value()
+        host = self.dagster_host
+        reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        return f"http://{reach}:{self.dagster_port}"
 
     @property
     def resolved_label_studio_url(self) -> str:

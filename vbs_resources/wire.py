@@ -313,6 +313,29 @@ class ConquestObject(BaseModel):
     annotation_history: list[AnnotationObject] | None = None
 
 
+class DatasetCounts(BaseModel):
+    train: int
+    eval: int
+    icl: int
+
+
+class DatasetObject(BaseModel):
+    """One curated dataset version, as ``/v1/datasets`` answers it. ``files`` are bucket paths;
+    ``conquest_ids`` (retrieve only) are what each split was made of."""
+
+    id: str  # the version: the type and the hash of the files' content
+    object: Literal["dataset"] = "dataset"
+    type: str
+    type_version: str
+    created_at: int
+    built_at: float
+    counts: DatasetCounts
+    files: dict[str, str]
+    options: dict[str, Any]
+    run_id: str | None = None
+    conquest_ids: dict[str, list[str]] | None = None
+
+
 class WebhookEventData(BaseModel):
     id: str
 

@@ -1,7 +1,7 @@
 """Sensors and schedules."""
 
-from vbs_sensors.curation import label_studio_sync
+from vbs_sensors.curation import conquest_type_partition_sensor, label_studio_sync
 from vbs_sensors.inbox import inbox_sensor
 from vbs_sensors.reconcile import batch_reconciler
 
-all_sensors = [inbox_sensor, batch_reconciler, label_studio_sync]
+all_sensors = [inbox_sensor, batch_reconciler, label_studio_sync, conquest_type_partition_sensor]

@@ -1,12 +1,15 @@
-"""``label_studio_sync``: annotations made in Label Studio, pulled into the catalog."""
+"""``label_studio_sync``: annotations made in Label Studio, pulled into the catalog;
+``conquest_type_partitions``: a partition per conquest type, for its curated dataset."""
 
 import json
 
 import dagster as dg
 
+from vbs_assets.partitions import conquest_type_partitions
 from vbs_resources import Catalog
 from vbs_resources import layout as L
 from vbs_resources.curation import ConquestTypeFileError, ConquestTypes
+from vbs_resources.curation.datasets import CurationPolicy
 from vbs_resources.curation.label_studio import LabelStudio, LabelStudioError
 from vbs_resources.curation.sync import sync_annotations
 
@@ -23,12 +26,15 @@ def label_studio_sync(
     catalog: Catalog,
     conquest_types: ConquestTypes,
     label_studio: LabelStudio,
+    curation: CurationPolicy,
 ) -> dg.SkipReason:
     """Never launches runs: each tick records what changed and says so in the tick's text."""
     cursor = json.loads(context.cursor) if context.cursor else {}
     try:
         registry = conquest_types.registry()
-        report, cursor = sync_annotations(label_studio, catalog, registry, cursor)
+        report, cursor = sync_annotations(
+            label_studio, catalog, registry, cursor, gold_rating=curation.gold_min_rating
+        )
     except ConquestTypeFileError as exc:
         return dg.SkipReason(f"the conquest types do not load: {exc}")
     except LabelStudioError as exc:
@@ -38,3 +44,27 @@ def label_studio_sync(
         context.log.warning(problem)
     context.update_cursor(json.dumps(cursor, sort_keys=True))
     return dg.SkipReason(report.summary())
+
+
+@dg.sensor(
+    name=L.CONQUEST_TYPE_SENSOR,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Adds a curated_dataset partition for each conquest type that loads.",
+)
+def conquest_type_partition_sensor(
+    context: dg.SensorEvaluationContext, conquest_types: ConquestTypes
+) -> dg.SensorResult | dg.SkipReason:
+    """Never launches runs: a new type file (or a type registered in code) gets its partition."""
+    try:
+        known = [t.id for t in conquest_types.registry().all()]
+    except ConquestTypeFileError as exc:
+        return dg.SkipReason(f"the conquest types do not load: {exc}")
+    have = set(context.instance.get_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS))
+    new = sorted(set(known) - have)
+    if not new:
+        return dg.SkipReason(f"{len(known)} conquest types, each with its partition")
+    return dg.SensorResult(
+        dynamic_partitions_requests=[conquest_type_partitions.build_add_request(new)],
+        skip_reason=f"added partitions for {', '.join(new)}",
+    )

@@ -103,7 +103,8 @@ async def annotate_conquest(request: Request, conquest_id: str) -> JSONResponse:
             values = from_api(conquest_type, body, time.time())
         except AnnotationError as exc:
             raise APIError(400, str(exc), param=exc.field) from None
-        vbs.catalog.record_annotation(conquest_id, values, result_of(values))
+        result = result_of(values, vbs.settings.gold_min_rating)
+        vbs.catalog.record_annotation(conquest_id, values, result)
         return _one(request, conquest_id)
 
     return JSONResponse((await run_in_threadpool(annotate)).model_dump())

@@ -1,0 +1,364 @@
+"""Curated datasets: gold conquests become chat examples through their type's export templates,
+de-duplicated and split by prompt without leakage; the version is the content hash, the same
+for the same content and new for anything else; the checks gate what trains on it (real
+Dagster materializations on the real catalog and bucket)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import dagster as dg
+import pytest
+
+from tests.conftest import resources_for
+from vbs_assets.datasets import chat_format_valid, curated_dataset, min_examples, no_eval_leakage
+from vbs_resources import layout as L
+from vbs_resources.curation import ConquestTypes
+from vbs_resources.curation.annotations import result_of
+from vbs_resources.curation.datasets import check_example, prompt_key
+
+SUPPORT = ConquestTypes().registry().get("support_reply")
+TYPE = "support_reply"
+
+
+def record(n: int) -> dict:
+    return {
+        "ticket_subject": f"Order {n} — late 📦",
+        "ticket_body": f"Where is my order #{n}? It was due on Monday.",
+        "product": "Mugs" if n % 2 else None,
+        "order_history": [{"id": n, "item": "mug"}] if n % 3 == 0 else None,
+    }
+
+
+def conquest(n: int, batch: str = "batch_dataset000", status: str = "COMPLETED", **data) -> dict:
+    """A conquest as the ``conquests`` asset makes it from a typed batch's result line."""
+    raw = {k: v for k, v in (data or record(n)).items() if v is not None}
+    checked = SUPPORT.check_record(raw)
+    completed = status == "COMPLETED"
+    return {
+        "id": L.conquest_id(batch, f"t{n}"), "type": TYPE, "type_version": SUPPORT.version,
+        "status": status, "result": None, "input_data": checked, "prompt": SUPPORT.prompt(checked),
+        "prediction": f"Sorry for the wait! Order {n} ships today." if completed else None,
+        "error": None if completed else {"code": "model_not_found", "message": "no"},
+        "model": "m", "batch_id": batch, "custom_id": f"t{n}", "created_at": 1000 + n,
+        "updated_at": 1000.0 + n,
+    }  # fmt: skip
+
+
+def annotate(catalog, conquest_id: str, at: float | None = None, **fields) -> None:
+    values = {"is_gold_star": False, "rating": None, "feedback": None, "improvement_notes": None,
+              "answers": {}, "source": "api", "source_ref": None,
+              "edited_at": at or time.time(), **fields}  # fmt: skip
+    catalog.record_annotation(conquest_id, values, result_of(values))
+
+
+@pytest.fixture
+def curated(tmp_path, instance):
+    resources = resources_for(tmp_path / "vbs", VBS_DATASET_MIN_EXAMPLES="5")
+    instance.add_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS, [TYPE])
+    return resources, instance
+
+
+def build(resources, instance, raise_on_error: bool = True, **config) -> tuple[dict, object]:
+    result = dg.materialize(
+        [curated_dataset, min_examples, chat_format_valid, no_eval_leakage],
+        partition_key=TYPE,
+        instance=instance,
+        resources=resources,
+        run_config=dg.RunConfig(ops={L.CURATED_DATASET: {"config": config}}),
+        raise_on_error=raise_on_error,
+    )
+    events = result.get_asset_materialization_events()
+    metadata = {k: v.value for k, v in events[0].materialization.metadata.items()} if events else {}
+    return metadata, result
+
+
+def checks_of(result) -> dict[str, bool]:
+    return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+
+
+def lines(bucket, version: str, name: str) -> list[dict]:
+    return [json.loads(x) for x in bucket.read_text(L.dataset_file(version, name)).splitlines()]
+
+
+def test_gold_conquests_become_chat_examples_split_without_leakage(curated):
+    resources, instance = curated
+    catalog, bucket = resources["catalog"], resources["bucket"]
+    rows = [conquest(n) for n in range(14)]
+    rows.append(conquest(14, status="FAILED"))
+    # The same ticket answered the same way in a later batch: one example, not two.
+    rows.append({**conquest(0, batch="batch_dataset001"), "created_at": 5000})
+    catalog.add_conquests(rows)
+    ids = [r["id"] for r in rows]
+    for n in range(6):
+        annotate(catalog, ids[n], is_gold_star=True, answers={"resolves_issue": "yes"})
+    for n in range(6, 10):
+        annotate(catalog, ids[n], rating=4, feedback="fine")  # gold by the rating threshold
+    for n in range(10, 13):
+        annotate(catalog, ids[n], rating=3)  # not gold
+    annotate(catalog, ids[14], is_gold_star=True)  # a failed request has nothing to learn from
+    annotate(catalog, ids[15], is_gold_star=True)  # the repeat
+
+    metadata, result = build(resources, instance, eval_fraction=0.25)
+    version = metadata["version"]
+    assert L.is_dataset_version(version) and version.startswith(TYPE + "-")
+    assert metadata["gold_conquests"] == 11 and metadata["duplicates_dropped"] == 1
+    assert metadata["train"] + metadata["eval"] == 10 and metadata["eval"] >= 1
+    assert metadata["written"] is True
+    assert checks_of(result) == {
+        "min_examples": True, "chat_format_valid": True, "no_eval_leakage": True,
+    }  # fmt: skip
+    (event,) = result.get_asset_materialization_events()
+    assert event.materialization.tags["dagster/data_version"] == version
+
+    train, evals = lines(bucket, version, L.TRAIN), lines(bucket, version, L.EVAL)
+    for example in train + evals:
+        roles = [m["role"] for m in example["messages"]]
+        assert roles == ["system", "user", "assistant"] and set(example) == {"messages"}
+        check_example(json.dumps(example))
+    by_subject = {e["messages"][1]["content"].splitlines()[0]: e for e in train + evals}
+    mug = by_subject["Subject: Order 3 — late 📦"]["messages"]
+    assert "support agent for Mugs" in mug[0]["content"]
+    assert '[{"id": 3, "item": "mug"}]' in mug[1]["content"]  # structured fields as JSON
+    assert mug[2]["content"] == "Sorry for the wait! Order 3 ships today."
+    assert "Subject: Order 11 — late 📦" not in by_subject  # rated 3
+    assert "Subject: Order 14 — late 📦" not in by_subject  # failed
+    train_prompts = {prompt_key(e["messages"]) for e in train}
+    assert not train_prompts & {prompt_key(e["messages"]) for e in evals}
+
+    icl = lines(bucket, version, L.ICL)
+    assert len(icl) == len(train)
+    assert {prompt_key(e["messages"]) for e in icl} == train_prompts
+    first = icl[0]
+    assert set(first["input"]) <= set(SUPPORT.export.finetuning_format.input_fields)
+    assert set(first["output"]) == {"prediction"}
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+
+    row = catalog.get_dataset(version)
+    assert (row["train_count"], row["eval_count"]) == (metadata["train"], metadata["eval"])
+    listed = set(row["conquest_ids"]["train"]) | set(row["conquest_ids"]["eval"])
+    assert listed <= set(ids[:10]) | {ids[15]} and len(listed) == 10
+    manifest = json.loads(bucket.read_text(L.dataset_file(version, L.DATASET_MANIFEST)))
+    assert manifest["conquest_ids"] == row["conquest_ids"]
+    assert manifest["counts"] == {"train": len(train), "eval": len(evals), "icl": len(icl)}
+
+
+def test_the_version_changes_exactly_when_the_content_changes(curated):
+    resources, instance = curated
+    catalog, bucket = resources["catalog"], resources["bucket"]
+    rows = [conquest(n) for n in range(8)]
+    catalog.add_conquests(rows)
+    for row in rows[:6]:
+        annotate(catalog, row["id"], is_gold_star=True)
+
+    first, _ = build(resources, instance)
+    v1 = first["version"]
+    train = bucket.path(L.dataset_file(v1, L.TRAIN))
+    stamp = bucket.fs.modified(train)
+
+    again, _ = build(resources, instance)  # nothing new: same version, nothing written
+    assert again["version"] == v1 and again["written"] is False
+    assert bucket.fs.modified(train) == stamp
+
+    # A build killed before its manifest: the next one finishes the folder.
+    bucket.remove(L.dataset_file(v1, L.DATASET_MANIFEST))
+    redone, _ = build(resources, instance)
+    assert redone["version"] == v1 and redone["written"] is True
+    assert bucket.exists(L.dataset_file(v1, L.DATASET_MANIFEST))
+
+    # A comment the export templates do not read is not content.
+    annotate(catalog, rows[0]["id"], is_gold_star=True, feedback="Lovely")
+    assert build(resources, instance)[0]["version"] == v1
+
+    annotate(catalog, rows[6]["id"], rating=5)
+    grown, _ = build(resources, instance)
+    v2 = grown["version"]
+    assert v2 != v1 and grown["train"] + grown["eval"] == 7 and grown["written"] is True
+
+    annotate(catalog, rows[6]["id"], rating=1)  # taken back: the first content, the first version
+    back, _ = build(resources, instance)
+    assert back["version"] == v1 and back["written"] is False
+    # A stricter threshold is other content too.
+    annotate(catalog, rows[7]["id"], rating=4)
+    assert build(resources, instance)[0]["version"] != v1
+    assert build(resources, instance, min_rating=5)[0]["version"] == v1
+
+    assert {r["version"] for r in catalog.list_datasets(type_id=TYPE)} == {v1, v2} | {
+        build(resources, instance)[0]["version"]
+    }
+    assert catalog.list_datasets(type_id=TYPE)[0]["version"] != v1  # the latest build first
+
+
+def test_too_few_examples_fail_the_blocking_check(curated):
+    resources, instance = curated
+    catalog = resources["catalog"]
+    rows = [conquest(n) for n in range(3)]
+    catalog.add_conquests(rows)
+    for row in rows:
+        annotate(catalog, row["id"], is_gold_star=True)
+    metadata, result = build(resources, instance, raise_on_error=False)
+    assert metadata["train"] + metadata["eval"] == 3
+    assert checks_of(result)["min_examples"] is False
+    assert not result.success  # blocking: what trains on the dataset does not run
+
+
+def test_a_plain_batch_and_a_record_that_no_longer_fits_its_type(curated):
+    resources, instance = curated
+    catalog = resources["catalog"]
+    plain = {**conquest(0), "input_data": {"messages": [{"role": "user", "content": "Hi 👋"}]}}
+    stale = {**conquest(1), "input_data": {"ticket_subject": "Old", "legacy_field": "x"}}
+    silent = {**conquest(2), "prediction": "  \n"}  # the model said nothing
+    rows = [plain, stale, silent, *(conquest(n) for n in range(3, 9))]
+    catalog.add_conquests(rows)
+    for row in rows:
+        annotate(catalog, row["id"], is_gold_star=True)
+    metadata, _ = build(resources, instance)
+    assert metadata["skipped"] == 2 and metadata["train"] + metadata["eval"] == 7
+    version = metadata["version"]
+    examples = lines(resources["bucket"], version, L.TRAIN) + lines(
+        resources["bucket"], version, L.EVAL
+    )
+    assert {"messages": [{"role": "user", "content": "Hi 👋"},
+                         {"role": "assistant", "content": plain["prediction"]}]} in examples  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "line, where",
+    [
+        ('{"messages": [{"role": "user", "content": "a"}]}', "messages"),
+        ('{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}',
+         "messages.1.role"),
+        ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}',
+         "messages.1.content"),
+        ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}',
+         "the last turn"),
+        ('{"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "b"}]}',
+         "messages.0.content"),
+        ('{"messages": [], "extra": 1}', "messages"),
+        ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]',
+         "line"),
+    ],
+)  # fmt: skip
+def test_chat_format_errors_name_the_field(line, where):
+    with pytest.raises(ValueError, match=where):
+        check_example(line)
+
+
+def test_vbs_query_runs_sql_over_the_lake(curated, tmp_path):
+    resources, instance = curated
+    catalog = resources["catalog"]
+    rows = [conquest(n) for n in range(4)]
+    catalog.add_conquests(rows)
+    annotate(catalog, rows[0]["id"], is_gold_star=True, rating=5)
+    annotate(catalog, rows[1]["id"], rating=2)
+    sql = (
+        "SELECT c.type, count(*) AS conquests, count(a.conquest_id) AS annotated, "
+        "count(*) FILTER (WHERE a.is_gold_star) AS gold FROM conquests c "
+        "LEFT JOIN annotations a ON a.conquest_id = c.id GROUP BY c.type"
+    )
+    env = {"VBS_HOME": str(tmp_path / "vbs"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-m", "vbs_cli.main", "query", sql, "--format", "json"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(x) for x in done.stdout.splitlines()] == [
+        {"type": TYPE, "conquests": 4, "annotated": 2, "gold": 1}
+    ]
+    table = subprocess.run(
+        [sys.executable, "-m", "vbs_cli.main", "query", "SELECT count(*) AS n FROM results"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert table.returncode == 0 and "n" in table.stdout and "0" in table.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "vbs_cli.main", "query", "SELECT nope FROM conquests"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+CANDIDATES = [
+    {
+        "role_title": f"Barista {n}",
+        "job_description": "Make espresso drinks; open the café at 6am.",
+        "candidate_summary": f"{n + 1} years behind a busy bar; latte art ☕.",
+        "years_experience": n + 1,
+    }
+    for n in range(4)
+]
+
+
+def test_vbs_datasets_build_through_the_running_dagster_and_the_api(platform, tmp_path):
+    import httpx
+
+    from tests.conftest import API_KEY, wait_for
+    from tests.test_conquests import vbs
+
+    path = tmp_path / "candidates.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CANDIDATES), encoding="utf-8")
+    submitted = vbs(platform, "conquests", "submit", "candidate_evaluation", str(path),
+                    "--max-tokens", "8", "--wait")  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.strip()
+    catalog = platform.resources["catalog"]
+    wait_for(lambda: len(catalog.conquests_of_batch(batch_id)) == 4, 60, "the conquests")
+    ids = [r["id"] for r in catalog.conquests_of_batch(batch_id)]
+    api = httpx.Client(
+        base_url=platform.api_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
+    )
+    answers = {"recommendation_correct": True, "recommendation": "yes"}
+    for conquest_id in ids[:3]:
+        done = api.post(f"/conquests/{conquest_id}/annotate",
+                        json={"isGoldStar": True, "answers": answers})  # fmt: skip
+        assert done.status_code == 200, done.text
+    api.post(f"/conquests/{ids[3]}/annotate", json={"rating": 1})
+
+    env = {"VBS_HOME": str(platform.home), "PATH": "/usr/bin:/bin"}
+    command = [sys.executable, "-m", "vbs_cli.main", "datasets", "build", "--type",
+               "candidate_evaluation", "--dagster-url", f"http://127.0.0.1:{platform.port}"]  # fmt: skip
+
+    def datasets(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*command, *extra], capture_output=True, text=True, env=env,
+                              timeout=300)  # fmt: skip
+
+    # Three examples are fewer than the default bar of ten: the blocking check fails the run.
+    refused = datasets()
+    assert refused.returncode == 1 and "a blocking check failed" in refused.stderr
+    line = json.loads(refused.stdout)
+    assert line["run_status"] == "FAILURE" and line["train"] + line["eval"] == 3
+    built = datasets("--min-examples", "3")
+    assert built.returncode == 0, built.stderr
+    (out,) = [json.loads(x) for x in built.stdout.splitlines()]
+    assert out["version"] == line["version"] and out["run_status"] == "SUCCESS"
+    assert out["type"] == "candidate_evaluation" and out["eval"] >= 1
+    version = out["version"]
+
+    got = api.get(f"/datasets/{version}").json()
+    assert got["counts"] == {"train": out["train"], "eval": out["eval"], "icl": out["icl"]}
+    assert sorted(got["conquest_ids"]["train"] + got["conquest_ids"]["eval"]) == sorted(ids[:3])
+    listed = api.get("/datasets", params={"type": "candidate_evaluation"}).json()
+    assert listed["data"][0]["id"] == version and listed["data"][0]["conquest_ids"] is None
+    assert api.get("/datasets/candidate_evaluation-0000000000000000").status_code == 404
+    assert api.get("/datasets/../../etc").status_code == 404
+    assert httpx.get(f"{platform.api_url}/datasets").status_code == 401
+    examples = lines(platform.resources["bucket"], version, L.TRAIN)
+    assert all("Barista" in e["messages"][1]["content"] for e in examples)
+
+    # The asset's Dagster data version is the dataset version; its lineage reaches the batches.
+    key = dg.AssetKey(L.CURATED_DATASET)
+    event = platform.instance.get_latest_materialization_event(key)
+    assert event.asset_materialization.tags["dagster/data_version"] == version
+    query = vbs_query(env, f"SELECT count(*) AS n FROM results WHERE batch_id = '{batch_id}'")
+    assert query == [{"n": 4}]
+
+
+def vbs_query(env: dict[str, str], sql: str) -> list[dict]:
+    done = subprocess.run(
+        [sys.executable, "-m", "vbs_cli.main", "query", sql, "--format", "json"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return [json.loads(x) for x in done.stdout.splitlines()]

@@ -1,0 +1,240 @@
+"""``curated_dataset``: a conquest type's gold conquests as a versioned training dataset, and the
+checks that gate what trains on it.
+
+One partition per conquest type (the ``conquest_type_partitions`` sensor adds them; ``vbs
+datasets build`` adds a missing one before launching). Each build reads the type's gold
+conquests from the lake, renders them through the type's export templates, and writes
+``datasets/<version>/`` (``train.jsonl``, ``eval.jsonl``, ``icl.jsonl``, ``manifest.json``),
+where the version is the hash of the content; it is also the asset's Dagster data version.
+Building again with no new annotation finds the same version and writes nothing.
+"""
+
+import json
+import time
+
+import dagster as dg
+from pydantic import Field
+
+from vbs_assets.curation import _type, conquests
+from vbs_assets.partitions import conquest_type_partitions
+from vbs_resources import Bucket, Catalog
+from vbs_resources import layout as L
+from vbs_resources.curation import ConquestTypes
+from vbs_resources.curation.datasets import (
+    CurationPolicy,
+    DatasetBuild,
+    build_dataset,
+    check_example,
+    prompt_key,
+    write_dataset,
+)
+from vbs_resources.lake import catalog_frame, gold_query, rating_counts
+
+
+class CuratedDatasetConfig(dg.Config):
+    """Overrides of the curation policy for one build."""
+
+    min_rating: int | None = Field(
+        default=None, ge=1, le=5, description="Gold rating threshold (VBS_GOLD_MIN_RATING)."
+    )
+    eval_fraction: float | None = Field(
+        default=None, ge=0, lt=1, description="Prompts held out (VBS_DATASET_EVAL_FRACTION)."
+    )
+
+
+def _cell(text: object, width: int = 160) -> str:
+    return str(text).replace("\n", " ").replace("|", "\\|")[:width]
+
+
+def _sample(build: DatasetBuild) -> str:
+    lines = ["| split | user | assistant |", "|---|---|---|"]
+    for split, examples in (("train", build.train[:4]), ("eval", build.eval[:2])):
+        for example in examples:
+            user = next(m["content"] for m in example.messages if m["role"] == "user")
+            lines.append(f"| {split} | {_cell(user)} | {_cell(example.messages[-1]['content'])} |")
+    return "\n".join(lines)
+
+
+def _histogram(counts: dict[str, int]) -> str:
+    top = max(counts.values()) or 1
+    lines = ["| rating | conquests | |", "|---|---|---|"]
+    lines += [f"| {k} | {n} | {'█' * round(20 * n / top)} |" for k, n in counts.items()]
+    return "\n".join(lines)
+
+
+@dg.asset(
+    name=L.CURATED_DATASET,
+    partitions_def=conquest_type_partitions,
+    deps=[dg.AssetDep(conquests, partition_mapping=dg.AllPartitionMapping())],
+    code_version="1",
+    kinds={"jsonl"},
+    group_name=L.CURATION_GROUP,
+)
+def curated_dataset(
+    context: dg.AssetExecutionContext,
+    config: CuratedDatasetConfig,
+    bucket: Bucket,
+    catalog: Catalog,
+    conquest_types: ConquestTypes,
+    curation: CurationPolicy,
+) -> dg.MaterializeResult:
+    """The type's gold conquests (a gold star, or a rating at or above the threshold) as chat
+    examples, de-duplicated and split into train and eval by prompt, in
+    ``datasets/<version>/``; the version is the content hash and the Dagster data version."""
+    type_id = context.partition_key
+    conquest_type = _type(context, conquest_types, type_id)
+    if isinstance(conquest_type, dg.MaterializeResult):
+        raise dg.Failure(description=str(conquest_type.metadata["skipped"]))
+    min_rating = config.min_rating or curation.gold_min_rating
+    eval_fraction = curation.eval_fraction if config.eval_fraction is None else config.eval_fraction
+    gold = catalog_frame(catalog, gold_query(type_id, min_rating))
+    context.log.info(f"{type_id}: {gold.height} gold conquests (rating >= {min_rating} or star)")
+    build = build_dataset(conquest_type, gold, eval_fraction)
+    for problem in build.skipped[:20]:
+        context.log.warning(f"skipped {problem}")
+    options = {"min_rating": min_rating, "eval_fraction": eval_fraction}
+    version = build.version
+    written = write_dataset(bucket, build, options)
+    manifest = build.manifest(options)
+    catalog.record_dataset(
+        {
+            "version": version,
+            "type": type_id,
+            "type_version": build.type_version,
+            "path": L.dataset_folder(version),
+            "train_count": len(build.train),
+            "eval_count": len(build.eval),
+            "icl_count": build.icl_count,
+            "conquest_ids": manifest["conquest_ids"],
+            "options": options,
+            "run_id": context.run_id,
+            "created_at": int(time.time()),
+            "built_at": time.time(),
+        }
+    )
+    context.log.info(
+        f"{version}: {len(build.train)} train, {len(build.eval)} eval, "
+        + ("written" if written else "already there, nothing written")
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "version": version,
+            "path": bucket.path(L.dataset_folder(version)),
+            "conquest_type": type_id,
+            "type_version": build.type_version,
+            "written": written,
+            "gold_conquests": build.gold,
+            "train": len(build.train),
+            "eval": len(build.eval),
+            "icl": build.icl_count,
+            "duplicates_dropped": build.duplicates,
+            "skipped": len(build.skipped),
+            "min_rating": min_rating,
+            "eval_fraction": eval_fraction,
+            "rating_histogram": dg.MetadataValue.md(_histogram(rating_counts(catalog, type_id))),
+            "sample": dg.MetadataValue.md(_sample(build)),
+            "dagster/row_count": len(build.train) + len(build.eval),
+        },
+        data_version=dg.DataVersion(version),
+    )
+
+
+def _built(context: dg.AssetCheckExecutionContext, catalog: Catalog) -> dict | None:
+    """The version this run built (or, checked alone, the type's latest)."""
+    type_id = context.op_execution_context.partition_key
+    rows = catalog.list_datasets(type_id=type_id, limit=50)
+    run_id = context.op_execution_context.run_id
+    mine = [r for r in rows if r["run_id"] == run_id]
+    return (mine or rows or [None])[0]
+
+
+def _nothing_built() -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=False, metadata={"problem": "no dataset built for the type"})
+
+
+class MinExamplesConfig(dg.Config):
+    min_examples: int | None = Field(
+        default=None, ge=0, description="Fewer examples fail the check (VBS_DATASET_MIN_EXAMPLES)."
+    )
+
+
+@dg.asset_check(asset=curated_dataset, blocking=True)
+def min_examples(
+    context: dg.AssetCheckExecutionContext,
+    config: MinExamplesConfig,
+    catalog: Catalog,
+    curation: CurationPolicy,
+) -> dg.AssetCheckResult:
+    """Enough examples to train on (train and eval together), and an eval split to measure."""
+    row = _built(context, catalog)
+    if row is None:
+        return _nothing_built()
+    needed = curation.min_examples if config.min_examples is None else config.min_examples
+    total = row["train_count"] + row["eval_count"]
+    return dg.AssetCheckResult(
+        passed=total >= needed and (row["eval_count"] > 0 or needed == 0),
+        metadata={
+            "version": row["version"],
+            "examples": total,
+            "eval": row["eval_count"],
+            "min": needed,
+        },
+    )
+
+
+def _lines(bucket: Bucket, version: str, name: str) -> list[bytes]:
+    with bucket.open(L.dataset_file(version, name), "rb") as fh:
+        return [line for line in fh if line.strip()]
+
+
+@dg.asset_check(asset=curated_dataset, blocking=True)
+def chat_format_valid(
+    context: dg.AssetCheckExecutionContext, bucket: Bucket, catalog: Catalog
+) -> dg.AssetCheckResult:
+    """Every line of train.jsonl and eval.jsonl is a chat example in OpenAI's fine-tuning
+    format (roles system/user/assistant, text content, the assistant's turn last)."""
+    row = _built(context, catalog)
+    if row is None:
+        return _nothing_built()
+    problems: list[str] = []
+    for name in (L.TRAIN, L.EVAL):
+        for number, line in enumerate(_lines(bucket, row["version"], name), start=1):
+            try:
+                check_example(line)
+            except ValueError as exc:
+                problems.append(f"{name} line {number}: {exc}")
+    return dg.AssetCheckResult(
+        passed=not problems,
+        metadata={"version": row["version"], "problems": dg.MetadataValue.json(problems[:20])},
+    )
+
+
+@dg.asset_check(asset=curated_dataset, blocking=True)
+def no_eval_leakage(
+    context: dg.AssetCheckExecutionContext, bucket: Bucket, catalog: Catalog
+) -> dg.AssetCheckResult:
+    """No eval prompt (its user turns) is also a train or few-shot (icl) prompt."""
+    row = _built(context, catalog)
+    if row is None:
+        return _nothing_built()
+    version = row["version"]
+
+    def prompts(name: str) -> set[str]:
+        lines = _lines(bucket, version, name)
+        if name == L.ICL:
+            return {prompt_key(json.loads(x)["messages"]) for x in lines}
+        return {prompt_key(check_example(x).dumped()) for x in lines}
+
+    try:
+        evals = prompts(L.EVAL)
+        leaked = {name: len(evals & prompts(name)) for name in (L.TRAIN, L.ICL)}
+    except (ValueError, KeyError, TypeError) as exc:
+        return dg.AssetCheckResult(passed=False, metadata={"problem": str(exc)[:500]})
+    return dg.AssetCheckResult(
+        passed=not any(leaked.values()),
+        metadata={
+            "version": version,
+            "eval_prompts": len(evals),
+            "leaked": dg.MetadataValue.json(leaked),
+        },
+    )

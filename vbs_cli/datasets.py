@@ -1,0 +1,105 @@
+"""``vbs datasets build|list``: curated datasets. ``build`` launches ``curated_dataset`` for a
+type through the running Dagster (as materializing it in the UI does) and prints the version it
+built as one JSON line; ``list`` reads the catalog."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from vbs_resources import Settings, build_resources
+from vbs_resources import layout as L
+
+FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
+
+
+def add_commands(sub: Any) -> None:
+    datasets = sub.add_parser("datasets", help="curated datasets: build a version, list them")
+    datasets_sub = datasets.add_subparsers(dest="datasets_command", required=True)
+    build = datasets_sub.add_parser(
+        "build", help="build a type's dataset through Dagster (every type if --type is omitted)"
+    )
+    build.add_argument("--type", dest="type_id", help="the conquest type")
+    build.add_argument("--min-rating", type=int, help="gold threshold (VBS_GOLD_MIN_RATING)")
+    build.add_argument("--eval-fraction", type=float, help="(VBS_DATASET_EVAL_FRACTION)")
+    build.add_argument(
+        "--min-examples", type=int, help="the min_examples check's bar (VBS_DATASET_MIN_EXAMPLES)"
+    )
+    build.add_argument("--dagster-url", help="the Dagster webserver (VBS_DAGSTER_URL)")
+    build.add_argument("--timeout", type=float, default=600, help="seconds to wait (600)")
+    listing = datasets_sub.add_parser("list", help="dataset versions, the latest build first")
+    listing.add_argument("--type", dest="type_id", help="one conquest type's")
+    listing.add_argument("--limit", type=int, default=20)
+
+
+def summary(row: dict[str, Any]) -> dict[str, Any]:
+    """A dataset version as the one JSON line ``build`` and ``list`` print."""
+    return {
+        "version": row["version"],
+        "type": row["type"],
+        "type_version": row["type_version"],
+        "train": row["train_count"],
+        "eval": row["eval_count"],
+        "icl": row["icl_count"],
+        "path": row["path"],
+        "run_id": row["run_id"],
+    }
+
+
+def _build(args: argparse.Namespace, settings: Settings, catalog: Any, type_id: str) -> int:
+    from vbs_api.launch import BatchLauncher, LaunchFailed, LaunchUnavailable
+
+    launcher = BatchLauncher(args.dagster_url or settings.resolved_dagster_url)
+    config = {
+        k: v
+        for k, v in (("min_rating", args.min_rating), ("eval_fraction", args.eval_fraction))
+        if v is not None
+    }
+    run_config: dict[str, Any] = {"ops": {L.CURATED_DATASET: {"config": config}}}
+    if args.min_examples is not None:
+        check = f"{L.CURATED_DATASET}_min_examples"  # an asset check's op: asset_check
+        run_config["ops"][check] = {"config": {"min_examples": args.min_examples}}
+    try:
+        run_id = launcher.launch(
+            type_id, run_config, {}, job=L.DATASET_JOB, partitions=L.CONQUEST_TYPE_PARTITIONS
+        )
+        print(f"{type_id}: run {run_id} launched", file=sys.stderr)
+        deadline = time.monotonic() + args.timeout
+        status = launcher.run_status(run_id)
+        while status not in FINISHED:
+            if time.monotonic() > deadline:
+                print(f"vbs: run {run_id} is still {status}", file=sys.stderr)
+                return 1
+            time.sleep(1)
+            status = launcher.run_status(run_id)
+    except (LaunchFailed, LaunchUnavailable) as exc:
+        print(f"vbs: {exc}", file=sys.stderr)
+        return 1
+    built = [r for r in catalog.list_datasets(type_id=type_id, limit=50) if r["run_id"] == run_id]
+    line: dict[str, Any] = summary(built[0]) if built else {"type": type_id, "run_id": run_id}
+    print(json.dumps({**line, "run_status": status}, ensure_ascii=False), flush=True)
+    if status != "SUCCESS":
+        why = "a blocking check failed" if built else "the build failed"
+        print(f"vbs: {type_id}: {why}; see run {run_id} in the Dagster UI", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    resources = build_resources(settings)
+    catalog = resources["catalog"]
+    if args.datasets_command == "list":
+        for row in catalog.list_datasets(type_id=args.type_id, limit=args.limit):
+            print(json.dumps(summary(row), ensure_ascii=False))
+        return 0
+    if args.type_id:
+        types = [args.type_id]
+    else:
+        types = [t.id for t in resources["conquest_types"].registry().all()]
+    failed = 0
+    for type_id in types:
+        failed += _build(args, settings, catalog, type_id) != 0
+    return 1 if failed else 0

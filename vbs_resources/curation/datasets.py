@@ -1,0 +1,252 @@
+"""Curated datasets: a type's gold conquests as chat examples, versioned by their content.
+
+A gold conquest (a gold star, or a rating at or above the policy's threshold, on a completed
+answer) is rendered through its type's export templates into ``{"messages": [...]}`` (system,
+user, assistant), OpenAI's fine-tuning chat format. Examples are de-duplicated and split into
+train and eval by the hash of their prompt (its user turns), so a prompt is on one side only and stays on its
+side in every later version. ``icl.jsonl`` holds the train examples as few-shot demonstrations:
+the type's ``finetuningFormat`` input and output fields, and the user and assistant turns.
+
+The version is the hash of the three files' content, so building again with nothing new gives
+the same version, and any change to what a file would hold gives a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import dagster as dg
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+
+from vbs_resources import layout as L
+from vbs_resources.bucket import Bucket
+from vbs_resources.curation.types import CURATION_FIELDS, PREDICTION, ConquestType, RecordError
+
+if TYPE_CHECKING:
+    import polars as pl
+
+
+class CurationPolicy(dg.ConfigurableResource):
+    """When a conquest is gold, and how its type's dataset is cut (``VBS_GOLD_MIN_RATING``,
+    ``VBS_DATASET_EVAL_FRACTION``, ``VBS_DATASET_MIN_EXAMPLES``)."""
+
+    gold_min_rating: int = 4
+    eval_fraction: float = 0.1
+    min_examples: int = 10
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr = Field(min_length=1)
+
+
+class ChatExample(BaseModel):
+    """One line of ``train.jsonl`` / ``eval.jsonl``: OpenAI's chat fine-tuning format, the
+    last turn the assistant's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] = Field(min_length=2)
+
+    def dumped(self) -> list[dict[str, str]]:
+        return [m.model_dump() for m in self.messages]
+
+
+def check_example(raw: bytes | str) -> ChatExample:
+    """A line as a chat example (ValueError naming the field otherwise)."""
+    try:
+        example = ChatExample.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "line"
+        raise ValueError(f"{where}: {first['msg']}") from None
+    if example.messages[-1].role != "assistant":
+        raise ValueError("messages: the last turn must be the assistant's")
+    if not any(m.role == "user" for m in example.messages):
+        raise ValueError("messages: no user turn")
+    return example
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _sha(value: Any) -> str:
+    return hashlib.sha256(_canonical(value)).hexdigest()
+
+
+def prompt_key(messages: list[dict[str, Any]]) -> str:
+    """What decides an example's split, and what must never be on both sides: its user turns
+    (two examples asking the same thing under different system prompts are one prompt)."""
+    return _sha([m["content"] for m in messages if m["role"] == "user"])
+
+
+def _jsonl(lines: list[dict[str, Any]]) -> bytes:
+    # Keys in the order they were built (role before content, fields in the type's order):
+    # deterministic, and as people expect to read them.
+    return b"".join(
+        json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        for line in lines
+    )
+
+
+@dataclass
+class _Example:
+    conquest_id: str
+    messages: list[dict[str, str]]
+    icl: dict[str, Any] | None
+    key: str = ""
+    prompt: str = ""
+
+
+@dataclass
+class DatasetBuild:
+    """A dataset version, before it is written."""
+
+    type_id: str
+    type_version: str
+    train: list[_Example]
+    eval: list[_Example]
+    gold: int  # gold conquests read
+    duplicates: int  # examples dropped as repeats of another
+    skipped: list[str] = field(default_factory=list)  # conquests that could not be rendered
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.files = {
+            L.TRAIN: _jsonl([{"messages": e.messages} for e in self.train]),
+            L.EVAL: _jsonl([{"messages": e.messages} for e in self.eval]),
+            L.ICL: _jsonl([e.icl for e in self.train if e.icl is not None]),
+        }
+
+    @property
+    def version(self) -> str:
+        digest = hashlib.sha256()
+        for name in (L.TRAIN, L.EVAL, L.ICL):
+            digest.update(name.encode() + b"\0" + hashlib.sha256(self.files[name]).digest())
+        return L.dataset_version(self.type_id, digest.hexdigest())
+
+    @property
+    def icl_count(self) -> int:
+        return sum(e.icl is not None for e in self.train)
+
+    def manifest(self, options: dict[str, Any]) -> dict[str, Any]:
+        """What ``manifest.json`` says (no clock in it: the same content, the same bytes)."""
+        return {
+            "version": self.version,
+            "type": self.type_id,
+            "type_version": self.type_version,
+            "counts": {"train": len(self.train), "eval": len(self.eval), "icl": self.icl_count},
+            "sha256": {n: hashlib.sha256(b).hexdigest() for n, b in self.files.items()},
+            "conquest_ids": {
+                "train": [e.conquest_id for e in self.train],
+                "eval": [e.conquest_id for e in self.eval],
+            },
+            "options": options,
+        }
+
+
+def _answers(conquest_type: ConquestType, row: dict[str, Any]) -> dict[str, Any]:
+    """What the assistant template and the output fields may read: the prediction, the
+    curation fields and every question's answer (an unanswered one is empty)."""
+    answers = json.loads(row["answers"]) if row.get("answers") else {}
+    values: dict[str, Any] = {q.id: "" for q in conquest_type.questions}
+    values.update(answers)
+    values.update({name: row.get(name) for name in CURATION_FIELDS})
+    values[PREDICTION] = row.get("prediction") or ""
+    return values
+
+
+def _example(conquest_type: ConquestType, row: dict[str, Any]) -> _Example:
+    """One gold conquest as an example (RecordError when its data does not fit the type)."""
+    data = json.loads(row["input_data"])
+    answers = _answers(conquest_type, row)
+    messages = data.get("messages") if isinstance(data, dict) else None
+    plain = "messages" not in {s.id for s in conquest_type.data_sources}
+    if plain and isinstance(messages, list) and set(data) == {"messages"}:
+        # A plain batch that named a type: its own messages are the prompt.
+        prompt = [
+            {"role": m["role"], "content": m["content"]}
+            for m in messages
+            if isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("content")
+        ]
+        if not prompt:
+            raise RecordError("its messages hold no text")
+        turns = [*prompt, {"role": "assistant", "content": answers[PREDICTION]}]
+        return _Example(row["id"], turns, None)
+    record = conquest_type.check_record(data)
+    turns = conquest_type.example(record, answers)["messages"]
+    fine = conquest_type.export.finetuning_format
+    values = {**record, **answers}
+    icl = {
+        "input": {f: record[f] for f in fine.input_fields if f in record},
+        "output": {f: values.get(f) for f in fine.output_fields},
+        "messages": [t for t in turns if t["role"] != "system"],
+    }
+    return _Example(row["id"], turns, icl)
+
+
+def _split(examples: list[_Example], eval_fraction: float) -> tuple[list, list]:
+    """Train and eval by prompt hash; at least one eval prompt once there are two prompts."""
+    threshold = eval_fraction * 2**64
+    held = {e.prompt for e in examples if int(e.prompt[:16], 16) < threshold}
+    prompts = sorted({e.prompt for e in examples}, key=lambda p: int(p[:16], 16))
+    if not held and eval_fraction > 0 and len(prompts) >= 2:
+        held = {prompts[0]}
+    train = [e for e in examples if e.prompt not in held]
+    evals = [e for e in examples if e.prompt in held]
+    return train, evals
+
+
+def build_dataset(
+    conquest_type: ConquestType, gold: pl.DataFrame, eval_fraction: float
+) -> DatasetBuild:
+    """The dataset of ``gold`` (the lake's gold conquests of the type, with annotations)."""
+    seen: dict[str, _Example] = {}
+    skipped: list[str] = []
+    duplicates = 0
+    for row in gold.sort("created_at", "id").iter_rows(named=True):
+        try:
+            example = _example(conquest_type, row)
+        except (RecordError, ValueError, KeyError, TypeError) as exc:
+            skipped.append(f"{row['id']}: {exc}")
+            continue
+        if any(not m["content"].strip() for m in example.messages):
+            skipped.append(f"{row['id']}: an empty turn (the answer or the rendered prompt)")
+            continue
+        example.key = _sha(example.messages)
+        example.prompt = prompt_key(example.messages)
+        if example.key in seen:
+            duplicates += 1
+            continue
+        seen[example.key] = example
+    # Files in the order of the examples' hashes: stable, and unrelated to when they came.
+    examples = sorted(seen.values(), key=lambda e: e.key)
+    train, evals = _split(examples, eval_fraction)
+    return DatasetBuild(
+        type_id=conquest_type.id,
+        type_version=conquest_type.version,
+        train=train,
+        eval=evals,
+        gold=gold.height,
+        duplicates=duplicates,
+        skipped=skipped,
+    )
+
+
+def write_dataset(bucket: Bucket, build: DatasetBuild, options: dict[str, Any]) -> bool:
+    """Write the version's folder unless it is there already; True when written now. The
+    manifest goes last, so a write cut short is finished by the next build."""
+    version = build.version
+    if bucket.exists(L.dataset_file(version, L.DATASET_MANIFEST)):
+        return False
+    for name, content in build.files.items():
+        bucket.write_bytes(L.dataset_file(version, name), content)
+    manifest = json.dumps(build.manifest(options), ensure_ascii=False, indent=2) + "\n"
+    bucket.write_bytes(L.dataset_file(version, L.DATASET_MANIFEST), manifest.encode())
+    return True
