@@ -149,6 +149,12 @@ def mutate(path: str, value: object) -> dict:
         ("dataSources.0.id", "Bad Id", "dataSources[0].id: String should match pattern"),
         ("questions.0.helpTxt", "typo", "questions[0].helpTxt: Extra inputs are not permitted"),
         (
+            "questions.0.excludeIf",
+            ["maybe"],
+            "questions[0]: excludeIf: 'maybe' is not",
+        ),
+        ("questions.3.excludeIf", ["x"], "questions[3]: excludeIf: a text question"),
+        (
             "export.iclFormat.userPromptTemplate",
             "{{ ticket_body }} {{ ticket_sbuject }}",
             "export.iclFormat.userPromptTemplate: names ticket_sbuject, which this type does not",

@@ -225,6 +225,31 @@ def test_a_plain_batch_and_a_record_that_no_longer_fits_its_type(curated):
                          {"role": "assistant", "content": plain["prediction"]}]} in examples  # fmt: skip
 
 
+def test_an_exclude_if_answer_keeps_a_gold_conquest_out(tmp_path, instance):
+    candidate = ConquestTypes().registry().get("candidate_evaluation")
+    resources = resources_for(tmp_path / "vbs", VBS_DATASET_MIN_EXAMPLES="0")
+    instance.add_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS, ["candidate_evaluation"])
+    catalog = resources["catalog"]
+    rows = []
+    for n in range(4):
+        data = {"role_title": f"Cook {n}", "job_description": "Grill.", "candidate_summary": "Ok"}
+        rows.append({**conquest(n), "type": "candidate_evaluation", "input_data": data,
+                     "prompt": candidate.prompt(data), "prediction": '{"recommendation": "yes"}'})  # fmt: skip
+    catalog.add_conquests(rows)
+    for n, bias in enumerate(("none", "possible", "clear", None)):
+        answers = {"recommendation": "yes", **({"bias_concern": bias} if bias else {})}
+        annotate(catalog, rows[n]["id"], is_gold_star=True, answers=answers)
+    result = dg.materialize(
+        [curated_dataset], partition_key="candidate_evaluation", instance=instance,
+        resources=resources,
+    )  # fmt: skip
+    metadata = {k: v.value for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()}  # fmt: skip
+    assert metadata["excluded"] == 2 and metadata["train"] + metadata["eval"] == 2
+    icl = lines(resources["bucket"], metadata["version"], L.ICL)
+    assert all(line["output"] == {"prediction": '{"recommendation": "yes"}',
+                                  "recommendation": "yes"} for line in icl)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "line, where",
     [
@@ -295,7 +320,7 @@ def test_vbs_datasets_build_through_the_running_dagster_and_the_api(platform, tm
     import httpx
 
     from tests.conftest import API_KEY, wait_for
-    from tests.test_conquests import vbs
+    from tests.test_conquests import _tasks_of, platform_label_studio, vbs
 
     path = tmp_path / "candidates.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in CANDIDATES), encoding="utf-8")
@@ -309,12 +334,25 @@ def test_vbs_datasets_build_through_the_running_dagster_and_the_api(platform, tm
     api = httpx.Client(
         base_url=platform.api_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
     )
+    # A curator stars the first in Label Studio; the API stars two more and rates one low.
+    ls = platform_label_studio(platform)
+    wait_for(lambda: _tasks_of(ls, catalog, "candidate_evaluation", batch_id), 120, "the tasks")
+    project = catalog.label_studio_project("candidate_evaluation", ls.url)["project_id"]
+    (task,) = [t for t in ls.tasks(project) if t["data"]["conquest_id"] == ids[0]]
+    ls._call("POST", f"/api/tasks/{task['id']}/annotations", json={"result": [
+        {"from_name": "is_gold_star", "to_name": "prediction", "type": "choices",
+         "value": {"choices": ["gold"]}},
+        {"from_name": "recommendation", "to_name": "prediction", "type": "choices",
+         "value": {"choices": ["yes"]}},
+    ]})  # fmt: skip
     answers = {"recommendation_correct": True, "recommendation": "yes"}
-    for conquest_id in ids[:3]:
+    for conquest_id in ids[1:3]:
         done = api.post(f"/conquests/{conquest_id}/annotate",
                         json={"isGoldStar": True, "answers": answers})  # fmt: skip
         assert done.status_code == 200, done.text
     api.post(f"/conquests/{ids[3]}/annotate", json={"rating": 1})
+    wait_for(lambda: (catalog.annotation_of(ids[0]) or {}).get("source") == "label_studio", 90,
+             "the sensor to bring the Label Studio star in")  # fmt: skip
 
     env = {"VBS_HOME": str(platform.home), "PATH": "/usr/bin:/bin"}
     command = [sys.executable, "-m", "vbs_cli.main", "datasets", "build", "--type",

@@ -92,6 +92,8 @@ def curated_dataset(
     build = build_dataset(conquest_type, gold, eval_fraction)
     for problem in build.skipped[:20]:
         context.log.warning(f"skipped {problem}")
+    for reason in build.excluded[:20]:
+        context.log.info(f"excluded {reason}")
     options = {"min_rating": min_rating, "eval_fraction": eval_fraction}
     version = build.version
     written = write_dataset(bucket, build, options)
@@ -129,6 +131,7 @@ def curated_dataset(
             "icl": build.icl_count,
             "duplicates_dropped": build.duplicates,
             "skipped": len(build.skipped),
+            "excluded": len(build.excluded),
             "min_rating": min_rating,
             "eval_fraction": eval_fraction,
             "rating_histogram": dg.MetadataValue.md(_histogram(rating_counts(catalog, type_id))),

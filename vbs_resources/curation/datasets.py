@@ -115,6 +115,7 @@ class DatasetBuild:
     gold: int  # gold conquests read
     duplicates: int  # examples dropped as repeats of another
     skipped: list[str] = field(default_factory=list)  # conquests that could not be rendered
+    excluded: list[str] = field(default_factory=list)  # kept out by an excludeIf answer
     files: dict[str, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -162,10 +163,17 @@ def _answers(conquest_type: ConquestType, row: dict[str, Any]) -> dict[str, Any]
     return values
 
 
+class Excluded(ValueError):
+    """A gold conquest the type keeps out of datasets (an ``excludeIf`` answer)."""
+
+
 def _example(conquest_type: ConquestType, row: dict[str, Any]) -> _Example:
     """One gold conquest as an example (RecordError when its data does not fit the type)."""
     data = json.loads(row["input_data"])
     answers = _answers(conquest_type, row)
+    for question in conquest_type.questions:
+        if question.excludes(answers.get(question.id)):
+            raise Excluded(f"{question.id} is {answers[question.id]!r} (excludeIf)")
     messages = data.get("messages") if isinstance(data, dict) else None
     plain = "messages" not in {s.id for s in conquest_type.data_sources}
     if plain and isinstance(messages, list) and set(data) == {"messages"}:
@@ -209,10 +217,14 @@ def build_dataset(
     """The dataset of ``gold`` (the lake's gold conquests of the type, with annotations)."""
     seen: dict[str, _Example] = {}
     skipped: list[str] = []
+    excluded: list[str] = []
     duplicates = 0
     for row in gold.sort("created_at", "id").iter_rows(named=True):
         try:
             example = _example(conquest_type, row)
+        except Excluded as exc:
+            excluded.append(f"{row['id']}: {exc}")
+            continue
         except (RecordError, ValueError, KeyError, TypeError) as exc:
             skipped.append(f"{row['id']}: {exc}")
             continue
@@ -236,6 +248,7 @@ def build_dataset(
         gold=gold.height,
         duplicates=duplicates,
         skipped=skipped,
+        excluded=excluded,
     )
 
 

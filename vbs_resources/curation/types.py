@@ -68,6 +68,8 @@ class Question(_Model):
     options: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] | None = None
     required: bool = False
     help_text: str | None = None
+    # Answers that keep a conquest out of curated datasets, gold or not (a bias flag, say).
+    exclude_if: list[str | bool | int] | None = None
 
     @model_validator(mode="after")
     def _options_fit_the_type(self) -> Question:
@@ -78,7 +80,22 @@ class Question(_Model):
                 raise ValueError("options repeat")
         elif self.options is not None:
             raise ValueError(f"a {self.type} question takes no options")
+        if self.exclude_if is not None:
+            if self.type == "text":
+                raise ValueError("excludeIf: a text question's answers cannot exclude")
+            for value in self.exclude_if:
+                try:
+                    self.check_answer(value)
+                except RecordError:
+                    raise ValueError(f"excludeIf: {value!r} is not an answer to it") from None
         return self
+
+    def excludes(self, answer: Any) -> bool:
+        """Whether ``answer`` keeps its conquest out of datasets (``excludeIf``)."""
+        return any(
+            answer == value and isinstance(answer, bool) == isinstance(value, bool)
+            for value in self.exclude_if or []
+        )
 
     def check_answer(self, value: Any) -> Any:
         """``value`` if it is an answer to this question, else RecordError."""
