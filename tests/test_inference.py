@@ -219,7 +219,7 @@ def test_the_results_lake_has_a_flat_row_per_line(chat_batch, tmp_path):
         "model_not_found"
     )
     assert rows["own-template"][6:] == ("invalid_request", "chat_template")
-    tokens = lake.sql("SELECT sum(completion_tokens) FROM results").fetchone()[0]
+    tokens = lake.sql("SELECT sum(completion_tokens) FROM results").fetchall()[0][0]
     assert tokens == chat_batch["row"]["usage"]["output_tokens"]
     per_day = lake.sql(
         "SELECT model, date_trunc('day', created_at) AS day, sum(total_tokens) FROM results "
