@@ -14,11 +14,11 @@ import dagster as dg
 import pytest
 
 from tests.conftest import resources_for
-from vbs_assets.datasets import chat_format_valid, curated_dataset, min_examples, no_eval_leakage
+from vbs_assets.datasets import curated_dataset
 from vbs_resources import layout as L
 from vbs_resources.curation import ConquestTypes
 from vbs_resources.curation.annotations import result_of
-from vbs_resources.curation.datasets import check_example, prompt_key
+from vbs_resources.curation.datasets import build_dataset, check_example, prompt_key
 
 SUPPORT = ConquestTypes().registry().get("support_reply")
 TYPE = "support_reply"
@@ -57,14 +57,16 @@ def annotate(catalog, conquest_id: str, at: float | None = None, **fields) -> No
 
 @pytest.fixture
 def curated(tmp_path, instance):
-    resources = resources_for(tmp_path / "vbs", VBS_DATASET_MIN_EXAMPLES="5")
+    resources = resources_for(
+        tmp_path / "vbs", VBS_DATASET_MIN_EXAMPLES="5", VBS_DATASET_EVAL_FRACTION="0.3"
+    )
     instance.add_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS, [TYPE])
     return resources, instance
 
 
 def build(resources, instance, raise_on_error: bool = True, **config) -> tuple[dict, object]:
     result = dg.materialize(
-        [curated_dataset, min_examples, chat_format_valid, no_eval_leakage],
+        [curated_dataset],
         partition_key=TYPE,
         instance=instance,
         resources=resources,
@@ -209,20 +211,40 @@ def test_a_plain_batch_and_a_record_that_no_longer_fits_its_type(curated):
     resources, instance = curated
     catalog = resources["catalog"]
     plain = {**conquest(0), "input_data": {"messages": [{"role": "user", "content": "Hi 👋"}]}}
+    parts = {**conquest(9), "input_data": {"messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Where is"},
+                                     {"type": "image_url", "image_url": {"url": "x"}},
+                                     {"type": "text", "text": "my mug?"}]},
+    ]}}  # fmt: skip
+    system_only = {**conquest(10), "input_data": {"messages": [{"role": "system", "content": "x"}]}}
     stale = {**conquest(1), "input_data": {"ticket_subject": "Old", "legacy_field": "x"}}
     silent = {**conquest(2), "prediction": "  \n"}  # the model said nothing
-    rows = [plain, stale, silent, *(conquest(n) for n in range(3, 9))]
+    surrogate = {**conquest(11), "input_data": {**record(11), "ticket_body": "bad \ud800 text"}}
+    rows = [
+        plain,
+        parts,
+        system_only,
+        stale,
+        silent,
+        surrogate,
+        *(conquest(n) for n in range(3, 9)),
+    ]
     catalog.add_conquests(rows)
     for row in rows:
         annotate(catalog, row["id"], is_gold_star=True)
-    metadata, _ = build(resources, instance)
-    assert metadata["skipped"] == 2 and metadata["train"] + metadata["eval"] == 7
+    metadata, result = build(resources, instance)
+    assert metadata["skipped"] == 4 and metadata["train"] + metadata["eval"] == 8
+    assert checks_of(result)["chat_format_valid"] is True
     version = metadata["version"]
     examples = lines(resources["bucket"], version, L.TRAIN) + lines(
         resources["bucket"], version, L.EVAL
     )
     assert {"messages": [{"role": "user", "content": "Hi 👋"},
                          {"role": "assistant", "content": plain["prediction"]}]} in examples  # fmt: skip
+    assert {"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": "Where is\nmy mug?"},
+                         {"role": "assistant", "content": parts["prediction"]}]} in examples  # fmt: skip
 
 
 def test_an_exclude_if_answer_keeps_a_gold_conquest_out(tmp_path, instance):
@@ -248,6 +270,27 @@ def test_an_exclude_if_answer_keeps_a_gold_conquest_out(tmp_path, instance):
     icl = lines(resources["bucket"], metadata["version"], L.ICL)
     assert all(line["output"] == {"prediction": '{"recommendation": "yes"}',
                                   "recommendation": "yes"} for line in icl)  # fmt: skip
+
+
+def test_a_prompt_keeps_its_side_as_the_dataset_grows():
+    import polars as pl
+
+    def gold(n: int) -> dict:
+        row = conquest(n)
+        return {"id": row["id"], "created_at": row["created_at"],
+                "input_data": json.dumps(row["input_data"]), "prediction": row["prediction"],
+                "is_gold_star": True, "rating": None, "feedback": None,
+                "improvement_notes": None, "answers": None}  # fmt: skip
+
+    def sides(count: int) -> dict[str, str]:
+        built = build_dataset(SUPPORT, pl.DataFrame([gold(n) for n in range(count)]), 0.2)
+        return {e.conquest_id: split for split in ("train", "eval")
+                for e in getattr(built, split)}  # fmt: skip
+
+    for small, large in ((1, 40), (3, 40), (20, 60)):
+        before, after = sides(small), sides(large)
+        assert all(after[k] == side for k, side in before.items()), (small, large)
+    assert 0 < list(sides(60).values()).count("eval") < 30
 
 
 @pytest.mark.parametrize(
@@ -367,7 +410,7 @@ def test_vbs_datasets_build_through_the_running_dagster_and_the_api(platform, tm
     assert refused.returncode == 1 and "a blocking check failed" in refused.stderr
     line = json.loads(refused.stdout)
     assert line["run_status"] == "FAILURE" and line["train"] + line["eval"] == 3
-    built = datasets("--min-examples", "3")
+    built = datasets("--min-examples", "3", "--eval-fraction", "0.5")
     assert built.returncode == 0, built.stderr
     (out,) = [json.loads(x) for x in built.stdout.splitlines()]
     assert out["version"] == line["version"] and out["run_status"] == "SUCCESS"

@@ -1,9 +1,9 @@
-"""``curated_dataset``: a conquest type's gold conquests as a versioned training dataset, and the
-checks that gate what trains on it.
+"""``curated_dataset``: a conquest type's gold conquests as a versioned training dataset, with
+the blocking checks that gate what trains on it.
 
 One partition per conquest type (the ``conquest_type_partitions`` sensor adds them; ``vbs
 datasets build`` adds a missing one before launching). Each build reads the type's gold
-conquests from the lake, renders them through the type's export templates, and writes
+conquests (the catalog, with Polars), renders them through the type's export templates, and writes
 ``datasets/<version>/`` (``train.jsonl``, ``eval.jsonl``, ``icl.jsonl``, ``manifest.json``),
 where the version is the hash of the content; it is also the asset's Dagster data version.
 Building again with no new annotation finds the same version and writes nothing.
@@ -40,6 +40,11 @@ class CuratedDatasetConfig(dg.Config):
     eval_fraction: float | None = Field(
         default=None, ge=0, lt=1, description="Prompts held out (VBS_DATASET_EVAL_FRACTION)."
     )
+    min_examples: int | None = Field(
+        default=None,
+        ge=0,
+        description="Fewer examples fail the min_examples check (VBS_DATASET_MIN_EXAMPLES).",
+    )
 
 
 def _cell(text: object, width: int = 160) -> str:
@@ -50,7 +55,7 @@ def _sample(build: DatasetBuild) -> str:
     lines = ["| split | user | assistant |", "|---|---|---|"]
     for split, examples in (("train", build.train[:4]), ("eval", build.eval[:2])):
         for example in examples:
-            user = next(m["content"] for m in example.messages if m["role"] == "user")
+            user = next((m["content"] for m in example.messages if m["role"] == "user"), "")
             lines.append(f"| {split} | {_cell(user)} | {_cell(example.messages[-1]['content'])} |")
     return "\n".join(lines)
 
@@ -62,8 +67,88 @@ def _histogram(counts: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+# Evaluated in the asset's own step, on the files it just wrote: a blocking check that fails
+# fails the step, so nothing downstream (training) runs on the version.
+CHECKS = [
+    dg.AssetCheckSpec(
+        "min_examples",
+        asset=L.CURATED_DATASET,
+        blocking=True,
+        description="Enough examples to train on (VBS_DATASET_MIN_EXAMPLES, train and eval "
+        "together), and at least one held out for eval.",
+    ),
+    dg.AssetCheckSpec(
+        "chat_format_valid",
+        asset=L.CURATED_DATASET,
+        blocking=True,
+        description="Every line of train.jsonl and eval.jsonl is a chat example in OpenAI's "
+        "fine-tuning format (roles system/user/assistant, text, the assistant's turn last).",
+    ),
+    dg.AssetCheckSpec(
+        "no_eval_leakage",
+        asset=L.CURATED_DATASET,
+        blocking=True,
+        description="No eval prompt (its user turns) is also a train or few-shot (icl) prompt.",
+    ),
+]
+
+
+def _lines(bucket: Bucket, version: str, name: str) -> list[bytes]:
+    with bucket.open(L.dataset_file(version, name), "rb") as fh:
+        return [line for line in fh if line.strip()]
+
+
+def check_min_examples(build: DatasetBuild, needed: int) -> dg.AssetCheckResult:
+    total = len(build.train) + len(build.eval)
+    problems = []
+    if total < needed:
+        problems.append(f"{total} examples, fewer than {needed}")
+    if needed and not build.eval:
+        problems.append("none held out for eval: raise eval_fraction (VBS_DATASET_EVAL_FRACTION)")
+    return dg.AssetCheckResult(
+        check_name="min_examples",
+        passed=not problems,
+        metadata={"examples": total, "eval": len(build.eval), "min": needed,
+                  "problems": dg.MetadataValue.json(problems)},
+    )  # fmt: skip
+
+
+def check_chat_format(bucket: Bucket, version: str) -> dg.AssetCheckResult:
+    problems: list[str] = []
+    for name in (L.TRAIN, L.EVAL):
+        for number, line in enumerate(_lines(bucket, version, name), start=1):
+            try:
+                check_example(line)
+            except ValueError as exc:
+                problems.append(f"{name} line {number}: {exc}")
+    return dg.AssetCheckResult(
+        check_name="chat_format_valid",
+        passed=not problems,
+        metadata={"problems": dg.MetadataValue.json(problems[:20]), "count": len(problems)},
+    )
+
+
+def check_leakage(bucket: Bucket, version: str) -> dg.AssetCheckResult:
+    def prompts(name: str) -> set[str]:
+        return {prompt_key(json.loads(x)["messages"]) for x in _lines(bucket, version, name)}
+
+    try:
+        evals = prompts(L.EVAL)
+        leaked = {name: len(evals & prompts(name)) for name in (L.TRAIN, L.ICL)}
+    except (ValueError, KeyError, TypeError) as exc:
+        return dg.AssetCheckResult(
+            check_name="no_eval_leakage", passed=False, metadata={"problem": str(exc)[:500]}
+        )
+    return dg.AssetCheckResult(
+        check_name="no_eval_leakage",
+        passed=not any(leaked.values()),
+        metadata={"eval_prompts": len(evals), "leaked": dg.MetadataValue.json(leaked)},
+    )
+
+
 @dg.asset(
     name=L.CURATED_DATASET,
+    check_specs=CHECKS,
     partitions_def=conquest_type_partitions,
     deps=[dg.AssetDep(conquests, partition_mapping=dg.AllPartitionMapping())],
     code_version="1",
@@ -97,7 +182,6 @@ def curated_dataset(
     options = {"min_rating": min_rating, "eval_fraction": eval_fraction}
     version = build.version
     written = write_dataset(bucket, build, options)
-    manifest = build.manifest(options)
     catalog.record_dataset(
         {
             "version": version,
@@ -107,7 +191,7 @@ def curated_dataset(
             "train_count": len(build.train),
             "eval_count": len(build.eval),
             "icl_count": build.icl_count,
-            "conquest_ids": manifest["conquest_ids"],
+            "conquest_ids": build.conquest_ids,
             "options": options,
             "run_id": context.run_id,
             "created_at": int(time.time()),
@@ -139,105 +223,11 @@ def curated_dataset(
             "dagster/row_count": len(build.train) + len(build.eval),
         },
         data_version=dg.DataVersion(version),
-    )
-
-
-def _built(context: dg.AssetCheckExecutionContext, catalog: Catalog) -> dict | None:
-    """The version this run built (or, checked alone, the type's latest)."""
-    type_id = context.op_execution_context.partition_key
-    rows = catalog.list_datasets(type_id=type_id, limit=50)
-    run_id = context.op_execution_context.run_id
-    mine = [r for r in rows if r["run_id"] == run_id]
-    return (mine or rows or [None])[0]
-
-
-def _nothing_built() -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(passed=False, metadata={"problem": "no dataset built for the type"})
-
-
-class MinExamplesConfig(dg.Config):
-    min_examples: int | None = Field(
-        default=None, ge=0, description="Fewer examples fail the check (VBS_DATASET_MIN_EXAMPLES)."
-    )
-
-
-@dg.asset_check(asset=curated_dataset, blocking=True)
-def min_examples(
-    context: dg.AssetCheckExecutionContext,
-    config: MinExamplesConfig,
-    catalog: Catalog,
-    curation: CurationPolicy,
-) -> dg.AssetCheckResult:
-    """Enough examples to train on (train and eval together), and an eval split to measure."""
-    row = _built(context, catalog)
-    if row is None:
-        return _nothing_built()
-    needed = curation.min_examples if config.min_examples is None else config.min_examples
-    total = row["train_count"] + row["eval_count"]
-    return dg.AssetCheckResult(
-        passed=total >= needed and (row["eval_count"] > 0 or needed == 0),
-        metadata={
-            "version": row["version"],
-            "examples": total,
-            "eval": row["eval_count"],
-            "min": needed,
-        },
-    )
-
-
-def _lines(bucket: Bucket, version: str, name: str) -> list[bytes]:
-    with bucket.open(L.dataset_file(version, name), "rb") as fh:
-        return [line for line in fh if line.strip()]
-
-
-@dg.asset_check(asset=curated_dataset, blocking=True)
-def chat_format_valid(
-    context: dg.AssetCheckExecutionContext, bucket: Bucket, catalog: Catalog
-) -> dg.AssetCheckResult:
-    """Every line of train.jsonl and eval.jsonl is a chat example in OpenAI's fine-tuning
-    format (roles system/user/assistant, text content, the assistant's turn last)."""
-    row = _built(context, catalog)
-    if row is None:
-        return _nothing_built()
-    problems: list[str] = []
-    for name in (L.TRAIN, L.EVAL):
-        for number, line in enumerate(_lines(bucket, row["version"], name), start=1):
-            try:
-                check_example(line)
-            except ValueError as exc:
-                problems.append(f"{name} line {number}: {exc}")
-    return dg.AssetCheckResult(
-        passed=not problems,
-        metadata={"version": row["version"], "problems": dg.MetadataValue.json(problems[:20])},
-    )
-
-
-@dg.asset_check(asset=curated_dataset, blocking=True)
-def no_eval_leakage(
-    context: dg.AssetCheckExecutionContext, bucket: Bucket, catalog: Catalog
-) -> dg.AssetCheckResult:
-    """No eval prompt (its user turns) is also a train or few-shot (icl) prompt."""
-    row = _built(context, catalog)
-    if row is None:
-        return _nothing_built()
-    version = row["version"]
-
-    def prompts(name: str) -> set[str]:
-        lines = _lines(bucket, version, name)
-        if name == L.ICL:
-            return {prompt_key(json.loads(x)["messages"]) for x in lines}
-        return {prompt_key(check_example(x).dumped()) for x in lines}
-
-    try:
-        evals = prompts(L.EVAL)
-        leaked = {name: len(evals & prompts(name)) for name in (L.TRAIN, L.ICL)}
-    except (ValueError, KeyError, TypeError) as exc:
-        return dg.AssetCheckResult(passed=False, metadata={"problem": str(exc)[:500]})
-    return dg.AssetCheckResult(
-        passed=not any(leaked.values()),
-        metadata={
-            "version": version,
-            "eval_prompts": len(evals),
-            "leaked": dg.MetadataValue.json(leaked),
-        },
+        check_results=[
+            check_min_examples(
+                build, curation.min_examples if config.min_examples is None else config.min_examples
+            ),
+            check_chat_format(bucket, version),
+            check_leakage(bucket, version),
+        ],
     )

@@ -15,6 +15,7 @@ A batch in a terminal status is never changed: running it again reports what it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -229,6 +230,9 @@ def write_lake(bucket: Bucket, batch_id: str) -> None:
         rows = write_results(bucket, batch_id)
     except Exception:  # noqa: BLE001 - anything DuckDB or the bucket raise
         logging.getLogger("vbs.lake").exception(f"{batch_id}: results.parquet not written")
+        # One from an earlier attempt would be trusted as current: it goes.
+        with contextlib.suppress(Exception):
+            bucket.remove(L.batch_file(batch_id, L.RESULTS))
     else:
         logging.getLogger("vbs.lake").info(f"{batch_id}: results.parquet, {rows} rows")
 

@@ -53,15 +53,13 @@ def _build(args: argparse.Namespace, settings: Settings, catalog: Any, type_id: 
     from vbs_api.launch import BatchLauncher, LaunchFailed, LaunchUnavailable
 
     launcher = BatchLauncher(args.dagster_url or settings.resolved_dagster_url)
-    config = {
-        k: v
-        for k, v in (("min_rating", args.min_rating), ("eval_fraction", args.eval_fraction))
-        if v is not None
-    }
-    run_config: dict[str, Any] = {"ops": {L.CURATED_DATASET: {"config": config}}}
-    if args.min_examples is not None:
-        check = f"{L.CURATED_DATASET}_min_examples"  # an asset check's op: asset_check
-        run_config["ops"][check] = {"config": {"min_examples": args.min_examples}}
+    chosen = (
+        ("min_rating", args.min_rating),
+        ("eval_fraction", args.eval_fraction),
+        ("min_examples", args.min_examples),
+    )
+    config = {k: v for k, v in chosen if v is not None}
+    run_config = {"ops": {L.CURATED_DATASET: {"config": config}}}
     try:
         run_id = launcher.launch(
             type_id, run_config, {}, job=L.DATASET_JOB, partitions=L.CONQUEST_TYPE_PARTITIONS
@@ -95,10 +93,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for row in catalog.list_datasets(type_id=args.type_id, limit=args.limit):
             print(json.dumps(summary(row), ensure_ascii=False))
         return 0
-    if args.type_id:
-        types = [args.type_id]
-    else:
-        types = [t.id for t in resources["conquest_types"].registry().all()]
+    from vbs_resources.curation import ConquestTypeFileError
+
+    try:
+        known = [t.id for t in resources["conquest_types"].registry().all()]
+    except ConquestTypeFileError as exc:
+        print(f"vbs: the conquest types do not load: {exc}", file=sys.stderr)
+        return 2
+    if args.type_id and args.type_id not in known:
+        # Checked here: a launch would add a Dagster partition for any string.
+        shown = ", ".join(known) or "none"
+        print(f"vbs: unknown conquest type {args.type_id[:64]!r} (known: {shown})", file=sys.stderr)
+        return 2
+    types = [args.type_id] if args.type_id else known
     failed = 0
     for type_id in types:
         failed += _build(args, settings, catalog, type_id) != 0

@@ -7,7 +7,7 @@ the definitions: settings/layout/wire <- resources <- assets <- sensors <- defin
 import dagster as dg
 
 from vbs_assets.curation import conquests, label_studio_tasks
-from vbs_assets.datasets import chat_format_valid, curated_dataset, min_examples, no_eval_leakage
+from vbs_assets.datasets import curated_dataset
 from vbs_assets.inference import batch_output, error_rate, output_complete
 from vbs_assets.ingest import batch_input
 from vbs_assets.jobs import batch_job, dataset_job
@@ -16,7 +16,7 @@ from vbs_sensors import all_sensors
 
 defs = dg.Definitions(
     assets=[batch_input, batch_output, conquests, label_studio_tasks, curated_dataset],
-    asset_checks=[output_complete, error_rate, min_examples, chat_format_valid, no_eval_leakage],
+    asset_checks=[output_complete, error_rate],
     jobs=[batch_job, dataset_job],
     sensors=all_sensors,
     resources=build_resources(load_settings(), for_dagster=True),

@@ -2,8 +2,9 @@
 
 Every batch that ends with results gets ``batches/<id>/results.parquet``: one row per output or
 error line, flat (custom_id, model, status, finish reason, token counts, the answer's text, the
-error). Conquests, the dataset builder and ``vbs query`` read it, and the catalog's conquests
-and annotations, through one DuckDB connection whose views are:
+error). Conquests are made from it (DuckDB, joined with ``requests.parquet``); the dataset
+builder reads the catalog's gold conquests with Polars; ``vbs query`` reads all of it through
+one DuckDB connection whose views are:
 
 - ``results``: every batch's ``results.parquet``;
 - ``conquests`` and ``annotations``: the catalog's tables (the newest edit of each conquest's
@@ -72,7 +73,8 @@ SELECT
   response->>'$.request_id' AS request_id,
   body->>'$.model' AS model,
   body->>'$.object' AS object,
-  CASE WHEN status_code = 200 AND error IS NULL AND (body->'$.error') IS NULL
+  -- An "error": null in a body (a pass-through server's) is no error.
+  CASE WHEN status_code BETWEEN 200 AND 299 AND error IS NULL AND body->>'$.error' IS NULL
        THEN 'completed' ELSE 'failed' END AS status,
   status_code,
   body->>'$.choices[0].finish_reason' AS finish_reason,
@@ -83,7 +85,8 @@ SELECT
   COALESCE(body->>'$.error.code', error->>'$.code') AS error_code,
   COALESCE(body->>'$.error.message', error->>'$.message') AS error_message,
   COALESCE(body->>'$.error.param', error->>'$.param') AS error_param,
-  COALESCE(to_timestamp(TRY_CAST(body->>'$.created' AS DOUBLE)),
+  -- A created time out of range (a server's odd answer) falls back to the batch's end.
+  COALESCE(TRY(to_timestamp(TRY_CAST(body->>'$.created' AS DOUBLE))),
            to_timestamp($ended_at::DOUBLE)) AS created_at
 FROM lines
 """
@@ -252,6 +255,13 @@ def open_lake(bucket: Bucket, catalog: Catalog) -> duckdb.DuckDBPyConnection:
     import duckdb
 
     con = connect()
+    for entry in bucket.list_entries(L.BATCHES):
+        # Batches that ended before the lake existed, or whose write failed: written now.
+        if entry.is_dir and L.is_batch_id(entry.name):
+            try:
+                ensure_results(bucket, entry.name)
+            except Exception:  # noqa: BLE001 - one batch's files must not hide the others
+                log.exception(f"{entry.name}: results.parquet not written")
     pattern = _uri(con, bucket, L.every_batch_file(L.RESULTS))
     try:
         con.execute(

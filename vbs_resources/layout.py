@@ -46,7 +46,7 @@ _FILE_ID = re.compile(FILE_ID_PATTERN)
 
 
 def is_batch_id(value: str) -> bool:
-    return bool(_BATCH_ID.match(value))
+    return bool(_BATCH_ID.fullmatch(value))
 
 
 def new_batch_id() -> str:
@@ -195,7 +195,7 @@ def chunk_file(batch_id: str, index: int) -> str:
 
 def chunk_index(name: str) -> int | None:
     """The index of a checkpoint chunk's file name, None for any other name."""
-    match = _CHUNK.match(name)
+    match = _CHUNK.fullmatch(name)
     return int(match.group(1)) if match else None
 
 
@@ -214,7 +214,7 @@ def dataset_version(type_id: str, content_sha256: str) -> str:
 
 
 def is_dataset_version(value: str) -> bool:
-    return bool(_DATASET_VERSION.match(value))
+    return bool(_DATASET_VERSION.fullmatch(value))
 
 
 def dataset_folder(version: str) -> str:
@@ -233,6 +233,6 @@ FILES = "files"
 
 
 def uploaded_file(file_id: str) -> str:
-    if not _FILE_ID.match(file_id):
+    if not _FILE_ID.fullmatch(file_id):
         raise ValueError(f"{file_id[:80]!r} is not a file id")
     return f"{FILES}/{file_id}.jsonl"

@@ -29,7 +29,7 @@ def dataset_object(row: dict[str, Any], with_conquests: bool = False) -> Dataset
             train=row["train_count"], eval=row["eval_count"], icl=row["icl_count"]
         ),
         files={
-            name.removesuffix(".jsonl"): L.dataset_file(version, name)
+            name.split(".")[0]: L.dataset_file(version, name)
             for name in (L.TRAIN, L.EVAL, L.ICL, L.DATASET_MANIFEST)
         },
         options=row["options"] or {},

@@ -46,7 +46,12 @@ def records_of(bucket: Bucket, catalog: Catalog, file_id: str) -> dict[str, dict
 
 def _error(answer: dict[str, Any]) -> dict[str, Any]:
     shown = {k: answer[f"error_{k}"] for k in ("code", "message", "param")}
-    return {k: v for k, v in shown.items() if v is not None} or {"message": "no answer"}
+    found = {k: v for k, v in shown.items() if v is not None}
+    if found:
+        return found
+    return {
+        "message": "the answer holds no text" if answer["status"] == "completed" else "no answer"
+    }
 
 
 def build_conquests(
@@ -69,7 +74,8 @@ def build_conquests(
     for answer in batch_answers(bucket, batch_id, ended_at):
         custom_id = answer["custom_id"]
         body = json.loads(answer["body"]) if answer["body"] else {}
-        completed = answer["status"] == "completed"
+        # An answer without text (no choices, only tool calls) has nothing to judge.
+        completed = answer["status"] == "completed" and answer["text"] is not None
         prompt = body.get("messages", body.get("prompt"))
         if records is not None and custom_id in records:
             input_data = records[custom_id]
@@ -85,7 +91,7 @@ def build_conquests(
             "result": None,
             "input_data": input_data,
             "prompt": prompt if prompt is not None else [],
-            "prediction": (answer["text"] or "") if completed else None,
+            "prediction": answer["text"] if completed else None,
             "error": None if completed else _error(answer),
             "model": answer["model"] or body.get("model"),
             "batch_id": batch_id,

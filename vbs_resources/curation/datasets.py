@@ -7,8 +7,9 @@ train and eval by the hash of their prompt (its user turns), so a prompt is on o
 side in every later version. ``icl.jsonl`` holds the train examples as few-shot demonstrations:
 the type's ``finetuningFormat`` input and output fields, and the user and assistant turns.
 
-The version is the hash of the three files' content, so building again with nothing new gives
-the same version, and any change to what a file would hold gives a new one.
+The version is the hash of the three files' content and of the conquests each split was made
+of, so building again with nothing new gives the same version, and any change to what a file
+would hold gives a new one.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: StrictStr = Field(min_length=1)
+    content: StrictStr = Field(min_length=1, pattern=r"\S")
 
 
 class ChatExample(BaseModel):
@@ -126,10 +127,20 @@ class DatasetBuild:
         }
 
     @property
+    def conquest_ids(self) -> dict[str, list[str]]:
+        return {
+            "train": [e.conquest_id for e in self.train],
+            "eval": [e.conquest_id for e in self.eval],
+        }
+
+    @property
     def version(self) -> str:
+        """The hash of the three files and of the conquests they were made of (the same
+        example from another conquest is other lineage, so another version)."""
         digest = hashlib.sha256()
         for name in (L.TRAIN, L.EVAL, L.ICL):
             digest.update(name.encode() + b"\0" + hashlib.sha256(self.files[name]).digest())
+        digest.update(b"conquests\0" + _canonical(self.conquest_ids))
         return L.dataset_version(self.type_id, digest.hexdigest())
 
     @property
@@ -144,10 +155,7 @@ class DatasetBuild:
             "type_version": self.type_version,
             "counts": {"train": len(self.train), "eval": len(self.eval), "icl": self.icl_count},
             "sha256": {n: hashlib.sha256(b).hexdigest() for n, b in self.files.items()},
-            "conquest_ids": {
-                "train": [e.conquest_id for e in self.train],
-                "eval": [e.conquest_id for e in self.eval],
-            },
+            "conquest_ids": self.conquest_ids,
             "options": options,
         }
 
@@ -160,11 +168,27 @@ def _answers(conquest_type: ConquestType, row: dict[str, Any]) -> dict[str, Any]
     values.update(answers)
     values.update({name: row.get(name) for name in CURATION_FIELDS})
     values[PREDICTION] = row.get("prediction") or ""
-    return values
+    # Unset is empty, never the text "None" in a training example.
+    return {k: "" if v is None else v for k, v in values.items()}
 
 
 class Excluded(ValueError):
     """A gold conquest the type keeps out of datasets (an ``excludeIf`` answer)."""
+
+
+def _turn(message: Any) -> dict[str, str] | None:
+    """A request message as a chat example's turn: its text (text parts joined), with
+    ``developer`` read as ``system``; None for what holds no text (tool results, images)."""
+    if not isinstance(message, dict):
+        return None
+    role = {"developer": "system"}.get(message.get("role"), message.get("role"))
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        content = "\n".join(t for t in texts if isinstance(t, str))
+    if role not in ("system", "user", "assistant") or not isinstance(content, str):
+        return None
+    return {"role": role, "content": content}
 
 
 def _example(conquest_type: ConquestType, row: dict[str, Any]) -> _Example:
@@ -178,13 +202,7 @@ def _example(conquest_type: ConquestType, row: dict[str, Any]) -> _Example:
     plain = "messages" not in {s.id for s in conquest_type.data_sources}
     if plain and isinstance(messages, list) and set(data) == {"messages"}:
         # A plain batch that named a type: its own messages are the prompt.
-        prompt = [
-            {"role": m["role"], "content": m["content"]}
-            for m in messages
-            if isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("content")
-        ]
-        if not prompt:
-            raise RecordError("its messages hold no text")
+        prompt = [turn for turn in map(_turn, messages) if turn is not None]
         turns = [*prompt, {"role": "assistant", "content": answers[PREDICTION]}]
         return _Example(row["id"], turns, None)
     record = conquest_type.check_record(data)
@@ -200,21 +218,19 @@ def _example(conquest_type: ConquestType, row: dict[str, Any]) -> _Example:
 
 
 def _split(examples: list[_Example], eval_fraction: float) -> tuple[list, list]:
-    """Train and eval by prompt hash; at least one eval prompt once there are two prompts."""
+    """Train and eval by prompt hash alone, so a prompt's side never depends on the others:
+    it keeps it in every later version (a tiny dataset may hold none out; min_examples says
+    so)."""
     threshold = eval_fraction * 2**64
-    held = {e.prompt for e in examples if int(e.prompt[:16], 16) < threshold}
-    prompts = sorted({e.prompt for e in examples}, key=lambda p: int(p[:16], 16))
-    if not held and eval_fraction > 0 and len(prompts) >= 2:
-        held = {prompts[0]}
-    train = [e for e in examples if e.prompt not in held]
-    evals = [e for e in examples if e.prompt in held]
+    train = [e for e in examples if int(e.prompt[:16], 16) >= threshold]
+    evals = [e for e in examples if int(e.prompt[:16], 16) < threshold]
     return train, evals
 
 
 def build_dataset(
     conquest_type: ConquestType, gold: pl.DataFrame, eval_fraction: float
 ) -> DatasetBuild:
-    """The dataset of ``gold`` (the lake's gold conquests of the type, with annotations)."""
+    """The dataset of ``gold`` (the type's gold conquests, with their annotations)."""
     seen: dict[str, _Example] = {}
     skipped: list[str] = []
     excluded: list[str] = []
@@ -222,17 +238,18 @@ def build_dataset(
     for row in gold.sort("created_at", "id").iter_rows(named=True):
         try:
             example = _example(conquest_type, row)
+            # What the files will hold, checked as chat_format_valid checks it, and written
+            # out once here (text that cannot be UTF-8, a lone surrogate, is refused here).
+            check_example(_canonical({"messages": example.messages}))
+            _canonical(example.icl)
+            example.key = _sha(example.messages)
+            example.prompt = prompt_key(example.messages)
         except Excluded as exc:
             excluded.append(f"{row['id']}: {exc}")
             continue
         except (RecordError, ValueError, KeyError, TypeError) as exc:
-            skipped.append(f"{row['id']}: {exc}")
+            skipped.append(f"{row['id']}: {str(exc)[:300]}")
             continue
-        if any(not m["content"].strip() for m in example.messages):
-            skipped.append(f"{row['id']}: an empty turn (the answer or the rendered prompt)")
-            continue
-        example.key = _sha(example.messages)
-        example.prompt = prompt_key(example.messages)
         if example.key in seen:
             duplicates += 1
             continue
