@@ -45,8 +45,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two workers, a test file each at a time: most of the suite waits on servers, daemons and run
+# processes, so two files at once take about 0.7 of the time of one after the other.
+PYTEST_WORKERS ?= 2
+
 test: lint model
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: model
 	$(BIN)/python bench/ingest.py
