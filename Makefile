@@ -50,7 +50,7 @@ lint: setup
 PYTEST_WORKERS ?= 2
 
 test: lint model
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
 
 bench: model
 	$(BIN)/python bench/ingest.py

@@ -103,50 +103,9 @@ def snapshot(platform, batch_id: str):
     return {k: v for k, v in row.items() if k not in ("updated_at", "run_id")}, files, events
 
 
-def test_a_run_terminated_from_dagster_cancels_its_batch_keeping_results(platform):
-    lines = [
-        chat_line(f"t{i:02d}", f"Count to {i}.", temperature=0, max_tokens=24) for i in range(16)
-    ]
-    batch_id = drop_batch(platform, "terminate", lines, chunk_size=2)
-    checkpoint = platform.home / "bucket" / "batches" / batch_id / "checkpoint"
-    wait_for(lambda: len(list(checkpoint.glob("chunk-*.jsonl"))) >= 2, 180, "two chunks")
-    [run] = platform.runs(batch_id)
-    assert platform.graphql(TERMINATE, runId=run.run_id)["terminateRun"]["__typename"] == (
-        "TerminateRunSuccess"
-    )
-    row = platform.wait_status(batch_id, {"cancelled", "completed", "failed"}, timeout=60)
-    assert row["status"] == "cancelled" and row["cancelled_at"]
-    assert 4 <= row["request_completed"] < 16
-    output = read_jsonl(platform.home / "bucket" / "batches" / batch_id / "output.jsonl")
-    assert len(output) == row["request_completed"] == len({x["custom_id"] for x in output})
-    assert platform.wait_run_finished(batch_id).status == dg.DagsterRunStatus.CANCELED
-    # A cancel through the API afterwards is refused, and the batch stays as it is.
-    from openai import BadRequestError, OpenAI
-
-    api = OpenAI(base_url=platform.api_url, api_key="none", max_retries=0)
-    with pytest.raises(BadRequestError):
-        api.batches.cancel(batch_id)
-    assert platform.batch(batch_id)["status"] == "cancelled"
-
-
-def test_a_run_terminated_during_engine_start_cancels_its_batch(platform):
-    batch_id = drop_batch(platform, "early", [chat_line("e0", "Hi.", max_tokens=4)])
-    wait_for(lambda: platform.runs(batch_id), 30, "the run")
-    [run] = platform.runs(batch_id)
-    wait_for(
-        lambda: platform.instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED,
-        60,
-        "the run to start",
-    )
-    platform.graphql(TERMINATE, runId=run.run_id)
-    row = platform.wait_status(batch_id, {"cancelled", "completed", "failed"}, timeout=60)
-    assert row["status"] in ("cancelled", "completed")  # it may have finished first
-    if row["status"] == "cancelled":
-        assert row["request_completed"] + row["request_failed"] <= 1
-
-
 def test_ui_actions_on_ended_batches_change_nothing(platform):
-    """Re-materializing, a backfill over every partition (and cancelling one), a wipe followed
+    """First in its module, so that the backfill's every partition is this test's three.
+    Re-materializing, a backfill over every partition (and cancelling one), a wipe followed
     by batch_output alone: a completed, a failed and a cancelled batch stay exactly as they
     were: no inference, no rewrite, no event, status and errors unchanged."""
     done = drop_batch(platform, "ui-done", [chat_line("u0", "Hi.", max_tokens=4)])
@@ -202,3 +161,45 @@ def test_ui_actions_on_ended_batches_change_nothing(platform):
     # Every batch of the platform is still in an ending status.
     statuses = {r["status"] for r in platform.resources["catalog"].list_batches(limit=1000)}
     assert statuses <= {"completed", "failed", "cancelled", "expired"}
+
+
+def test_a_run_terminated_from_dagster_cancels_its_batch_keeping_results(platform):
+    lines = [
+        chat_line(f"t{i:02d}", f"Count to {i}.", temperature=0, max_tokens=24) for i in range(16)
+    ]
+    batch_id = drop_batch(platform, "terminate", lines, chunk_size=2)
+    checkpoint = platform.home / "bucket" / "batches" / batch_id / "checkpoint"
+    wait_for(lambda: len(list(checkpoint.glob("chunk-*.jsonl"))) >= 2, 180, "two chunks")
+    [run] = platform.runs(batch_id)
+    assert platform.graphql(TERMINATE, runId=run.run_id)["terminateRun"]["__typename"] == (
+        "TerminateRunSuccess"
+    )
+    row = platform.wait_status(batch_id, {"cancelled", "completed", "failed"}, timeout=60)
+    assert row["status"] == "cancelled" and row["cancelled_at"]
+    assert 4 <= row["request_completed"] < 16
+    output = read_jsonl(platform.home / "bucket" / "batches" / batch_id / "output.jsonl")
+    assert len(output) == row["request_completed"] == len({x["custom_id"] for x in output})
+    assert platform.wait_run_finished(batch_id).status == dg.DagsterRunStatus.CANCELED
+    # A cancel through the API afterwards is refused, and the batch stays as it is.
+    from openai import BadRequestError, OpenAI
+
+    api = OpenAI(base_url=platform.api_url, api_key="none", max_retries=0)
+    with pytest.raises(BadRequestError):
+        api.batches.cancel(batch_id)
+    assert platform.batch(batch_id)["status"] == "cancelled"
+
+
+def test_a_run_terminated_during_engine_start_cancels_its_batch(platform):
+    batch_id = drop_batch(platform, "early", [chat_line("e0", "Hi.", max_tokens=4)])
+    wait_for(lambda: platform.runs(batch_id), 30, "the run")
+    [run] = platform.runs(batch_id)
+    wait_for(
+        lambda: platform.instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED,
+        60,
+        "the run to start",
+    )
+    platform.graphql(TERMINATE, runId=run.run_id)
+    row = platform.wait_status(batch_id, {"cancelled", "completed", "failed"}, timeout=60)
+    assert row["status"] in ("cancelled", "completed")  # it may have finished first
+    if row["status"] == "cancelled":
+        assert row["request_completed"] + row["request_failed"] <= 1

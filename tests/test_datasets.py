@@ -272,6 +272,30 @@ def test_an_exclude_if_answer_keeps_a_gold_conquest_out(tmp_path, instance):
                                   "recommendation": "yes"} for line in icl)  # fmt: skip
 
 
+def test_every_conquest_type_that_loads_gets_a_partition(tmp_path):
+    from vbs_sensors.curation import conquest_type_partition_sensor
+
+    resources = resources_for(tmp_path / "vbs")
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, resources=resources)
+        result = conquest_type_partition_sensor(context)
+        (request,) = result.dynamic_partitions_requests
+        assert sorted(request.partition_keys) == ["candidate_evaluation", "support_reply"]
+        instance.add_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS, list(request.partition_keys))
+        again = conquest_type_partition_sensor(dg.build_sensor_context(instance=instance,
+                                                                       resources=resources))  # fmt: skip
+        assert isinstance(again, dg.SkipReason) and "2 conquest types" in again.skip_message
+    broken = tmp_path / "types"
+    broken.mkdir()
+    (broken / "bad.yaml").write_text("id: bad\nname: [unclosed\n")
+    resources = resources_for(tmp_path / "other", VBS_CONQUEST_TYPES_DIR=str(broken))
+    with dg.instance_for_test() as instance:
+        skipped = conquest_type_partition_sensor(
+            dg.build_sensor_context(instance=instance, resources=resources)
+        )
+        assert isinstance(skipped, dg.SkipReason) and "bad.yaml" in skipped.skip_message
+
+
 def test_a_prompt_keeps_its_side_as_the_dataset_grows():
     import polars as pl
 
@@ -406,7 +430,7 @@ def test_vbs_datasets_build_through_the_running_dagster_and_the_api(platform, tm
                               timeout=300)  # fmt: skip
 
     # Three examples are fewer than the default bar of ten: the blocking check fails the run.
-    refused = datasets()
+    refused = datasets("--eval-fraction", "0.5")
     assert refused.returncode == 1 and "a blocking check failed" in refused.stderr
     line = json.loads(refused.stdout)
     assert line["run_status"] == "FAILURE" and line["train"] + line["eval"] == 3
@@ -428,6 +452,15 @@ def test_vbs_datasets_build_through_the_running_dagster_and_the_api(platform, tm
     examples = lines(platform.resources["bucket"], version, L.TRAIN)
     assert all("Barista" in e["messages"][1]["content"] for e in examples)
 
+    # The running daemon's sensor gave every type its partition.
+    wait_for(
+        lambda: (
+            {"candidate_evaluation", "support_reply"}
+            <= set(platform.instance.get_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS))
+        ),
+        90,
+        "the conquest type partitions",
+    )
     # The asset's Dagster data version is the dataset version; its lineage reaches the batches.
     key = dg.AssetKey(L.CURATED_DATASET)
     event = platform.instance.get_latest_materialization_event(key)
