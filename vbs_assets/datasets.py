@@ -3,9 +3,10 @@ the blocking checks that gate what trains on it.
 
 One partition per conquest type (the ``conquest_type_partitions`` sensor adds them; ``vbs
 datasets build`` adds a missing one before launching). Each build reads the type's gold
-conquests (the catalog, with Polars), renders them through the type's export templates, and writes
-``datasets/<version>/`` (``train.jsonl``, ``eval.jsonl``, ``icl.jsonl``, ``manifest.json``),
-where the version is the hash of the content; it is also the asset's Dagster data version.
+conquests (the catalog, with Polars), renders them through the type's export templates, and
+writes ``datasets/<version>/`` (``train.jsonl``, ``eval.jsonl``, ``icl.jsonl``,
+``manifest.json``), where the version is the hash of the content; it is also the asset's
+Dagster data version.
 Building again with no new annotation finds the same version and writes nothing.
 """
 
@@ -93,9 +94,13 @@ CHECKS = [
 ]
 
 
-def _lines(bucket: Bucket, version: str, name: str) -> list[bytes]:
-    with bucket.open(L.dataset_file(version, name), "rb") as fh:
-        return [line for line in fh if line.strip()]
+def _lines(bucket: Bucket, version: str) -> dict[str, list[bytes]]:
+    """The lines of the version's three files, as written, read once for every check."""
+    lines = {}
+    for name in (L.TRAIN, L.EVAL, L.ICL):
+        with bucket.open(L.dataset_file(version, name), "rb") as fh:
+            lines[name] = [line for line in fh if line.strip()]
+    return lines
 
 
 def check_min_examples(build: DatasetBuild, needed: int) -> dg.AssetCheckResult:
@@ -113,10 +118,10 @@ def check_min_examples(build: DatasetBuild, needed: int) -> dg.AssetCheckResult:
     )  # fmt: skip
 
 
-def check_chat_format(bucket: Bucket, version: str) -> dg.AssetCheckResult:
+def check_chat_format(lines: dict[str, list[bytes]]) -> dg.AssetCheckResult:
     problems: list[str] = []
     for name in (L.TRAIN, L.EVAL):
-        for number, line in enumerate(_lines(bucket, version, name), start=1):
+        for number, line in enumerate(lines[name], start=1):
             try:
                 check_example(line)
             except ValueError as exc:
@@ -128,9 +133,9 @@ def check_chat_format(bucket: Bucket, version: str) -> dg.AssetCheckResult:
     )
 
 
-def check_leakage(bucket: Bucket, version: str) -> dg.AssetCheckResult:
+def check_leakage(lines: dict[str, list[bytes]]) -> dg.AssetCheckResult:
     def prompts(name: str) -> set[str]:
-        return {prompt_key(json.loads(x)["messages"]) for x in _lines(bucket, version, name)}
+        return {prompt_key(json.loads(x)["messages"]) for x in lines[name]}
 
     try:
         evals = prompts(L.EVAL)
@@ -182,6 +187,7 @@ def curated_dataset(
     options = {"min_rating": min_rating, "eval_fraction": eval_fraction}
     version = build.version
     written = write_dataset(bucket, build, options)
+    now = time.time()
     catalog.record_dataset(
         {
             "version": version,
@@ -194,10 +200,11 @@ def curated_dataset(
             "conquest_ids": build.conquest_ids,
             "options": options,
             "run_id": context.run_id,
-            "created_at": int(time.time()),
-            "built_at": time.time(),
+            "created_at": int(now),
+            "built_at": now,
         }
     )
+    lines = _lines(bucket, version)
     context.log.info(
         f"{version}: {len(build.train)} train, {len(build.eval)} eval, "
         + ("written" if written else "already there, nothing written")
@@ -227,7 +234,7 @@ def curated_dataset(
             check_min_examples(
                 build, curation.min_examples if config.min_examples is None else config.min_examples
             ),
-            check_chat_format(bucket, version),
-            check_leakage(bucket, version),
+            check_chat_format(lines),
+            check_leakage(lines),
         ],
     )

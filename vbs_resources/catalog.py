@@ -906,8 +906,6 @@ class Catalog(dg.ConfigurableResource):
                     .values(task_id=task_id)
                 )
 
-    # ---- inbox problems ---------------------------------------------------------------------
-
     # ---- datasets ----------------------------------------------------------------------------
 
     def record_dataset(self, row: dict[str, Any]) -> bool:
@@ -953,6 +951,8 @@ class Catalog(dg.ConfigurableResource):
             )
         query = query.order_by(datasets.c.built_at.desc(), datasets.c.version.desc())
         return self._all(query.limit(limit + 1), conn)
+
+    # ---- inbox problems ---------------------------------------------------------------------
 
     def set_inbox_problems(self, problems: dict[str, tuple[str, str]]) -> dict[str, str]:
         """Replace the recorded problems with ``problems`` (name -> (kind, message)); returns the

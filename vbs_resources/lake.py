@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 from vbs_resources import layout as L
 from vbs_resources.bucket import Bucket
-from vbs_resources.catalog import ANNOTATION_FIELDS, Catalog, annotations, conquests
+from vbs_resources.catalog import Catalog, annotations, conquests
 
 if TYPE_CHECKING:
     import duckdb
@@ -193,41 +193,40 @@ def catalog_frame(catalog: Catalog, query: sa.Select) -> pl.DataFrame:
         return pl.read_database(query, connection=conn, infer_schema_length=None)
 
 
-def _as_text(column: sa.ColumnElement) -> sa.ColumnElement:
-    return sa.cast(column, sa.Text).label(column.key)
+def _readable(*columns: sa.ColumnElement) -> list[sa.ColumnElement]:
+    """``columns`` as DuckDB reads them: JSON columns as JSON text (for ``->>``), the rest as
+    they are."""
+    return [sa.cast(c, sa.Text).label(c.key) if isinstance(c.type, sa.JSON) else c for c in columns]
 
 
-def conquests_query(type_id: str | None = None) -> sa.Select:
-    """The catalog's conquests (JSON fields as text), of one type or all."""
-    json_columns = {"input_data", "prompt", "error"}
-    columns = [_as_text(c) if c.key in json_columns else c for c in conquests.c]
-    query = sa.select(*columns)
-    return query if type_id is None else query.where(conquests.c.type == type_id)
+# Every conquest with its newest annotation (an inner join: annotated ones only).
+_ANNOTATED = conquests.join(annotations, annotations.c.conquest_id == conquests.c.id)
+
+
+def conquests_query() -> sa.Select:
+    """The catalog's conquests."""
+    return sa.select(*_readable(*conquests.c))
 
 
 def annotations_query() -> sa.Select:
-    columns = [
-        _as_text(annotations.c[n]) if n == "answers" else annotations.c[n]
-        for n in ANNOTATION_FIELDS
-    ]
-    return sa.select(annotations.c.conquest_id, *columns, annotations.c.recorded_at)
+    return sa.select(*_readable(*annotations.c))
 
 
 def gold_query(type_id: str, min_rating: int) -> sa.Select:
     """A type's gold conquests (a gold star, or a rating of ``min_rating`` or more, on a
     completed answer) with their newest annotation."""
+    fields = ("is_gold_star", "rating", "feedback", "improvement_notes", "answers")
     return (
         sa.select(
-            conquests.c.id,
-            conquests.c.created_at,
-            _as_text(conquests.c.input_data),
-            conquests.c.prediction,
-            *(
-                _as_text(annotations.c[n]) if n == "answers" else annotations.c[n]
-                for n in ("is_gold_star", "rating", "feedback", "improvement_notes", "answers")
-            ),
+            *_readable(
+                conquests.c.id,
+                conquests.c.created_at,
+                conquests.c.input_data,
+                conquests.c.prediction,
+                *(annotations.c[n] for n in fields),
+            )
         )
-        .select_from(conquests.join(annotations, annotations.c.conquest_id == conquests.c.id))
+        .select_from(_ANNOTATED)
         .where(
             conquests.c.type == type_id,
             conquests.c.status == "COMPLETED",
@@ -240,7 +239,7 @@ def rating_counts(catalog: Catalog, type_id: str) -> dict[str, int]:
     """How the type's annotated conquests were rated ("1" to "5", and "none")."""
     query = (
         sa.select(annotations.c.rating, sa.func.count())
-        .select_from(conquests.join(annotations, annotations.c.conquest_id == conquests.c.id))
+        .select_from(_ANNOTATED)
         .where(conquests.c.type == type_id)
         .group_by(annotations.c.rating)
     )

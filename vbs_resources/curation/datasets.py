@@ -3,8 +3,8 @@
 A gold conquest (a gold star, or a rating at or above the policy's threshold, on a completed
 answer) is rendered through its type's export templates into ``{"messages": [...]}`` (system,
 user, assistant), OpenAI's fine-tuning chat format. Examples are de-duplicated and split into
-train and eval by the hash of their prompt (its user turns), so a prompt is on one side only and stays on its
-side in every later version. ``icl.jsonl`` holds the train examples as few-shot demonstrations:
+train and eval by the hash of their prompt (its user turns), so a prompt is on one side only
+and stays on its side in every later version. ``icl.jsonl`` holds the train examples as few-shot demonstrations:
 the type's ``finetuningFormat`` input and output fields, and the user and assistant turns.
 
 The version is the hash of the three files' content and of the conquests each split was made
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 import dagster as dg
@@ -126,14 +127,14 @@ class DatasetBuild:
             L.ICL: _jsonl([e.icl for e in self.train if e.icl is not None]),
         }
 
-    @property
+    @cached_property
     def conquest_ids(self) -> dict[str, list[str]]:
         return {
             "train": [e.conquest_id for e in self.train],
             "eval": [e.conquest_id for e in self.eval],
         }
 
-    @property
+    @cached_property
     def version(self) -> str:
         """The hash of the three files and of the conquests they were made of (the same
         example from another conquest is other lineage, so another version)."""
@@ -238,11 +239,12 @@ def build_dataset(
     for row in gold.sort("created_at", "id").iter_rows(named=True):
         try:
             example = _example(conquest_type, row)
-            # What the files will hold, checked as chat_format_valid checks it, and written
-            # out once here (text that cannot be UTF-8, a lone surrogate, is refused here).
-            check_example(_canonical({"messages": example.messages}))
+            # Checked as chat_format_valid checks the files, and encoded: text that cannot be
+            # UTF-8 (a lone surrogate) is refused here, not when the files are written.
+            line = _canonical({"messages": example.messages})
+            check_example(line)
             _canonical(example.icl)
-            example.key = _sha(example.messages)
+            example.key = hashlib.sha256(line).hexdigest()
             example.prompt = prompt_key(example.messages)
         except Excluded as exc:
             excluded.append(f"{row['id']}: {exc}")
