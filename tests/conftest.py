@@ -71,6 +71,12 @@ class WebhookReceiver:
     def events(self) -> list[tuple[dict[str, str], bytes]]:
         return list(self.received)
 
+    def events_for(self, batch_id: str) -> list[tuple[dict[str, str], bytes]]:
+        """The deliveries about one batch, read before any signature is checked: the receiver
+        lives for the whole session, and an earlier test's event is past the 5-minute replay
+        window that a verifier applies to every event it reads."""
+        return [e for e in self.received if json.loads(e[1]).get("data", {}).get("id") == batch_id]
+
     def close(self) -> None:
         self.server.shutdown()
 

@@ -200,10 +200,8 @@ def test_completion_webhook_is_signed_as_openai_signs(client, platform, webhook_
     verifier = OpenAI(base_url=platform.api_url, api_key=API_KEY, webhook_secret=WEBHOOK_SECRET)
 
     def delivered():
-        for headers, body in webhook_receiver.events():
-            event = verifier.webhooks.unwrap(body, headers)  # raises on a bad signature
-            if event.data.id == batch_id:
-                return event
+        for headers, body in webhook_receiver.events_for(batch_id):
+            return verifier.webhooks.unwrap(body, headers)  # raises on a bad signature
         return None
 
     event = wait_for(delivered, 30, "the batch.completed webhook")
@@ -432,10 +430,8 @@ def test_the_api_process_signs_its_own_webhooks_with_the_secret_value(
         verifier = OpenAI(base_url=platform.api_url, api_key=API_KEY, webhook_secret=WEBHOOK_SECRET)
 
         def delivered():
-            for headers, body in webhook_receiver.events():
-                event = verifier.webhooks.unwrap(body, headers)  # raises on a bad signature
-                if event.data.id == batch.id:
-                    return event
+            for headers, body in webhook_receiver.events_for(batch.id):
+                return verifier.webhooks.unwrap(body, headers)  # raises on a bad signature
             return None
 
         event = wait_for(delivered, 20, "the API's batch.failed webhook")
