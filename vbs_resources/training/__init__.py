@@ -1,0 +1,251 @@
+"""Fine-tuning: LoRA trainer backends behind one interface, and the resource that runs them.
+
+A backend turns a ``TrainingJob`` (a base model folder, a chat-format train and eval file, the
+hyperparameters, an output folder) into a PEFT adapter in that folder and a
+``TrainingOutcome``. Two ship: ``unsloth`` (the default; CUDA on GPU machines, its CPU fallback
+elsewhere) and ``hf`` (transformers + peft + trl). Another (Axolotl, a hosted API) is one new
+module that subclasses ``TrainingBackend`` and calls ``register_backend``.
+
+``Trainer`` is the Dagster resource: it picks the backend of a job (or its own default), trains
+into ``<output>.partial`` and renames it into place only when the adapter is whole, so a killed
+run leaves no adapter that looks finished, and its retry starts clean.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import dagster as dg
+from pydantic import BaseModel, ConfigDict, Field
+
+# The linear layers of Llama-style models (SmolLM2, Llama, Qwen, Mistral, Gemma).
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Unsloth's recipes start LoRA at 2e-4; OpenAI's learning_rate_multiplier scales this.
+DEFAULT_LEARNING_RATE = 2e-4
+
+
+class Hyperparameters(BaseModel):
+    """One training's knobs, with the seed's names; ``max_steps`` -1 lets epochs decide."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_r: int = Field(default=16, ge=1, le=512)
+    lora_alpha: int = Field(default=32, ge=1, le=4096)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    learning_rate: float = Field(default=DEFAULT_LEARNING_RATE, gt=0, le=1)
+    num_train_epochs: float = Field(default=1, gt=0, le=1000)
+    max_steps: int = Field(default=-1, ge=-1, le=1_000_000)
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=4096)
+    max_seq_length: int = Field(default=1024, ge=16, le=131072)
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR), min_length=1)
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    seed: int = Field(default=3407, ge=0, le=2**32 - 1)
+
+
+@dataclass(frozen=True)
+class TrainLog:
+    """One logged training step (or the final evaluation, with ``eval_loss``)."""
+
+    step: int
+    total_steps: int
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    epoch: float | None = None
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class TrainingJob:
+    base_model: str
+    train_file: str
+    output_dir: str
+    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    eval_file: str | None = None
+    on_log: Callable[[TrainLog], None] | None = None
+    # Asked between steps; True stops training (a cancelled job) with nothing saved.
+    should_stop: Callable[[], bool] | None = None
+
+
+@dataclass
+class TrainingOutcome:
+    backend: str
+    device: str
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    losses: list[TrainLog]
+    duration_s: float
+    train_examples: int
+    eval_examples: int
+    stopped: bool = False
+    peak_rss_mb: float = 0.0
+    adapter_bytes: int = 0
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.duration_s / self.steps if self.steps else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "device": self.device,
+            "steps": self.steps,
+            "train_loss": self.train_loss,
+            "eval_loss": self.eval_loss,
+            "duration_s": round(self.duration_s, 2),
+            "seconds_per_step": round(self.seconds_per_step, 3),
+            "train_examples": self.train_examples,
+            "eval_examples": self.eval_examples,
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "adapter_bytes": self.adapter_bytes,
+        }
+
+
+class TrainingStopped(RuntimeError):
+    """Training was stopped on request (``should_stop``); nothing was saved."""
+
+
+class TrainingError(RuntimeError):
+    """A training that cannot run: the message says why, for the job's error."""
+
+
+class TrainingBackend(ABC):
+    """Trains one LoRA adapter. ``train`` writes a PEFT adapter (``adapter_config.json`` and
+    ``adapter_model.safetensors``) into ``job.output_dir`` and returns its outcome."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def train(self, job: TrainingJob) -> TrainingOutcome: ...
+
+
+BACKENDS: dict[str, type[TrainingBackend]] = {}
+# Built-in backends are imported when first used: importing Unsloth patches transformers, and
+# nothing but a training step should pay for it.
+_BUILTIN = {
+    "unsloth": "vbs_resources.training.unsloth_backend",
+    "hf": "vbs_resources.training.hf_backend",
+}
+
+
+def register_backend(cls: type[TrainingBackend]) -> type[TrainingBackend]:
+    """Class decorator: make a backend available by its ``name``."""
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def backend_names() -> list[str]:
+    return sorted({*BACKENDS, *_BUILTIN})
+
+
+def backend_for(name: str) -> TrainingBackend:
+    if name not in BACKENDS and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+    if name not in BACKENDS:
+        raise TrainingError(f"No training backend named {name!r}; known: {backend_names()}.")
+    return BACKENDS[name]()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def folder_bytes(path: str) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+class Trainer(dg.ConfigurableResource):
+    """Runs a training job with a backend: the job's, or ``backend``. ``threads`` caps torch's
+    CPU threads (0: torch's own choice)."""
+
+    backend: str = "unsloth"
+    threads: int = 0
+
+    def train(self, job: TrainingJob, backend: str | None = None) -> TrainingOutcome:
+        name = backend or self.backend
+        impl = backend_for(name)
+        if not Path(job.train_file).is_file():
+            raise TrainingError(f"There is no training file at {job.train_file}.")
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        final = Path(job.output_dir)
+        staging = final.with_name(final.name + ".partial")
+        # A killed attempt's leftovers: the retry starts clean.
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        started = time.monotonic()
+        try:
+            outcome = impl.train(replace(job, output_dir=str(staging)))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if outcome.stopped:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise TrainingStopped(f"Training stopped at step {outcome.steps}; nothing was saved.")
+        if not (staging / "adapter_config.json").is_file():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise TrainingError(f"The {name} backend saved no adapter_config.json.")
+        outcome.duration_s = outcome.duration_s or time.monotonic() - started
+        outcome.peak_rss_mb = peak_rss_mb()
+        outcome.adapter_bytes = folder_bytes(str(staging))
+        (staging / "vbs_training.json").write_text(json.dumps(outcome.summary(), indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        return outcome
+
+
+def read_chat_examples(path: str) -> list[dict[str, Any]]:
+    """A chat-format JSONL file as trl's conversational prompt-completion rows: the answer (the
+    last, assistant, message) is the completion, so the loss is taken on it alone."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            messages = json.loads(line)["messages"]
+            if not messages or messages[-1].get("role") != "assistant":
+                raise TrainingError(
+                    f"{Path(path).name} line {number}: the last message is not "
+                    "the assistant's answer."
+                )
+            prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+            rows.append({"prompt": prompt, "completion": [dict(messages[-1])]})
+    return rows
+
+
+__all__ = [
+    "ALL_LINEAR",
+    "BACKENDS",
+    "DEFAULT_LEARNING_RATE",
+    "Hyperparameters",
+    "TrainLog",
+    "Trainer",
+    "TrainingBackend",
+    "TrainingError",
+    "TrainingJob",
+    "TrainingOutcome",
+    "TrainingStopped",
+    "backend_for",
+    "backend_names",
+    "read_chat_examples",
+    "register_backend",
+]
