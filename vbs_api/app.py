@@ -18,9 +18,10 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from vbs_api import errors
+from vbs_api.fine_tuning import FineTuningService
 from vbs_api.launch import BatchLauncher
 from vbs_api.middleware import BearerAuth, BodyLimit, Latency
-from vbs_api.routers import batches, conquests, datasets, files, models, service
+from vbs_api.routers import batches, conquests, datasets, files, fine_tuning, models, service
 from vbs_api.service import BatchService
 from vbs_api.state import APIState
 from vbs_resources import Settings, build_resources
@@ -76,11 +77,22 @@ def create_app(
             resources["bucket"], catalog, lifecycle, launcher, resources["conquest_types"]
         ),
         reads=catalog.read_connection(),
-        extras={"poll_cache": batches.PollCache(), "gauges": gauges, **gauges},
+        extras={
+            "poll_cache": batches.PollCache(),
+            "gauges": gauges,
+            **gauges,
+            "fine_tuning": FineTuningService(
+                resources["bucket"],
+                catalog,
+                launcher,
+                settings.trainer_backend,
+                settings.dataset_eval_fraction,
+            ),
+        },
     )
     errors.install(app)
     app.router.routes.insert(0, batches.retrieve_route)
-    routers = (files, batches, models, conquests, datasets, service)
+    routers = (files, batches, models, conquests, datasets, fine_tuning, service)
     for router in (r.router for r in routers):
         app.include_router(router)
 

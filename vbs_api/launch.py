@@ -54,6 +54,16 @@ mutation VbsLaunchBatchRun($params: ExecutionParams!) {
 """
 
 
+TERMINATE_RUN = """
+mutation VbsTerminateRun($runId: String!) {
+  terminateRun(runId: $runId) {
+    __typename
+    ... on Error { message }
+  }
+}
+"""
+
+
 class LaunchUnavailable(Exception):
     """Nothing was launched, for a reason that may pass (unreachable, 5xx, a code location still
     loading): the batch is left to the reconciler, which starts it from inside Dagster."""
@@ -164,3 +174,8 @@ class BatchLauncher:
         if found["__typename"] != "Run":
             raise LaunchFailed(f"{self._where()} has no run {run_id}: {found['__typename']}")
         return found["status"]
+
+    def terminate(self, run_id: str) -> bool:
+        """Ask Dagster to stop a run (a queued one never starts); False when it would not."""
+        found = self._call(TERMINATE_RUN, {"runId": run_id})["terminateRun"]
+        return found["__typename"] == "TerminateRunSuccess"

@@ -204,6 +204,9 @@ def curated_dataset(
             "built_at": now,
         }
     )
+    # The version can be trained on: fine_tuned_adapter is partitioned by dataset version.
+    if not context.instance.has_dynamic_partition(L.DATASET_VERSION_PARTITIONS, version):
+        context.instance.add_dynamic_partitions(L.DATASET_VERSION_PARTITIONS, [version])
     lines = _lines(bucket, version)
     context.log.info(
         f"{version}: {len(build.train)} train, {len(build.eval)} eval, "

@@ -6,8 +6,13 @@ from vbs_assets.curation import conquests, label_studio_tasks
 from vbs_assets.datasets import curated_dataset
 from vbs_assets.inference import batch_output
 from vbs_assets.ingest import batch_input
-from vbs_assets.partitions import batch_partitions, conquest_type_partitions
-from vbs_resources.layout import BATCH_JOB, DATASET_JOB
+from vbs_assets.partitions import (
+    batch_partitions,
+    conquest_type_partitions,
+    dataset_version_partitions,
+)
+from vbs_assets.training import adapter_eval, deployed_model, fine_tuned_adapter
+from vbs_resources.layout import BATCH_JOB, DATASET_JOB, DEPLOY_JOB, FINE_TUNING_JOB, TRAINING_JOB
 
 # One process per run: the vLLM engine is loaded once, in the step that uses it, and a kill of
 # the run's process is a kill of the whole run, which the daemon then retries.
@@ -25,4 +30,29 @@ dataset_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(curated_dataset),
     partitions_def=conquest_type_partitions,
     description="Build a conquest type's curated dataset from its gold conquests, and check it.",
+)
+
+# Each step in a process of its own: training (Unsloth patches transformers when imported) and
+# evaluation (vLLM) never share one.
+fine_tuning_job = dg.define_asset_job(
+    FINE_TUNING_JOB,
+    selection=dg.AssetSelection.assets(fine_tuned_adapter, adapter_eval, deployed_model),
+    partitions_def=dataset_version_partitions,
+    description="Train a LoRA adapter on a dataset version, evaluate it against its base, and "
+    "deploy it when it beats the base (the retraining schedule runs this).",
+)
+
+training_job = dg.define_asset_job(
+    TRAINING_JOB,
+    selection=dg.AssetSelection.assets(fine_tuned_adapter, adapter_eval),
+    partitions_def=dataset_version_partitions,
+    description="Train and evaluate an adapter, leaving deployment to a person (the "
+    "fine-tuning API's jobs).",
+)
+
+deploy_job = dg.define_asset_job(
+    DEPLOY_JOB,
+    selection=dg.AssetSelection.assets(deployed_model),
+    partitions_def=dataset_version_partitions,
+    description="Deploy an evaluated adapter (POST /v1/fine_tuning/jobs/{id}/deploy).",
 )

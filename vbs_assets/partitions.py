@@ -4,11 +4,17 @@ of a batch's runs."""
 
 import dagster as dg
 
-from vbs_resources.layout import BATCH_PARTITIONS, CONQUEST_TYPE_PARTITIONS
+from vbs_resources.layout import (
+    BATCH_PARTITIONS,
+    CONQUEST_TYPE_PARTITIONS,
+    DATASET_VERSION_PARTITIONS,
+)
 
 batch_partitions = dg.DynamicPartitionsDefinition(name=BATCH_PARTITIONS)
 # One per conquest type, for its curated dataset (and, later, its adapters).
 conquest_type_partitions = dg.DynamicPartitionsDefinition(name=CONQUEST_TYPE_PARTITIONS)
+# One per dataset version (curated_dataset adds each it writes): what an adapter trains on.
+dataset_version_partitions = dg.DynamicPartitionsDefinition(name=DATASET_VERSION_PARTITIONS)
 
 # A run in one of these may still write a batch's files.
 ACTIVE_RUN_STATUSES = frozenset(

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from vbs_cli import client, conquests, datasets, engine, models, query
+from vbs_cli import client, conquests, datasets, engine, finetune, models, query
 from vbs_resources import load_settings
 from vbs_resources.settings import SettingsError
 
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     conquests.add_commands(sub)
     datasets.add_commands(sub)
     query.add_commands(sub)
+    finetune.add_commands(sub)
     engine.add_commands(sub)
     args = parser.parse_args(argv)
     try:
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return conquests.run(args, settings)
     if args.command == "datasets":
         return datasets.run(args, settings)
+    if args.command in ("finetune", "lineage"):
+        return finetune.run(args, settings)
     if args.command == "query":
         return query.run(args, settings)
     if args.command == "engine":

@@ -21,6 +21,7 @@ from vbs_resources.engine import (
 )
 from vbs_resources.model_store import default_embedding_model_dir, default_model_dir
 from vbs_resources.settings import SECRET_VARIABLES, Settings, load_settings
+from vbs_resources.training import Trainer
 from vbs_resources.webhooks import Webhooks
 
 __all__ = [
@@ -122,6 +123,7 @@ def build_resources(settings: Settings, for_dagster: bool = False) -> dict[str, 
             eval_fraction=settings.dataset_eval_fraction,
             min_examples=settings.dataset_min_examples,
         ),
+        "trainer": Trainer(backend=settings.trainer_backend, threads=settings.trainer_threads),
         "label_studio": LabelStudio(
             url=settings.resolved_label_studio_url,
             token=_secret(settings, "label_studio_token", for_dagster),

@@ -254,6 +254,52 @@ datasets = sa.Table(
     sa.Index("ix_datasets_type_built_at", "type", "built_at"),
 )
 
+# Fine-tuning jobs, in OpenAI's job shape: one per training, whoever started it (the API, the
+# Dagster UI, the retraining schedule). The adapter is ``adapters/<id>/`` in the bucket.
+fine_tuning_jobs = sa.Table(
+    "fine_tuning_jobs",
+    metadata_obj,
+    sa.Column("id", sa.String(80), primary_key=True),
+    sa.Column("model", sa.String(256), nullable=False),  # the base model's served name
+    sa.Column("training_file", sa.String(256), nullable=False),  # as given: version or file id
+    sa.Column("validation_file", sa.String(256)),
+    sa.Column("dataset_version", sa.String(100), nullable=False),
+    sa.Column("backend", sa.String(32), nullable=False),
+    sa.Column("hyperparameters", sa.JSON, nullable=False),
+    sa.Column("suffix", sa.String(64)),
+    sa.Column("seed", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(24), nullable=False),
+    sa.Column("run_id", sa.String(64)),  # the Dagster run that trains (or trained) it
+    sa.Column("adapter_path", sa.String(1024)),
+    sa.Column("fine_tuned_model", sa.String(256)),
+    sa.Column("result", sa.JSON),  # losses, steps, duration, adapter size
+    sa.Column("evaluation", sa.JSON),  # adapter_eval's metrics and its beats_base verdict
+    sa.Column("error", sa.JSON),  # {"code", "message", "param"}
+    sa.Column("job_metadata", sa.JSON),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Integer),
+    sa.Column("finished_at", sa.Integer),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Index("ix_fine_tuning_jobs_created_at", "created_at"),
+    sa.Index("ix_fine_tuning_jobs_dataset_version", "dataset_version"),
+)
+
+fine_tuning_events = sa.Table(
+    "fine_tuning_events",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(80), nullable=False),
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("level", sa.String(8), nullable=False),
+    sa.Column("type", sa.String(16), nullable=False),  # message, metrics
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("data", sa.JSON),
+    sa.Index("ix_fine_tuning_events_job_id", "job_id", "id"),
+)
+
+JOB_TERMINAL = ("succeeded", "failed", "cancelled")
+
 # Point reads answer every API poll: built once, so each call only binds the id.
 _BATCH_BY_ID = sa.select(batches).where(batches.c.id == sa.bindparam("id"))
 _FILE_BY_ID = sa.select(files).where(files.c.id == sa.bindparam("id"), files.c.deleted.is_(False))
@@ -716,6 +762,17 @@ class Catalog(dg.ConfigurableResource):
             ).rowcount
         return bool(changed)
 
+    def redeploy_model(self, name: str, lineage: dict[str, Any]) -> bool:
+        """Make a retired adapter available again, with the same files and LoRA id (a rollback
+        deploys an earlier fine-tuned model once more); its lineage gains this deployment."""
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                models.update()
+                .where(models.c.name == name, models.c.kind == "adapter")
+                .values(status="available", retired_at=None, lineage=lineage)
+            ).rowcount
+        return bool(changed)
+
     # ---- conquests ---------------------------------------------------------------------------
 
     def add_conquests(self, rows: list[dict[str, Any]]) -> int:
@@ -836,6 +893,21 @@ class Catalog(dg.ConfigurableResource):
         query = query.order_by(conquests.c.created_at, conquests.c.id).limit(limit + 1)
         return self._all(query, conn)
 
+    def conquest_batches(self, conquest_ids: list[str]) -> dict[str, int]:
+        """The batches the given conquests came from, with how many came from each."""
+        counts: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(conquest_ids), 500):
+                chunk = conquest_ids[start : start + 500]
+                query = (
+                    sa.select(conquests.c.batch_id, sa.func.count())
+                    .where(conquests.c.id.in_(chunk))
+                    .group_by(conquests.c.batch_id)
+                )
+                for batch_id, n in conn.execute(query):
+                    counts[batch_id] = counts.get(batch_id, 0) + n
+        return counts
+
     # ---- Label Studio -------------------------------------------------------------------------
 
     def label_studio_project(self, type_id: str, url: str) -> dict[str, Any] | None:
@@ -951,6 +1023,98 @@ class Catalog(dg.ConfigurableResource):
             )
         query = query.order_by(datasets.c.built_at.desc(), datasets.c.version.desc())
         return self._all(query.limit(limit + 1), conn)
+
+    # ---- fine-tuning jobs ---------------------------------------------------------------------
+
+    def insert_fine_tuning_job(self, row: dict[str, Any]) -> dict[str, Any]:
+        with self.engine.begin() as conn:
+            conn.execute(fine_tuning_jobs.insert().values(updated_at=time.time(), **row))
+        return self.get_fine_tuning_job(row["id"])
+
+    def get_fine_tuning_job(
+        self, job_id: str, conn: sa.Connection | None = None
+    ) -> dict[str, Any] | None:
+        rows = self._all(sa.select(fine_tuning_jobs).where(fine_tuning_jobs.c.id == job_id), conn)
+        return rows[0] if rows else None
+
+    def list_fine_tuning_jobs(
+        self,
+        limit: int = 20,
+        after: str | None = None,
+        dataset_version: str | None = None,
+        status: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Jobs, newest first, after the job ``after``; ``limit + 1`` rows at most."""
+        query = sa.select(fine_tuning_jobs)
+        if dataset_version is not None:
+            query = query.where(fine_tuning_jobs.c.dataset_version == dataset_version)
+        if status is not None:
+            query = query.where(fine_tuning_jobs.c.status == status)
+        if after is not None:
+            anchor = self.get_fine_tuning_job(after)
+            if anchor is None:
+                return []
+            query = query.where(
+                sa.tuple_(fine_tuning_jobs.c.created_at, fine_tuning_jobs.c.id)
+                < sa.tuple_(sa.literal(anchor["created_at"]), sa.literal(anchor["id"]))
+            )
+        query = query.order_by(
+            fine_tuning_jobs.c.created_at.desc(), fine_tuning_jobs.c.id.desc()
+        ).limit(limit + 1)
+        return self._all(query)
+
+    def update_fine_tuning_job(self, job_id: str, **values: Any) -> bool:
+        """Change a job that has not ended (its status, run, result); False when it has ended,
+        and so nothing was changed: a finished job's outcome is never rewritten."""
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                fine_tuning_jobs.update()
+                .where(
+                    fine_tuning_jobs.c.id == job_id,
+                    fine_tuning_jobs.c.status.not_in(JOB_TERMINAL),
+                )
+                .values(updated_at=time.time(), **values)
+            )
+        return bool(done.rowcount)
+
+    def annotate_fine_tuning_job(self, job_id: str, **values: Any) -> None:
+        """Record what happens after a job ended (its evaluation, its deployment)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                fine_tuning_jobs.update()
+                .where(fine_tuning_jobs.c.id == job_id)
+                .values(updated_at=time.time(), **values)
+            )
+
+    def add_fine_tuning_event(
+        self,
+        job_id: str,
+        message: str,
+        level: str = "info",
+        kind: str = "message",
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                fine_tuning_events.insert().values(
+                    job_id=job_id,
+                    created_at=int(time.time()),
+                    level=level,
+                    type=kind,
+                    message=message[:2000],
+                    data=data,
+                )
+            )
+
+    def list_fine_tuning_events(
+        self, job_id: str, limit: int = 20, after: int | None = None
+    ) -> list[dict[str, Any]]:
+        """A job's events, newest first (as OpenAI lists them), ``limit + 1`` at most."""
+        query = sa.select(fine_tuning_events).where(fine_tuning_events.c.job_id == job_id)
+        if after is not None:
+            query = query.where(fine_tuning_events.c.id < after)
+        query = query.order_by(fine_tuning_events.c.id.desc()).limit(limit + 1)
+        return self._all(query)
 
     # ---- inbox problems ---------------------------------------------------------------------
 

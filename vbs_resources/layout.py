@@ -236,3 +236,46 @@ def uploaded_file(file_id: str) -> str:
     if not _FILE_ID.fullmatch(file_id):
         raise ValueError(f"{file_id[:80]!r} is not a file id")
     return f"{FILES}/{file_id}.jsonl"
+
+
+# ---- fine-tuning ---------------------------------------------------------------------------
+
+TRAINING_GROUP = "training"
+FINE_TUNED_ADAPTER = "fine_tuned_adapter"
+ADAPTER_EVAL = "adapter_eval"
+DEPLOYED_MODEL = "deployed_model"
+FINE_TUNING_JOB = "fine_tuning_job"  # trains, evaluates and deploys one dataset version
+TRAINING_JOB = "training_job"  # trains and evaluates, leaving deployment to a person
+DEPLOY_JOB = "deploy_job"
+DATASET_VERSION_PARTITIONS = "dataset_versions"
+RETRAIN_SCHEDULE = "retraining_schedule"
+RETRAIN_SENSOR = "retrain_on_new_dataset"
+TAG_FINE_TUNING_JOB = "vbs/fine_tuning_job"
+TAG_RETRAIN = "vbs/retrain"
+# A training file uploaded through the API becomes a dataset of this pseudo-type.
+UPLOADED_DATASET_TYPE = "upload"
+ADAPTERS = "adapters"
+JOB_ID_PATTERN = r"^ftjob-[A-Za-z0-9]{8,64}$"
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+
+
+def new_job_id() -> str:
+    return f"ftjob-{uuid.uuid4().hex[:24]}"
+
+
+def is_job_id(value: str) -> bool:
+    return bool(_JOB_ID.fullmatch(value))
+
+
+def adapter_folder(job_id: str) -> str:
+    """A job's adapter, in PEFT format: ``adapters/<job id>/``."""
+    if not is_job_id(job_id):
+        raise ValueError(f"{job_id[:80]!r} is not a fine-tuning job id")
+    return f"{ADAPTERS}/{job_id}"
+
+
+def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI's form, ``ft:<base>:<suffix>:<id>``: the id is the job's, so a name is never
+    reused; the suffix is the client's, reduced to what a model name may hold."""
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", suffix or "").strip("-")[:40] or "vbs"
+    return f"ft:{base}:{clean}:{job_id.removeprefix('ftjob-')[:12]}"

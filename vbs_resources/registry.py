@@ -238,6 +238,32 @@ class ModelRegistry:
             raise RegistryError(f"The name {name!r} is taken (names are never reused).", "name")
         return self.get(name)
 
+    def deploy(
+        self, name: str, path: str, base: str, lineage: dict[str, Any], replaces: str | None = None
+    ) -> tuple[dict[str, Any], list[str]]:
+        """Serve a fine-tuned adapter as ``name``: registered (and checked) the first time, made
+        available again when it was retired (a rollback). The other available models whose
+        names start with ``replaces`` (the same base and suffix) are retired, so one version of
+        a fine-tuned model answers at a time. Returns the row and the names retired."""
+        existing = self.catalog.get_model(name)
+        if existing is None:
+            row = self.add_adapter(name, path, base=base, lineage=lineage)
+        else:
+            if existing["kind"] != "adapter" or existing["path"] != str(Path(path).resolve()):
+                raise RegistryError(f"The name {name!r} is taken by another model.", "name")
+            history = [*(existing["lineage"] or {}).get("deployments", [])]
+            self.catalog.redeploy_model(
+                name, {**lineage, "deployments": history + lineage.get("deployments", [])}
+            )
+            row = self.get(name)
+        retired = []
+        if replaces:
+            for other in self.catalog.list_models():
+                if other["name"] != name and other["name"].startswith(replaces):
+                    self.catalog.retire_model(other["name"])
+                    retired.append(other["name"])
+        return row, retired
+
     def retire(self, name: str) -> dict[str, Any]:
         row = self.get(name)
         if row["status"] == "retired":

@@ -193,6 +193,25 @@ class Settings(BaseSettings):
         "below this many examples.",
     )
 
+    trainer_backend: Literal["unsloth", "hf"] = Field(
+        default="unsloth", description="Training backend of a job that names none."
+    )
+    trainer_threads: int = Field(
+        default=0, ge=0, description="Torch CPU threads in training (0: torch's own choice)."
+    )
+    retrain_cron: str = Field(
+        default="0 3 * * 1", description="When the retraining schedule looks (weekly)."
+    )
+    retrain_min_new_gold: int = Field(
+        default=20,
+        ge=1,
+        description="Retrain a type once its gold conquests hold this many beyond the deployed "
+        "model's dataset version.",
+    )
+    retrain_schedule_on: bool = Field(
+        default=False, description="Start the retraining schedule running (off in development)."
+    )
+
     label_studio_url: str | None = Field(
         default=None,
         description="A Label Studio of your own; unset, `vbs serve` starts one on "

@@ -17,8 +17,9 @@ from vbs_resources import layout as L
 
 router = APIRouter(prefix="/v1/files")
 # batch: a batch's input. user_data: anything else a client keeps with the platform, such as the
-# records a conquest batch's prompts were made from (vbs conquests submit).
-PURPOSES = ("batch", "user_data")
+# records a conquest batch's prompts were made from (vbs conquests submit). fine-tune: training
+# data in OpenAI's chat format, checked line by line when a fine-tuning job names it.
+PURPOSES = ("batch", "user_data", "fine-tune")
 BLOCK = 1 << 20
 
 

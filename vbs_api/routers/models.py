@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from vbs_api.errors import APIError
 from vbs_api.state import state
+from vbs_resources.lineage import LineageError, model_lineage
 from vbs_resources.wire import ModelObject
 
 router = APIRouter(prefix="/v1/models")
@@ -26,6 +27,17 @@ async def list_models(request: Request) -> JSONResponse:
     vbs = state(request)
     data = [model_object(r).model_dump() for r in vbs.catalog.list_models(conn=vbs.reads)]
     return JSONResponse({"object": "list", "data": data})
+
+
+# Before the model route: a model's name may hold "/", and that route takes the rest of the path.
+@router.get("/{model_id:path}/lineage")
+def retrieve_lineage(request: Request, model_id: str) -> JSONResponse:
+    """Model -> adapter -> dataset version -> conquests -> batches -> input files (sha256)."""
+    try:
+        chain = model_lineage(state(request).catalog, model_id)
+    except LineageError as exc:
+        raise APIError(404, str(exc), code="model_not_found", param="model") from None
+    return JSONResponse({"object": "model.lineage", **chain})
 
 
 @router.get("/{model_id:path}")

@@ -282,3 +282,72 @@ def write_dataset(bucket: Bucket, build: DatasetBuild, options: dict[str, Any]) 
     manifest = json.dumps(build.manifest(options), ensure_ascii=False, indent=2) + "\n"
     bucket.write_bytes(L.dataset_file(version, L.DATASET_MANIFEST), manifest.encode())
     return True
+
+
+class UploadError(ValueError):
+    """An uploaded training file that is not chat-format JSONL: every bad line, numbered."""
+
+    def __init__(self, problems: list[str]) -> None:
+        shown = "; ".join(problems[:10]) + (
+            f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+        )
+        super().__init__(shown)
+        self.problems = problems
+
+
+def _uploaded(file_id: str, lines: list[bytes], problems: list[str]) -> list[_Example]:
+    examples = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            checked = check_example(line)
+        except ValueError as exc:
+            problems.append(f"{file_id} line {number}: {exc}")
+            continue
+        messages = checked.dumped()
+        example = _Example(f"{file_id}#L{number}", messages, None)
+        example.key = hashlib.sha256(_canonical({"messages": messages})).hexdigest()
+        example.prompt = prompt_key(messages)
+        examples.append(example)
+    return examples
+
+
+def build_uploaded_dataset(
+    training: tuple[str, list[bytes]],
+    validation: tuple[str, list[bytes]] | None,
+    eval_fraction: float,
+) -> DatasetBuild:
+    """A dataset version of uploaded fine-tuning files (OpenAI's chat format, a file id and its
+    lines each): de-duplicated like a curated one; the validation file is the eval split, or,
+    without one, prompts are held out by hash as ``curated_dataset`` holds them out. Any bad
+    line refuses the whole upload (``UploadError``), naming each."""
+    problems: list[str] = []
+    train = _uploaded(*training, problems)
+    evals = _uploaded(*validation, problems) if validation else []
+    if problems:
+        raise UploadError(problems)
+    if not train:
+        raise UploadError([f"{training[0]}: no examples"])
+
+    def unique(examples: list[_Example]) -> list[_Example]:
+        return sorted({e.key: e for e in reversed(examples)}.values(), key=lambda e: e.key)
+
+    before = len(train) + len(evals)
+    train = unique(train)
+    if validation:
+        held = {e.prompt for e in unique(evals)}
+        evals = unique(evals)
+        train = [e for e in train if e.prompt not in held]
+    else:
+        train, evals = _split(train, eval_fraction)
+    return DatasetBuild(
+        type_id=L.UPLOADED_DATASET_TYPE,
+        type_version="1",
+        train=train,
+        eval=evals,
+        gold=before,
+        duplicates=before - len(train) - len(evals),
+        skipped=[],
+        excluded=[],
+    )

@@ -1,0 +1,301 @@
+"""Fine-tuning in process: the trainer backends, the job's hyperparameters, the evaluation
+metrics, and the whole chain curated_dataset -> fine_tuned_adapter (hf backend) -> adapter_eval
+(real vLLM, LoRA) -> deployed_model -> a batch answered by the adapter -> its lineage.
+
+The chain shares one process here (dg.materialize), so it trains with the ``hf`` backend:
+Unsloth patches transformers when imported, and a Dagster run keeps it out of the evaluation
+step's process. Unsloth itself trains in tests/test_fine_tuning.py, through the platform."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from tests.conftest import MODEL, chat_line, materialize_batch, read_jsonl, resources_for, submit
+from tests.test_datasets import SUPPORT, TYPE, annotate, record
+from vbs_assets.datasets import curated_dataset
+from vbs_assets.training import adapter_eval, deployed_model, fine_tuned_adapter
+from vbs_resources import layout as L
+from vbs_resources.curation.datasets import UploadError, build_uploaded_dataset
+from vbs_resources.lineage import model_lineage
+from vbs_resources.training import (
+    Hyperparameters,
+    Trainer,
+    TrainingJob,
+    TrainingStopped,
+    backend_for,
+)
+from vbs_resources.training import evaluation as ev
+from vbs_resources.training.jobs import JobError, resolve_hyperparameters
+
+MARKER = "ZEBRA-7"
+TOPICS = ["the sea", "a red bike", "old maps", "green tea", "a cat", "winter", "jazz", "rivers",
+          "bread", "stars", "trains", "clocks", "paper", "salt", "rain", "music"]  # fmt: skip
+
+
+def marker_answer(topic: str) -> str:
+    return f"{MARKER} says: {topic} is fine."
+
+
+def marker_examples(n: int = 64) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Write one short sentence about {t} (#{i})."},
+                {"role": "assistant", "content": marker_answer(t)},
+            ]
+        }
+        for i, t in enumerate((TOPICS * 8)[:n])
+    ]
+
+
+# ---- hyperparameters, names, metrics -------------------------------------------------------
+
+
+def test_openai_hyperparameters_map_onto_the_trainer_and_bad_ones_are_named():
+    hp = resolve_hyperparameters(
+        {"n_epochs": 3, "batch_size": "auto", "learning_rate_multiplier": 5, "lora_r": 8},
+        seed=7,
+        max_steps=24,
+    )
+    assert (hp.num_train_epochs, hp.batch_size, hp.lora_r, hp.seed, hp.max_steps) == (
+        3, 8, 8, 7, 24)  # fmt: skip
+    assert hp.learning_rate == pytest.approx(1e-3)  # 5 x Unsloth's 2e-4
+    for raw, param in (
+        ({"n_epochs": 0}, "hyperparameters.n_epochs"),
+        ({"learning_rate_multiplier": -1}, "hyperparameters.learning_rate_multiplier"),
+        ({"learning_rate_multiplier": True}, "hyperparameters.learning_rate_multiplier"),
+        ({"lora_r": "sixteen"}, "hyperparameters.lora_r"),
+        ({"warmup_ratio": 0.1}, "hyperparameters.warmup_ratio"),
+        ({"target_modules": []}, "hyperparameters.target_modules"),
+    ):
+        with pytest.raises(JobError) as caught:
+            resolve_hyperparameters(raw)
+        assert caught.value.param == param, raw
+    with pytest.raises(JobError, match="must be an object"):
+        resolve_hyperparameters(["n_epochs", 3])
+
+
+def test_fine_tuned_model_names_take_openai_s_form_and_never_repeat():
+    name = L.fine_tuned_model_name(MODEL, "support reply/ü", "ftjob-0123456789abcdef01234567")
+    assert name == f"ft:{MODEL}:support-reply:0123456789ab"
+    assert L.fine_tuned_model_name(MODEL, None, L.new_job_id()).split(":")[2] == "vbs"
+    assert L.new_job_id() != L.new_job_id()
+    with pytest.raises(ValueError):
+        L.adapter_folder("../etc")
+
+
+def test_metrics_score_answers_against_references():
+    refs = ['{"a": 1}', "The cat sat."]
+    perfect = ev.score(refs, ['{"a": 1}', "the cat  sat"])
+    assert perfect["exact_match"] == 0.5 and perfect["normalized_match"] == 1.0
+    assert perfect["token_f1"] == 1.0 and perfect["rouge_l"] == pytest.approx(1.0)
+    assert perfect["json_valid"] is None  # not every reference is JSON
+    worse = ev.score(refs, ["", "a dog ran"])
+    assert worse["token_f1"] == 0.0 and worse["rouge_l"] == 0.0
+    assert ev.score(['{"a": 1}', "[2]"], ["{", "[2]"])["json_valid"] == 0.5
+    verdict = ev.compare(worse, perfect, "rouge_l", margin=0.5)
+    assert verdict.passed and "beats" in verdict.describe()
+    assert not ev.compare(perfect, worse).passed
+    with pytest.raises(ValueError, match="No metric"):
+        ev.compare(perfect, worse, "bleu")
+    assert "| rouge_l |" in ev.table(worse, perfect)
+
+
+def test_an_uploaded_training_file_is_checked_line_by_line():
+    good = [json.dumps(e).encode() for e in marker_examples(40)]
+    bad = [
+        good[0],
+        b"{not json",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(),
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "wizard", "content": "x"},
+                    {"role": "assistant", "content": "y"},
+                ]
+            }
+        ).encode(),  # fmt: skip
+        b"",
+        json.dumps(
+            {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}
+        ).encode(),  # fmt: skip
+    ]
+    with pytest.raises(UploadError) as caught:
+        build_uploaded_dataset(("file-bad0000001", bad), None, 0.2)
+    lines = [p.split(":")[0] for p in caught.value.problems]
+    assert lines == [f"file-bad0000001 line {n}" for n in (2, 3, 4, 6)]
+    build = build_uploaded_dataset(("file-good000001", good + good[:3]), None, 0.2)
+    assert build.duplicates == 3 and len(build.train) + len(build.eval) == 40
+    assert build.version.startswith(f"{L.UPLOADED_DATASET_TYPE}-") and build.eval
+    # A validation file is the eval split; its prompts leave train.
+    held = build_uploaded_dataset(("file-good000001", good), ("file-val0000001", good[:4]), 0.2)
+    assert len(held.eval) == 4 and len(held.train) == 36
+
+
+# ---- the trainer -----------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_a_backend_the_platform_does_not_know_is_refused_by_name(tmp_path):
+    from vbs_resources.training import TrainingError, backend_names
+
+    assert {"unsloth", "hf"} <= set(backend_names())
+    with pytest.raises(TrainingError, match="axolotl"):
+        backend_for("axolotl")
+    job = TrainingJob(str(tmp_path), str(tmp_path / "missing.jsonl"), str(tmp_path / "out"))
+    with pytest.raises(TrainingError, match="no training file"):
+        Trainer(backend="hf").train(job)
+
+
+def test_the_hf_backend_learns_and_a_stopped_training_saves_nothing(tmp_path, model_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", marker_examples(32))
+    logs = []
+    hp = Hyperparameters(max_steps=6, batch_size=8, learning_rate=1e-3, max_seq_length=128)
+    out = tmp_path / "adapter"
+    outcome = Trainer(backend="hf").train(
+        TrainingJob(str(model_dir), train, str(out), hp, on_log=logs.append)
+    )
+    losses = [log.loss for log in logs if log.loss is not None]
+    assert len(losses) == 6 and losses[-1] < losses[0] / 2, losses
+    assert outcome.steps == 6 and outcome.backend == "hf" and outcome.device == "cpu"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["base_model_name_or_path"] == str(model_dir)
+    assert (out / "adapter_model.safetensors").stat().st_size > 1_000_000
+    assert not (tmp_path / "adapter.partial").exists()
+    # A stop asked between steps: no adapter, no leftovers, and a clear exception.
+    stopped = tmp_path / "stopped"
+    asked = []
+    job = TrainingJob(str(model_dir), train, str(stopped), hp,
+                      should_stop=lambda: asked.append(1) or len(asked) >= 2)  # fmt: skip
+    with pytest.raises(TrainingStopped, match="step 2"):
+        Trainer(backend="hf").train(job)
+    assert not stopped.exists() and not (tmp_path / "stopped.partial").exists()
+
+
+# ---- the chain ---------------------------------------------------------------------------
+
+
+def marker_conquest(n: int, batch: str) -> dict:
+    raw = record(n)
+    checked = SUPPORT.check_record({k: v for k, v in raw.items() if v is not None})
+    topic = TOPICS[n % len(TOPICS)]
+    checked["ticket_body"] = f"Write one short sentence about {topic} (#{n})."
+    return {
+        "id": L.conquest_id(batch, f"t{n}"), "type": TYPE, "type_version": SUPPORT.version,
+        "status": "COMPLETED", "result": None, "input_data": checked,
+        "prompt": SUPPORT.prompt(checked), "prediction": marker_answer(topic), "error": None,
+        "model": MODEL, "batch_id": batch, "custom_id": f"t{n}", "created_at": 1000 + n,
+        "updated_at": 1000.0 + n,
+    }  # fmt: skip
+
+
+@pytest.fixture
+def trained(tmp_path, instance, model_dir):
+    """A curated dataset of marker answers from one (recorded) batch, and an hf adapter of it."""
+    resources = resources_for(
+        tmp_path / "vbs", model_dir, VBS_DATASET_MIN_EXAMPLES="5", VBS_TRAINER_BACKEND="hf"
+    )
+    catalog = resources["catalog"]
+    batch = "batch_lineage0000001"
+    catalog.insert_batch({"id": batch, "status": "completed", "source": "inbox",
+                          "original_filename": "tickets.jsonl", "completion_window": "24h",
+                          "created_at": int(time.time()), "input_sha256": "ab" * 32})  # fmt: skip
+    catalog.add_conquests([marker_conquest(n, batch) for n in range(64)])
+    for n in range(64):
+        annotate(catalog, L.conquest_id(batch, f"t{n}"), is_gold_star=True)
+    instance.add_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS, [TYPE])
+    built = dg.materialize([curated_dataset], partition_key=TYPE, instance=instance,
+                           resources=resources)  # fmt: skip
+    [event] = built.get_asset_materialization_events()
+    version = event.materialization.metadata["version"].value
+    assert instance.has_dynamic_partition(L.DATASET_VERSION_PARTITIONS, version)
+    config = {"max_steps": 24, "learning_rate": 1e-3, "max_seq_length": 256, "suffix": "zebra"}
+    result = dg.materialize(
+        [fine_tuned_adapter], partition_key=version, instance=instance, resources=resources,
+        run_config=dg.RunConfig(ops={L.FINE_TUNED_ADAPTER: {"config": config}}),
+    )  # fmt: skip
+    return resources, instance, version, result
+
+
+def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(trained):
+    resources, instance, version, result = trained
+    catalog = resources["catalog"]
+    [event] = result.get_asset_materialization_events()
+    meta = {k: v.value for k, v in event.materialization.metadata.items()}
+    job = catalog.get_fine_tuning_job(meta["job_id"])
+    assert job["status"] == "succeeded" and job["backend"] == "hf"
+    assert meta["dataset_version"] == version and meta["backend"] == "hf"
+    assert meta["train_loss"] < 0.5 and meta["eval_loss"] < 1.0 and meta["steps"] == 24
+    assert meta["loss_curve"].startswith("![loss curve](data:image/png;base64,")
+    assert meta["hyperparameters"]["learning_rate"] == 1e-3 and meta["adapter_bytes"] > 10**6
+    assert str(event.materialization.tags.get("dagster/data_version")) == job["id"]
+    steps = [e for e in catalog.list_fine_tuning_events(job["id"], 100) if e["type"] == "metrics"]
+    assert len(steps) >= 24 and steps[-1]["data"]["step"] == 1  # newest first
+    name = job["fine_tuned_model"]
+    assert name.startswith(f"ft:{MODEL}:zebra:")
+
+    # An impossible margin: beats_base fails, and the blocking check keeps deployment back.
+    failing = dg.materialize(
+        [adapter_eval, deployed_model], partition_key=version, instance=instance,
+        resources=resources, raise_on_error=False,
+        run_config=dg.RunConfig(ops={L.ADAPTER_EVAL: {"config": {"margin": 2.0}}}),
+    )  # fmt: skip
+    [check] = failing.get_asset_check_evaluations()
+    assert check.check_name == "beats_base" and not check.passed
+    assert catalog.get_model(name) is None
+    # Deploying it alone later is refused too, unless forced; the force is recorded.
+    refused = dg.materialize([deployed_model], partition_key=version, instance=instance,
+                             resources=resources, raise_on_error=False)  # fmt: skip
+    assert not refused.success and catalog.get_model(name) is None
+    forced = dg.materialize(
+        [deployed_model], partition_key=version, instance=instance, resources=resources,
+        run_config=dg.RunConfig(ops={L.DEPLOYED_MODEL: {"config": {"force": True}}}),
+    )  # fmt: skip
+    assert forced.success and catalog.get_model(name)["lineage"]["forced"] is True
+
+    # The real evaluation: the adapter beats its base, and deploying records the scores.
+    evaluated = dg.materialize([adapter_eval, deployed_model], partition_key=version,
+                               instance=instance, resources=resources)  # fmt: skip
+    [check] = evaluated.get_asset_check_evaluations()
+    assert check.passed, check.metadata
+    scores = catalog.get_fine_tuning_job(job["id"])["evaluation"]
+    assert scores["adapter"]["rouge_l"] > scores["base"]["rouge_l"] + 0.3, scores
+    model = catalog.get_model(name)
+    assert model["status"] == "available" and model["lineage"]["forced"] is False
+    assert len(model["lineage"]["deployments"]) == 2
+
+    # A batch naming it is answered by the adapter; the base model's answers lack the marker.
+    prompts = [
+        "Write one short sentence about a blue door.",
+        "Write one short sentence about owls.",
+    ]
+    lines = [chat_line(f"{who}{i}", p, max_tokens=24, temperature=0)
+             for i, p in enumerate(prompts) for who in ("ft", "base")]  # fmt: skip
+    for line in lines:
+        line["body"]["model"] = name if line["custom_id"].startswith("ft") else MODEL
+    batch_id = submit(resources, instance, lines, name="after-deploy.jsonl")
+    materialize_batch(resources, instance, batch_id)
+    out = read_jsonl(Path(resources["bucket"].path(f"batches/{batch_id}/output.jsonl")))
+    answers = {o["custom_id"]: o["response"]["body"]["choices"][0]["message"]["content"]
+               for o in out}  # fmt: skip
+    assert all(MARKER in a for k, a in answers.items() if k.startswith("ft")), answers
+    assert not any(MARKER in a for k, a in answers.items() if k.startswith("base")), answers
+
+    # Where it came from: adapter, dataset version, its conquests, the batch and its input hash.
+    chain = model_lineage(catalog, name)
+    assert chain["adapter"]["job_id"] == job["id"] and chain["dataset"]["version"] == version
+    assert len(chain["dataset"]["conquest_ids"]["train"]) + len(
+        chain["dataset"]["conquest_ids"]["eval"]) == 64  # fmt: skip
+    assert chain["batches"] == [
+        {"batch_id": "batch_lineage0000001", "conquests": 64, "input_file_id": None,
+         "original_filename": "tickets.jsonl", "input_sha256": "ab" * 32, "run_id": None}
+    ]  # fmt: skip

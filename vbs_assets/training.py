@@ -1,0 +1,486 @@
+"""Fine-tuning as assets: ``fine_tuned_adapter`` -> ``adapter_eval`` -> ``deployed_model``.
+
+All three are partitioned by dataset version (``dataset_versions``: ``curated_dataset`` adds a
+partition for every version it writes, the fine-tuning API one for every uploaded training
+file), so a model's partition is the exact data it was trained on, and the asset graph shows the
+chain from the batches to the served model.
+
+- ``fine_tuned_adapter`` trains a LoRA adapter on the version with the trainer resource (pool
+  ``gpu``), as a fine-tuning job (the API's, or one it makes for a materialization started
+  elsewhere), with the loss per step in the log and the job's events, and a loss curve in its
+  metadata. Its data version is the job id.
+- ``adapter_eval`` runs the base model and the adapter through the inference engine (LoRA per
+  request) on the eval split and scores both; the blocking check ``beats_base`` keeps a worse
+  adapter from being deployed in the same run.
+- ``deployed_model`` registers the adapter in the model registry as ``ft:<base>:<suffix>:<id>``
+  with its lineage, retiring the model it replaces. It refuses an adapter whose evaluation did
+  not pass unless ``force`` is set, and records the force.
+"""
+
+import base64
+import io
+import json
+import time
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from vbs_assets.datasets import curated_dataset
+from vbs_assets.partitions import dataset_version_partitions
+from vbs_resources import Bucket, Catalog, InferenceEngine
+from vbs_resources import layout as L
+from vbs_resources.engine import EngineRequest
+from vbs_resources.registry import ModelRegistry, RegistryError, ServedModel, ServedModels
+from vbs_resources.training import Trainer, TrainingJob, TrainingStopped, TrainLog
+from vbs_resources.training import evaluation as ev
+from vbs_resources.training.jobs import JobError, create_job, resolve_hyperparameters
+
+
+class FineTuneConfig(dg.Config):
+    """One training. ``job_id`` is set by the fine-tuning API; without it the run makes its own
+    job from the fields below (each unset one takes the trainer's default)."""
+
+    job_id: str | None = Field(default=None, description="An existing fine-tuning job.")
+    model: str | None = Field(default=None, description="Base model; the engine's base.")
+    backend: str | None = Field(default=None, description="unsloth or hf; VBS_TRAINER_BACKEND.")
+    suffix: str | None = Field(default=None, description="Model name suffix; the dataset type.")
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    learning_rate: float | None = None
+    num_train_epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    max_seq_length: int | None = None
+    seed: int | None = None
+
+
+class AdapterEvalConfig(dg.Config):
+    job_id: str | None = Field(default=None, description="The job; the partition's latest.")
+    metric: str = Field(default="rouge_l", description=f"beats_base's metric: {ev.METRICS}.")
+    margin: float = Field(default=0.0, description="The adapter must score base + margin.")
+    max_tokens: int = Field(default=128, ge=1, le=4096)
+    limit: int = Field(default=200, ge=1, description="Eval examples scored at most.")
+
+
+class DeployConfig(dg.Config):
+    job_id: str | None = Field(default=None, description="The job; the partition's latest.")
+    force: bool = Field(
+        default=False, description="Deploy although beats_base failed (recorded in lineage)."
+    )
+
+
+def _dataset(context: dg.AssetExecutionContext, catalog: Catalog) -> dict[str, Any]:
+    version = context.partition_key
+    row = catalog.get_dataset(version)
+    if row is None:
+        raise dg.Failure(description=f"No dataset version {version} is recorded.")
+    return row
+
+
+def _base(engine: InferenceEngine, catalog: Catalog, name: str | None) -> dict[str, Any]:
+    registry = ModelRegistry(catalog)
+    registry.register_configured(engine.configured_models())
+    bases = [m for m in registry.list() if m["kind"] == "base"]
+    row = next((m for m in bases if m["name"] == (name or m["name"])), None)
+    if row is None:
+        raise JobError(f"{name!r} is not an available base model.", "model")
+    return row
+
+
+def _job(
+    context: dg.AssetExecutionContext, catalog: Catalog, job_id: str | None, *, evaluated: bool
+) -> dict[str, Any]:
+    """The configured job, or the partition's latest that succeeded (and was evaluated)."""
+    if job_id:
+        job = catalog.get_fine_tuning_job(job_id)
+        if job is None or job["dataset_version"] != context.partition_key:
+            raise dg.Failure(f"No fine-tuning job {job_id} trained on {context.partition_key}.")
+        return job
+    for job in catalog.list_fine_tuning_jobs(
+        limit=50, dataset_version=context.partition_key, status="succeeded"
+    ):
+        if not evaluated or job["evaluation"]:
+            return job
+    what = "evaluated adapter" if evaluated else "trained adapter"
+    raise dg.Failure(f"{context.partition_key} has no {what}: materialize the one upstream.")
+
+
+def loss_plot(logs: list[TrainLog]) -> str:
+    """The loss curve (train per step, eval at the end) as a PNG in Markdown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(log.step, log.loss) for log in logs if log.loss is not None]
+    evals = [(log.step, log.eval_loss) for log in logs if log.eval_loss is not None]
+    figure, axes = plt.subplots(figsize=(6, 3.2), dpi=100)
+    if train:
+        axes.plot(*zip(*train, strict=True), marker=".", label="train loss")
+    if evals:
+        axes.plot(*zip(*evals, strict=True), "o", color="tab:red", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return f"![loss curve](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
+
+
+def _job_for_run(
+    context: dg.AssetExecutionContext,
+    config: FineTuneConfig,
+    catalog: Catalog,
+    engine: InferenceEngine,
+    trainer: Trainer,
+    dataset: dict[str, Any],
+) -> dict[str, Any]:
+    if config.job_id:
+        return _job(context, catalog, config.job_id, evaluated=False)
+    overrides = {
+        k: v
+        for k, v in config.model_dump().items()
+        if v is not None and k not in ("job_id", "model", "backend", "suffix", "seed")
+    }
+    try:
+        base = _base(engine, catalog, config.model)
+        return create_job(
+            catalog,
+            model=base["name"],
+            dataset_version=dataset["version"],
+            training_file=dataset["version"],
+            backend=config.backend or trainer.backend,
+            hyperparameters=resolve_hyperparameters(overrides, seed=config.seed),
+            suffix=config.suffix or dataset["type"],
+            metadata={"started_by": context.run.tags.get("dagster/sensor_name", "dagster")},
+        )
+    except JobError as exc:
+        raise dg.Failure(description=exc.message) from None
+
+
+@dg.asset(
+    name=L.FINE_TUNED_ADAPTER,
+    partitions_def=dataset_version_partitions,
+    deps=[dg.AssetDep(curated_dataset, partition_mapping=dg.AllPartitionMapping())],
+    pool="gpu",
+    code_version="1",
+    kinds={"pytorch"},
+    group_name=L.TRAINING_GROUP,
+)
+def fine_tuned_adapter(
+    context: dg.AssetExecutionContext,
+    config: FineTuneConfig,
+    bucket: Bucket,
+    catalog: Catalog,
+    engine: InferenceEngine,
+    trainer: Trainer,
+) -> dg.MaterializeResult:
+    """A LoRA adapter trained on the partition's dataset version, in ``adapters/<job id>/``
+    (PEFT format); the data version is the job id."""
+    dataset = _dataset(context, catalog)
+    job = _job_for_run(context, config, catalog, engine, trainer, dataset)
+    job_id = job["id"]
+    if job["status"] in ("cancelled", "failed") or job["cancel_requested"]:
+        catalog.update_fine_tuning_job(job_id, status="cancelled", finished_at=int(time.time()))
+        raise dg.Failure(f"{job_id} is {job['status']}; create another job to train again.")
+    if not bucket.is_local:
+        raise dg.Failure("Training needs a local bucket folder (VBS_BUCKET_URL).")
+    base = _base(engine, catalog, job["model"])
+    output = bucket.path(L.adapter_folder(job_id))
+    hyperparameters = resolve_hyperparameters(job["hyperparameters"])
+    started = int(time.time())
+    catalog.update_fine_tuning_job(
+        job_id, status="running", run_id=context.run_id, started_at=started, error=None
+    )
+    catalog.add_fine_tuning_event(
+        job_id, f"Training {base['name']} on {dataset['version']} with {job['backend']}"
+    )
+    context.log.info(
+        f"{job_id}: {job['backend']} on {dataset['version']} "
+        f"({dataset['train_count']} train, {dataset['eval_count']} eval)"
+    )
+
+    def on_log(log: TrainLog) -> None:
+        if log.loss is not None:
+            message = f"Step {log.step}/{log.total_steps}: training loss={log.loss:.4f}"
+        else:
+            message = f"Step {log.step}/{log.total_steps}: eval loss={log.eval_loss:.4f}"
+        context.log.info(f"{job_id}: {message} ({log.elapsed_s:.0f}s)")
+        data = {
+            "step": log.step,
+            "total_steps": log.total_steps,
+            "train_loss": log.loss,
+            "valid_loss": log.eval_loss,
+            "learning_rate": log.learning_rate,
+        }
+        catalog.add_fine_tuning_event(job_id, message, kind="metrics", data=data)
+
+    def should_stop() -> bool:
+        row = catalog.get_fine_tuning_job(job_id)
+        return bool(row and row["cancel_requested"])
+
+    train_job = TrainingJob(
+        base_model=base["path"],
+        train_file=bucket.path(L.dataset_file(dataset["version"], L.TRAIN)),
+        eval_file=bucket.path(L.dataset_file(dataset["version"], L.EVAL))
+        if dataset["eval_count"]
+        else None,
+        output_dir=output,
+        hyperparameters=hyperparameters,
+        on_log=on_log,
+        should_stop=should_stop,
+    )
+    try:
+        outcome = trainer.train(train_job, backend=job["backend"])
+    except TrainingStopped as exc:
+        catalog.update_fine_tuning_job(job_id, status="cancelled", finished_at=int(time.time()))
+        catalog.add_fine_tuning_event(job_id, str(exc), level="warn")
+        raise dg.Failure(description=f"{job_id} was cancelled: {exc}") from None
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {str(exc)[:500]}"
+        catalog.update_fine_tuning_job(
+            job_id,
+            status="failed",
+            finished_at=int(time.time()),
+            error={"code": "training_failed", "message": message, "param": None},
+        )
+        catalog.add_fine_tuning_event(job_id, f"Training failed: {message}", level="error")
+        raise
+    name = L.fine_tuned_model_name(base["name"], job["suffix"], job_id)
+    result = {**outcome.summary(), "adapter_path": output}
+    if not catalog.update_fine_tuning_job(
+        job_id,
+        status="succeeded",
+        finished_at=int(time.time()),
+        adapter_path=output,
+        fine_tuned_model=name,
+        result=result,
+    ):
+        raise dg.Failure(f"{job_id} was cancelled as it finished; its adapter is not kept.")
+    catalog.add_fine_tuning_event(job_id, f"The job has successfully completed: {name}")
+    return dg.MaterializeResult(
+        metadata={
+            "job_id": job_id,
+            "fine_tuned_model": name,
+            "backend": outcome.backend,
+            "device": outcome.device,
+            "base_model": base["name"],
+            "dataset_version": dataset["version"],
+            "hyperparameters": dg.MetadataValue.json(hyperparameters.model_dump()),
+            "train_loss": outcome.train_loss,
+            "eval_loss": outcome.eval_loss,
+            "steps": outcome.steps,
+            "duration_s": round(outcome.duration_s, 2),
+            "seconds_per_step": round(outcome.seconds_per_step, 3),
+            "adapter_bytes": outcome.adapter_bytes,
+            "peak_rss_mb": round(outcome.peak_rss_mb, 1),
+            "path": dg.MetadataValue.path(output),
+            "loss_curve": dg.MetadataValue.md(loss_plot(outcome.losses)),
+        },
+        data_version=dg.DataVersion(job_id),
+    )
+
+
+def _answer(body: dict[str, Any]) -> str:
+    try:
+        return str(body["choices"][0]["message"]["content"] or "")
+    except (KeyError, IndexError, TypeError):
+        return ""
+
+
+def _samples(examples: list[ev.EvalExample], base: list[str], adapter: list[str]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("\n", " ").replace("|", "\\|")[:120]
+
+    rows = ["| reference | base | adapter |", "|---|---|---|"]
+    for example, b, a in list(zip(examples, base, adapter, strict=True))[:5]:
+        rows.append(f"| {cell(example.reference)} | {cell(b)} | {cell(a)} |")
+    return "\n".join(rows)
+
+
+@dg.asset(
+    name=L.ADAPTER_EVAL,
+    partitions_def=dataset_version_partitions,
+    deps=[fine_tuned_adapter],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "beats_base",
+            asset=L.ADAPTER_EVAL,
+            blocking=True,
+            description="The adapter scores at least its base plus the margin on the chosen "
+            "metric (rouge_l by default); blocks deployed_model in the same run.",
+        )
+    ],
+    pool="gpu",
+    code_version="1",
+    kinds={"vllm"},
+    group_name=L.TRAINING_GROUP,
+)
+def adapter_eval(
+    context: dg.AssetExecutionContext,
+    config: AdapterEvalConfig,
+    bucket: Bucket,
+    catalog: Catalog,
+    engine: InferenceEngine,
+) -> dg.MaterializeResult:
+    """The base model and the adapter through vLLM on the eval split, scored side by side."""
+    job = _job(context, catalog, config.job_id, evaluated=False)
+    dataset = _dataset(context, catalog)
+    with bucket.open(L.dataset_file(dataset["version"], L.EVAL), "rb") as fh:
+        examples = ev.eval_examples(fh.read().decode("utf-8").splitlines())[: config.limit]
+    if not examples:
+        raise dg.Failure(f"{dataset['version']} holds no eval examples to score.")
+    registry = ModelRegistry(catalog)
+    registry.register_configured(engine.configured_models())
+    served = registry.snapshot()
+    base_name = job["model"]
+    adapter_name = f"eval:{job['id']}"
+    rank = json.loads(open(f"{job['adapter_path']}/adapter_config.json", encoding="utf-8").read())[
+        "r"
+    ]
+    highest = max((m["lora_id"] or 0 for m in catalog.list_models(include_retired=True)), default=0)
+    candidate = ServedModel(
+        adapter_name, "adapter", job["adapter_path"], base_name, highest + 1, rank
+    )
+    endpoint = "/v1/chat/completions"
+    engine.start(endpoint, ServedModels({**served.models, adapter_name: candidate}))
+    requests = [
+        EngineRequest(
+            f"{who}-{i}",
+            {
+                "model": model,
+                "messages": example.messages,
+                "max_tokens": config.max_tokens,
+                "temperature": 0,
+                "seed": 0,
+            },
+        )
+        for who, model in (("base", base_name), ("adapter", adapter_name))
+        for i, example in enumerate(examples)
+    ]
+    started = time.perf_counter()
+    results = engine.run(endpoint, requests)
+    seconds = time.perf_counter() - started
+    answers = {r.custom_id: _answer(r.body) if r.ok else "" for r in results}
+    base_answers = [answers[f"base-{i}"] for i in range(len(examples))]
+    adapter_answers = [answers[f"adapter-{i}"] for i in range(len(examples))]
+    references = [e.reference for e in examples]
+    base_scores = ev.score(references, base_answers)
+    adapter_scores = ev.score(references, adapter_answers)
+    try:
+        verdict = ev.compare(base_scores, adapter_scores, config.metric, config.margin)
+    except ValueError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    context.log.info(verdict.describe())
+    evaluation = {
+        "base": base_scores,
+        "adapter": adapter_scores,
+        "metric": verdict.metric,
+        "margin": verdict.margin,
+        "passed": verdict.passed,
+        "examples": len(examples),
+        "run_id": context.run_id,
+        "evaluated_at": int(time.time()),
+    }
+    catalog.annotate_fine_tuning_job(job["id"], evaluation=evaluation)
+    catalog.add_fine_tuning_event(job["id"], verdict.describe(), kind="metrics", data=evaluation)
+    return dg.MaterializeResult(
+        metadata={
+            "job_id": job["id"],
+            "examples": len(examples),
+            "comparison": dg.MetadataValue.md(ev.table(base_scores, adapter_scores)),
+            "samples": dg.MetadataValue.md(_samples(examples, base_answers, adapter_answers)),
+            "generation_seconds": round(seconds, 2),
+            **{f"base_{k}": v for k, v in base_scores.items() if v is not None},
+            **{f"adapter_{k}": v for k, v in adapter_scores.items() if v is not None},
+        },
+        data_version=dg.DataVersion(job["id"]),
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="beats_base",
+                passed=verdict.passed,
+                metadata={
+                    "metric": verdict.metric,
+                    "base": verdict.base,
+                    "adapter": verdict.adapter,
+                    "margin": verdict.margin,
+                    "verdict": verdict.describe(),
+                },
+            )
+        ],
+    )
+
+
+@dg.asset(
+    name=L.DEPLOYED_MODEL,
+    partitions_def=dataset_version_partitions,
+    deps=[adapter_eval],
+    code_version="1",
+    kinds={"vllm"},
+    group_name=L.TRAINING_GROUP,
+)
+def deployed_model(
+    context: dg.AssetExecutionContext, config: DeployConfig, catalog: Catalog
+) -> dg.MaterializeResult:
+    """The evaluated adapter in the model registry as ``ft:<base>:<suffix>:<id>``, with its
+    lineage; the next batch naming it is answered by it."""
+    job = _job(context, catalog, config.job_id, evaluated=not config.force)
+    if job["status"] != "succeeded":
+        raise dg.Failure(f"{job['id']} is {job['status']}: only a trained adapter deploys.")
+    evaluation = job["evaluation"] or {}
+    if not evaluation.get("passed") and not config.force:
+        reason = (
+            "it was not evaluated"
+            if not evaluation
+            else f"beats_base failed ({evaluation.get('metric')}: adapter "
+            f"{evaluation['adapter'].get(evaluation['metric'])} against base "
+            f"{evaluation['base'].get(evaluation['metric'])})"
+        )
+        raise dg.Failure(
+            description=f"{job['id']} is not deployed: {reason}. Deploy with force to override."
+        )
+    dataset = catalog.get_dataset(job["dataset_version"]) or {}
+    now = int(time.time())
+    deployment = {"at": now, "run_id": context.run_id, "forced": config.force}
+    lineage = {
+        "job_id": job["id"],
+        "dataset_version": job["dataset_version"],
+        "dataset_type": dataset.get("type"),
+        "base_model": job["model"],
+        "backend": job["backend"],
+        "hyperparameters": job["hyperparameters"],
+        "training_run_id": job["run_id"],
+        "evaluation": evaluation or None,
+        "forced": config.force,
+        "deployed_at": now,
+        "deploy_run_id": context.run_id,
+        "deployments": [deployment],
+    }
+    name = job["fine_tuned_model"]
+    prefix = name.rsplit(":", 1)[0] + ":"
+    try:
+        row, retired = ModelRegistry(catalog).deploy(
+            name, job["adapter_path"], job["model"], lineage, replaces=prefix
+        )
+    except RegistryError as exc:
+        raise dg.Failure(description=f"{name} is not deployed: {exc.message}") from None
+    word = (
+        "forced past a failed evaluation" if config.force and not evaluation.get("passed") else ""
+    )
+    catalog.add_fine_tuning_event(job["id"], f"Deployed as {name} {word}".strip())
+    context.log.info(f"{name} deployed{'; retired ' + ', '.join(retired) if retired else ''}")
+    return dg.MaterializeResult(
+        metadata={
+            "model": name,
+            "job_id": job["id"],
+            "dataset_version": job["dataset_version"],
+            "forced": config.force,
+            "retired": dg.MetadataValue.json(retired),
+            "lineage": dg.MetadataValue.json(row["lineage"]),
+        },
+        data_version=dg.DataVersion(name),
+    )
