@@ -299,3 +299,69 @@ def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(
         {"batch_id": "batch_lineage0000001", "conquests": 64, "input_file_id": None,
          "original_filename": "tickets.jsonl", "input_sha256": "ab" * 32, "run_id": None}
     ]  # fmt: skip
+
+
+# ---- scheduled retraining ------------------------------------------------------------------
+
+
+def test_the_schedule_retrains_a_type_only_with_enough_new_gold(tmp_path, instance):
+    from vbs_sensors.retrain import retrain_on_new_dataset, retraining_schedule
+
+    resources = resources_for(tmp_path / "vbs", VBS_DATASET_MIN_EXAMPLES="0")
+    catalog = resources["catalog"]
+    schedule = retraining_schedule(min_new_gold=3)
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED  # off in development
+
+    def tick():
+        from vbs_definitions import defs
+
+        context = dg.build_schedule_context(
+            instance=instance, resources=resources, repository_def=defs.get_repository_def()
+        )
+        return schedule.evaluate_tick(context)
+
+    assert "no conquest type" in tick().skip_message
+    instance.add_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS, [TYPE])
+    batch = "batch_retrain00000001"
+    catalog.add_conquests([marker_conquest(n, batch) for n in range(6)])
+    for n in range(2):
+        annotate(catalog, L.conquest_id(batch, f"t{n}"), is_gold_star=True)
+    annotate(catalog, L.conquest_id(batch, "t2"), rating=2)  # not gold
+    skipped = tick()
+    assert not skipped.run_requests
+    assert skipped.skip_message == (
+        f"{TYPE}: 2 new gold conquests and no model deployed, fewer than 3: skipped"
+    )
+    annotate(catalog, L.conquest_id(batch, "t3"), rating=5)
+    [request] = tick().run_requests
+    assert request.partition_key == TYPE and request.tags[L.TAG_RETRAIN] == TYPE
+
+    # The build that request starts; the sensor sends its version to fine_tuning_job.
+    built = dg.materialize([curated_dataset], partition_key=TYPE, instance=instance,
+                           resources=resources, tags={L.TAG_RETRAIN: TYPE})  # fmt: skip
+    version = catalog.list_datasets(type_id=TYPE)[0]["version"]
+
+    def sensor(result):
+        context = dg.build_run_status_sensor_context(
+            sensor_name=L.RETRAIN_SENSOR, dagster_event=result.get_run_success_event(),
+            dagster_instance=instance, dagster_run=result.dagster_run, resources=resources,
+        )  # fmt: skip
+        return retrain_on_new_dataset(context)
+
+    launched = sensor(built)
+    assert launched.partition_key == version and launched.run_key == f"retrain-{version}"
+    plain = dg.materialize([curated_dataset], partition_key=TYPE, instance=instance,
+                           resources=resources)  # fmt: skip
+    assert "not a retraining build" in sensor(plain).skip_message
+
+    # Deployed on that version: nothing new, so the schedule skips and says why.
+    catalog.insert_model({"name": f"ft:{MODEL}:{TYPE}:aaaa", "kind": "adapter", "path": "/x",
+                          "status": "available", "created_at": 1, "base": MODEL,
+                          "lineage": {"dataset_type": TYPE, "dataset_version": version,
+                                      "deployed_at": 5}})  # fmt: skip
+    assert "0 new gold conquests beyond" in tick().skip_message
+    assert "already" in sensor(built).skip_message
+    for n in (4, 5):
+        annotate(catalog, L.conquest_id(batch, f"t{n}"), is_gold_star=True)
+    annotate(catalog, L.conquest_id(batch, "t2"), rating=4)
+    assert tick().run_requests

@@ -14,6 +14,9 @@ from vbs_assets.jobs import batch_job, dataset_job, deploy_job, fine_tuning_job,
 from vbs_assets.training import adapter_eval, deployed_model, fine_tuned_adapter
 from vbs_resources import build_resources, load_settings
 from vbs_sensors import all_sensors
+from vbs_sensors.retrain import retraining_schedule
+
+settings = load_settings()
 
 defs = dg.Definitions(
     assets=[
@@ -29,5 +32,10 @@ defs = dg.Definitions(
     asset_checks=[output_complete, error_rate],
     jobs=[batch_job, dataset_job, fine_tuning_job, training_job, deploy_job],
     sensors=all_sensors,
-    resources=build_resources(load_settings(), for_dagster=True),
+    schedules=[
+        retraining_schedule(
+            settings.retrain_cron, settings.retrain_min_new_gold, settings.retrain_schedule_on
+        )
+    ],
+    resources=build_resources(settings, for_dagster=True),
 )
