@@ -26,7 +26,7 @@ from vbs_resources.training.jobs import (
 log = logging.getLogger("vbs.api")
 MAX_SUFFIX = 64
 # Dagster's run statuses that end a run which did not finish its job.
-RUN_ENDED = {"FAILURE": "failed", "CANCELED": "cancelled", "CANCELING": "cancelled"}
+RUN_ENDED = {"FAILURE": "failed", "CANCELED": "cancelled"}
 
 
 def _string(body: dict[str, Any], name: str, required: bool = False, limit: int = 256) -> Any:
@@ -225,12 +225,14 @@ class FineTuningService:
         """A job whose run ended without ending it (killed and not retried, terminated in the
         Dagster UI) ends as its run did."""
         try:
-            status = self.launcher.run_status(job["run_id"])
+            status, tags = self.launcher.run_state(job["run_id"])
         except (LaunchFailed, LaunchUnavailable):
             return job
         ended = RUN_ENDED.get(status)
-        if ended is None or status == "CANCELING":
+        if ended is None:
             return job
+        if status == "FAILURE" and tags.get("dagster/will_retry") == "true":
+            return job  # the daemon's retry takes the job over
         # The retry of a killed run takes the job over (a new run id) before this run's
         # failure is read; only the job's own run ends it.
         fresh = self.catalog.get_fine_tuning_job(job["id"])

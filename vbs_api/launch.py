@@ -36,7 +36,7 @@ RUN_STATUS = """
 query VbsRunStatus($runId: ID!) {
   runOrError(runId: $runId) {
     __typename
-    ... on Run { status }
+    ... on Run { status tags { key value } }
     ... on Error { message }
   }
 }
@@ -170,10 +170,14 @@ class BatchLauncher:
 
     def run_status(self, run_id: str) -> str:
         """The run's Dagster status (``QUEUED``, ``STARTED``, ``SUCCESS``, ``FAILURE``, ...)."""
+        return self.run_state(run_id)[0]
+
+    def run_state(self, run_id: str) -> tuple[str, dict[str, str]]:
+        """The run's Dagster status and its tags (``dagster/will_retry`` on a failed run)."""
         found = self._call(RUN_STATUS, {"runId": run_id})["runOrError"]
         if found["__typename"] != "Run":
             raise LaunchFailed(f"{self._where()} has no run {run_id}: {found['__typename']}")
-        return found["status"]
+        return found["status"], {t["key"]: t["value"] for t in found.get("tags") or []}
 
     def terminate(self, run_id: str) -> bool:
         """Ask Dagster to stop a run (a queued one never starts); False when it would not."""

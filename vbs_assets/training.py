@@ -184,6 +184,10 @@ def fine_tuned_adapter(
     dataset = _dataset(context, catalog)
     job = _job_for_run(context, config, catalog, engine, trainer, dataset)
     job_id = job["id"]
+    # The retry of a run that died (killed, out of memory) takes its job back and starts clean.
+    if catalog.reopen_fine_tuning_job(job_id, context.run_id):
+        context.log.warning(f"{job_id}: its previous run died; training again from the start")
+        job = catalog.get_fine_tuning_job(job_id)
     if job["status"] in ("cancelled", "failed") or job["cancel_requested"]:
         catalog.update_fine_tuning_job(job_id, status="cancelled", finished_at=int(time.time()))
         raise dg.Failure(f"{job_id} is {job['status']}; create another job to train again.")

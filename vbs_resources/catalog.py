@@ -1077,6 +1077,27 @@ class Catalog(dg.ConfigurableResource):
             )
         return bool(done.rowcount)
 
+    def reopen_fine_tuning_job(self, job_id: str, run_id: str) -> bool:
+        """Give a job whose run died (ended ``failed`` with ``run_failed`` by whoever noticed)
+        to the run that retries it; a job that failed for a reason of its own stays failed."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(fine_tuning_jobs.c.error).where(
+                    fine_tuning_jobs.c.id == job_id, fine_tuning_jobs.c.status == "failed"
+                )
+            ).first()
+            if row is None or (row.error or {}).get("code") != "run_failed":
+                return False
+            conn.execute(
+                fine_tuning_jobs.update()
+                .where(fine_tuning_jobs.c.id == job_id)
+                .values(
+                    status="running", run_id=run_id, error=None, finished_at=None,
+                    updated_at=time.time(),
+                )
+            )  # fmt: skip
+        return True
+
     def annotate_fine_tuning_job(self, job_id: str, **values: Any) -> None:
         """Record what happens after a job ended (its evaluation, its deployment)."""
         with self.engine.begin() as conn:

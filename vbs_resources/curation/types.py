@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
+from vbs_resources import layout as L
+
 # Ids become Jinja variables, Label Studio control names and catalog keys.
 Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 
@@ -178,6 +180,8 @@ class ConquestType(_Model):
 
     @model_validator(mode="after")
     def _names_are_consistent(self) -> ConquestType:
+        if self.id == L.UPLOADED_DATASET_TYPE:
+            raise ValueError(f"id: {self.id!r} is reserved for uploaded training files")
         sources = [s.id for s in self.data_sources]
         questions = [q.id for q in self.questions]
         for kind, ids in (("dataSources", sources), ("questions", questions)):
