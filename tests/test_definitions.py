@@ -21,6 +21,9 @@ def test_assets_checks_jobs_and_sensors():
         "conquests",
         "label_studio_tasks",
         "curated_dataset",
+        "fine_tuned_adapter",
+        "adapter_eval",
+        "deployed_model",
     }
     # A typed batch's conquests are made in its own run, after its results, then sent to
     # Label Studio.
@@ -32,7 +35,27 @@ def test_assets_checks_jobs_and_sensors():
     assert dataset.partitions_def.name == "conquest_types"
     assert {k.name for k in graph.asset_check_keys} == {
         "output_complete", "error_rate", "min_examples", "chat_format_valid", "no_eval_leakage",
+        "beats_base",
     }  # fmt: skip
+    # A model's chain: trained on a dataset version, evaluated, deployed, each partitioned by
+    # that version; training and evaluation hold the gpu pool.
+    chain = ("curated_dataset", "fine_tuned_adapter", "adapter_eval", "deployed_model")
+    for parent, child in zip(chain, chain[1:], strict=False):
+        node = graph.get(dg.AssetKey(child))
+        assert node.parent_keys == {dg.AssetKey(parent)}, child
+        assert node.partitions_def.name == "dataset_versions", child
+    assert graph.get(dg.AssetKey("fine_tuned_adapter")).pools == {"gpu"}
+    assert graph.get(dg.AssetKey("adapter_eval")).pools == {"gpu"}
+    for name, assets in (
+        ("fine_tuning_job", {"fine_tuned_adapter", "adapter_eval", "deployed_model"}),
+        ("training_job", {"fine_tuned_adapter", "adapter_eval"}),
+        ("deploy_job", {"deployed_model"}),
+    ):
+        selected = defs.resolve_job_def(name).asset_layer.executable_asset_keys
+        assert {k.to_user_string() for k in selected} == assets, name
+    (schedule,) = defs.schedules
+    assert schedule.name == "retraining_schedule" and schedule.cron_schedule == "0 3 * * 1"
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     datasets = defs.resolve_job_def("dataset_job")
     assert {k.to_user_string() for k in datasets.asset_layer.asset_graph.get_all_asset_keys()} >= {
         "curated_dataset"
@@ -53,6 +76,7 @@ def test_assets_checks_jobs_and_sensors():
         "conquest_type_partitions",
         "inbox_sensor",
         "label_studio_sync",
+        "retrain_on_new_dataset",
     ]
     assert defs.resolve_sensor_def("inbox_sensor").minimum_interval_seconds == 1
     assert defs.resolve_sensor_def("batch_reconciler").minimum_interval_seconds == 5
@@ -65,13 +89,14 @@ def test_blocking_completeness_check():
     assert blocking == {
         "output_complete": True, "error_rate": False,
         "min_examples": True, "chat_format_valid": True, "no_eval_leakage": True,
+        "beats_base": True,
     }  # fmt: skip
 
 
 def test_loading_the_code_location_does_not_import_heavy_libraries():
     code = (
         "import sys, vbs_definitions; "
-        "print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'vllm', 'transformers', 'unsloth', 'trl', 'peft', 'matplotlib') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -112,7 +112,16 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
     assert losses[-1] < losses[0] / 3, losses  # the retry's 24 after the killed run's few
     assert done.fine_tuned_model.startswith(f"ft:{MODEL}:zebra:")
     assert row["result"]["backend"] == "unsloth" and row["result"]["steps"] == 24
-    assert row["evaluation"]["passed"], row["evaluation"]
+    # The same run evaluates it next; deploying before that is refused.
+    error = bad_request(lambda: client.post(f"/fine_tuning/jobs/{job.id}/deploy", body={},
+                                            cast_to=object))  # fmt: skip
+    assert error["code"] == "evaluation_failed" and "was not evaluated" in error["message"]
+    evaluation = wait_for(
+        lambda: client.fine_tuning.jobs.retrieve(job.id).model_extra["evaluation"], 300,
+        "the evaluation",
+    )  # fmt: skip
+    assert evaluation["passed"] and evaluation["metric"] == "rouge_l", evaluation
+    assert evaluation["adapter"]["rouge_l"] > evaluation["base"]["rouge_l"], evaluation
     cancelled = platform.instance.get_run_by_id(catalog.get_fine_tuning_job(second.id)["run_id"])
     assert cancelled.status == dg.DagsterRunStatus.CANCELED
     assert not (platform.home / "bucket" / "adapters" / second.id).exists()

@@ -365,3 +365,35 @@ def test_the_schedule_retrains_a_type_only_with_enough_new_gold(tmp_path, instan
         annotate(catalog, L.conquest_id(batch, f"t{n}"), is_gold_star=True)
     annotate(catalog, L.conquest_id(batch, "t2"), rating=4)
     assert tick().run_requests
+
+
+def test_a_job_cancelled_before_its_run_starts_never_trains(tmp_path, instance):
+    from vbs_resources.training.jobs import create_job
+
+    resources = resources_for(tmp_path / "vbs", VBS_DATASET_MIN_EXAMPLES="0")
+    catalog = resources["catalog"]
+    batch = "batch_cancelled000001"
+    catalog.add_conquests([marker_conquest(n, batch) for n in range(4)])
+    for n in range(4):
+        annotate(catalog, L.conquest_id(batch, f"t{n}"), is_gold_star=True)
+    instance.add_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS, [TYPE])
+    dg.materialize([curated_dataset], partition_key=TYPE, instance=instance, resources=resources)
+    version = catalog.list_datasets(type_id=TYPE)[0]["version"]
+    job = create_job(catalog, model=MODEL, dataset_version=version, training_file=version,
+                     backend="hf", hyperparameters=Hyperparameters())  # fmt: skip
+    catalog.update_fine_tuning_job(job["id"], cancel_requested=True)
+    result = dg.materialize(
+        [fine_tuned_adapter], partition_key=version, instance=instance, resources=resources,
+        run_config=dg.RunConfig(ops={L.FINE_TUNED_ADAPTER: {"config": {"job_id": job["id"]}}}),
+        raise_on_error=False,
+    )  # fmt: skip
+    assert not result.success
+    assert catalog.get_fine_tuning_job(job["id"])["status"] == "cancelled"
+    assert not Path(resources["bucket"].path(L.adapter_folder(job["id"]))).exists()
+    # A job of another dataset version is refused by name.
+    other = dg.materialize(
+        [fine_tuned_adapter], partition_key=version, instance=instance, resources=resources,
+        run_config=dg.RunConfig(ops={L.FINE_TUNED_ADAPTER: {"config": {"job_id": "ftjob-nope0000"}}}),
+        raise_on_error=False,
+    )  # fmt: skip
+    assert not other.success
