@@ -31,8 +31,9 @@ WEBHOOK_SECRET = "whsec_" + __import__("base64").b64encode(b"vbs-test-webhook-se
 # The longest files first: with two workers taking a file at a time (`make test`), the last
 # file to start is then a short one, not a four-minute one.
 LONGEST_FIRST = (
-    "test_dagster_ui.py", "test_daemon.py", "test_corpus.py", "test_server_mode.py",
-    "test_api.py", "test_datasets.py", "test_conquests.py", "test_inference.py",
+    "test_dagster_ui.py", "test_daemon.py", "test_fine_tuning.py", "test_training.py",
+    "test_corpus.py", "test_server_mode.py", "test_api.py", "test_datasets.py",
+    "test_conquests.py", "test_inference.py",
 )  # fmt: skip
 
 
