@@ -61,6 +61,25 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
          "backend"),
     ):  # fmt: skip
         assert bad_request(lambda k=kwargs: client.fine_tuning.jobs.create(**k))["param"] == param
+    api = httpx.Client(base_url=platform.api_url, timeout=30,
+                       headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+    for body, param in (
+        ({"model": MODEL, "training_file": good.id, "suffix": "x" * 65}, "suffix"),
+        ({"model": MODEL, "training_file": good.id, "seed": "7"}, "seed"),
+        ({"model": MODEL, "training_file": good.id, "metadata": ["a"]}, "metadata"),
+        ({"model": 5, "training_file": good.id}, "model"),
+        ({"model": MODEL}, "training_file"),
+        ({"model": MODEL, "training_file": good.id, "method": {"type": "dpo"}}, "method"),
+        ({"model": MODEL, "training_file": good.id, "hyperparameters": {"lora_r": 10**30}},
+         "hyperparameters.lora_r"),
+    ):  # fmt: skip
+        refused = api.post("/fine_tuning/jobs", json=body)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, body
+    assert api.post("/fine_tuning/jobs", content=b"[1]").status_code == 400
+    assert api.post("/fine_tuning/jobs", content=b'{"model": NaN}').status_code == 400
+    assert api.get("/fine_tuning/jobs/ftjob-doesnotexist").status_code == 404
+    assert api.get("/fine_tuning/jobs/..%2F..%2Fetc/events").status_code == 404
+    assert httpx.get(f"{platform.api_url}/fine_tuning/jobs").status_code == 401
     assert catalog.list_fine_tuning_jobs() == []  # nothing refused was recorded
 
     # 24 steps of 8 at 5 x 2e-4: enough for the marker (at 2e-4 it does not appear).
@@ -126,6 +145,21 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
     assert cancelled.status == dg.DagsterRunStatus.CANCELED
     assert not (platform.home / "bucket" / "adapters" / second.id).exists()
 
+    assert api.get(f"/fine_tuning/jobs/{job.id}/events", params={"after": "x"}).status_code == 400
+    assert api.post(f"/fine_tuning/jobs/{job.id}/deploy", json={"force": "yes"}).status_code == 400
+    assert api.post(f"/fine_tuning/jobs/{second.id}/deploy", json={}).status_code == 400
+    env = {"VBS_HOME": str(platform.home), "VBS_API_KEY": API_KEY, "PATH": "/usr/bin:/bin"}
+
+    def vbs(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "vbs_cli.main", *args, "--api-url",
+                               platform.api_url], capture_output=True, text=True, env=env,
+                              timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert f"{job.id}  succeeded" in vbs("finetune", "list")
+    assert "The job has successfully completed" in vbs("finetune", "events", job.id)
+
     # Deployed through the API's deploy step, then answering a batch by name.
     name = done.fine_tuned_model
     assert name not in [m.id for m in client.models.list().data]
@@ -159,14 +193,13 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
     assert chain["dataset"]["version"] == row["dataset_version"]
     assert chain["files"] == [{"file_id": good.id, "examples": 64, "filename": "zebra.jsonl",
                                "sha256": hashlib.sha256(data).hexdigest()}]  # fmt: skip
-    env = {"VBS_HOME": str(platform.home), "VBS_API_KEY": API_KEY, "PATH": "/usr/bin:/bin"}
-    shown = subprocess.run(
-        [sys.executable, "-m", "vbs_cli.main", "lineage", name, "--api-url", platform.api_url],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
-    assert shown.returncode == 0, shown.stderr
-    assert hashlib.sha256(data).hexdigest() in shown.stdout and job.id in shown.stdout
-    # The Dagster UI's chain: each asset's partition is the dataset version.
-    for asset in (L.FINE_TUNED_ADAPTER, L.ADAPTER_EVAL, L.DEPLOYED_MODEL):
+    shown = vbs("lineage", name)
+    assert hashlib.sha256(data).hexdigest() in shown and job.id in shown
+    # The Dagster UI's chain: each asset's partition is the dataset version, and its recorded
+    # data version is the id the catalog's chain uses.
+    for asset, data_version in (
+        (L.FINE_TUNED_ADAPTER, job.id), (L.ADAPTER_EVAL, job.id), (L.DEPLOYED_MODEL, name),
+    ):  # fmt: skip
         event = platform.instance.get_latest_materialization_event(dg.AssetKey(asset))
         assert event.dagster_event.partition == row["dataset_version"], asset
+        assert event.asset_materialization.tags["dagster/data_version"] == data_version, asset

@@ -124,11 +124,17 @@ def test_an_uploaded_training_file_is_checked_line_by_line():
         json.dumps(
             {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}
         ).encode(),  # fmt: skip
+        b'{"messages": [{"role": "user", "content": "\\ud800"}, '
+        b'{"role": "assistant", "content": "y"}]}',
+        b"[" * 5000 + b"]" * 5000,
+        b'{"messages": [{"role": "user", "content": "a"}, '
+        b'{"role": "assistant", "content": "y"}], "messages": []}',
     ]
     with pytest.raises(UploadError) as caught:
         build_uploaded_dataset(("file-bad0000001", bad), None, 0.2)
     lines = [p.split(":")[0] for p in caught.value.problems]
-    assert lines == [f"file-bad0000001 line {n}" for n in (2, 3, 4, 6)]
+    assert lines == [f"file-bad0000001 line {n}" for n in (2, 3, 4, 6, 7, 8, 9)]
+    assert "hex escape" in caught.value.problems[4]  # the lone surrogate
     build = build_uploaded_dataset(("file-good000001", good + good[:3]), None, 0.2)
     assert build.duplicates == 3 and len(build.train) + len(build.eval) == 40
     assert build.version.startswith(f"{L.UPLOADED_DATASET_TYPE}-") and build.eval
@@ -272,6 +278,25 @@ def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(
     model = catalog.get_model(name)
     assert model["status"] == "available" and model["lineage"]["forced"] is False
     assert len(model["lineage"]["deployments"]) == 2
+
+    # Another version of the same model replaces it (retired, files kept); deploying the first
+    # again is the rollback: available again with its LoRA id, the other retired.
+    from vbs_resources.registry import ModelRegistry
+
+    prefix = name.rsplit(":", 1)[0] + ":"
+    lora_id = model["lora_id"]
+    _, retired = ModelRegistry(catalog).deploy(
+        prefix + "000000000000", job["adapter_path"], MODEL, {"deployments": []}, replaces=prefix
+    )
+    assert retired == [name] and catalog.get_model(name)["status"] == "retired"
+    assert Path(job["adapter_path"], "adapter_model.safetensors").exists()
+    rolled = dg.materialize([deployed_model], partition_key=version, instance=instance,
+                            resources=resources)  # fmt: skip
+    [event] = rolled.get_asset_materialization_events()
+    assert event.materialization.metadata["retired"].value == [prefix + "000000000000"]
+    model = catalog.get_model(name)
+    assert model["status"] == "available" and model["lora_id"] == lora_id
+    assert len(model["lineage"]["deployments"]) == 3
 
     # A batch naming it is answered by the adapter; the base model's answers lack the marker.
     prompts = [

@@ -301,13 +301,14 @@ def _uploaded(file_id: str, lines: list[bytes], problems: list[str]) -> list[_Ex
         if not line.strip():
             continue
         try:
-            checked = check_example(line)
+            # Strict JSON: a lone surrogate escape, deep nesting, a wrong type is a bad line.
+            messages = check_example(line).dumped()
         except ValueError as exc:
             problems.append(f"{file_id} line {number}: {exc}")
             continue
-        messages = checked.dumped()
+        key = hashlib.sha256(_canonical({"messages": messages})).hexdigest()
         example = _Example(f"{file_id}#L{number}", messages, None)
-        example.key = hashlib.sha256(_canonical({"messages": messages})).hexdigest()
+        example.key = key
         example.prompt = prompt_key(messages)
         examples.append(example)
     return examples
