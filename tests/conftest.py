@@ -31,8 +31,8 @@ WEBHOOK_SECRET = "whsec_" + __import__("base64").b64encode(b"vbs-test-webhook-se
 # The longest files first: with two workers taking a file at a time (`make test`), the last
 # file to start is then a short one, not a four-minute one.
 LONGEST_FIRST = (
-    "test_dagster_ui.py", "test_daemon.py", "test_fine_tuning.py", "test_training.py",
-    "test_corpus.py", "test_server_mode.py", "test_api.py", "test_datasets.py",
+    "test_dagster_ui.py", "test_fine_tuning.py", "test_daemon.py", "test_corpus.py",
+    "test_server_mode.py", "test_api.py", "test_training.py", "test_datasets.py",
     "test_conquests.py", "test_inference.py",
 )  # fmt: skip
 
@@ -401,6 +401,8 @@ def platform(tmp_path_factory, model_dir, webhook_receiver, label_studio):
         VBS_WEBHOOK_SECRET=WEBHOOK_SECRET,
         VBS_LABEL_STUDIO_URL=label_studio.url,
         VBS_LABEL_STUDIO_TOKEN=label_studio.token,
+        # Training holds one core: the suite's other worker runs beside it.
+        VBS_TRAINER_THREADS="1",
     )
     try:
         yield Platform(home, process.port, process.api_port, process.log, process)

@@ -82,11 +82,11 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
     assert httpx.get(f"{platform.api_url}/fine_tuning/jobs").status_code == 401
     assert catalog.list_fine_tuning_jobs() == []  # nothing refused was recorded
 
-    # 24 steps of 8 at 5 x 2e-4: enough for the marker (at 2e-4 it does not appear).
+    # 12 steps of 8 at 5 x 2e-4: enough for the marker (at 2e-4 it does not appear).
     job = client.fine_tuning.jobs.create(
         model=MODEL, training_file=good.id, suffix="zebra", seed=7,
         hyperparameters={"batch_size": 8, "learning_rate_multiplier": 5, "n_epochs": 3},
-        extra_body={"max_steps": 24, "backend": "unsloth"},
+        extra_body={"max_steps": 12, "backend": "unsloth"},
     )  # fmt: skip
     assert job.status == "queued" and job.model == MODEL and job.fine_tuned_model is None
     assert job.hyperparameters.learning_rate_multiplier == pytest.approx(5)
@@ -108,7 +108,7 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
             if e.type == "metrics" and e.data.get("train_loss") is not None
         ]
 
-    wait_for(lambda: len(steps(job.id)) >= 3, 300, "three training steps")
+    wait_for(lambda: len(steps(job.id)) >= 2, 300, "two training steps")
     first_run = catalog.get_fine_tuning_job(job.id)["run_id"]
     for pid in _run_pids(platform.instance, first_run):
         os.kill(pid, signal.SIGKILL)
@@ -128,9 +128,9 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
     assert retry.tags.get("dagster/parent_run_id") == first_run
     assert not (platform.home / "bucket" / "adapters" / f"{job.id}.partial").exists()
     losses = [s["train_loss"] for s in steps(job.id)]
-    assert losses[-1] < losses[0] / 3, losses  # the retry's 24 after the killed run's few
+    assert losses[-1] < losses[0] / 3, losses  # the retry's 12 after the killed run's few
     assert done.fine_tuned_model.startswith(f"ft:{MODEL}:zebra:")
-    assert row["result"]["backend"] == "unsloth" and row["result"]["steps"] == 24
+    assert row["result"]["backend"] == "unsloth" and row["result"]["steps"] == 12
     # The same run evaluates it next; deploying before that is refused.
     error = bad_request(lambda: client.post(f"/fine_tuning/jobs/{job.id}/deploy", body={},
                                             cast_to=object))  # fmt: skip
@@ -150,10 +150,10 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
     assert api.post(f"/fine_tuning/jobs/{second.id}/deploy", json={}).status_code == 400
     env = {"VBS_HOME": str(platform.home), "VBS_API_KEY": API_KEY, "PATH": "/usr/bin:/bin"}
 
-    def vbs(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "vbs_cli.main", *args, "--api-url",
-                               platform.api_url], capture_output=True, text=True, env=env,
-                              timeout=60)  # fmt: skip
+    def vbs(*args: str, api: bool = True) -> str:
+        extra = ["--api-url", platform.api_url] if api else []
+        done = subprocess.run([sys.executable, "-m", "vbs_cli.main", *args, *extra],
+                              capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
         assert done.returncode == 0, done.stderr
         return done.stdout
 
@@ -165,6 +165,17 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
     assert name not in [m.id for m in client.models.list().data]
     deployed = client.post(f"/fine_tuning/jobs/{job.id}/deploy", body={}, cast_to=object)
     assert deployed["model"] == name
+    try:
+        served_and_traced(platform, client, vbs, name, job, row, good, data)
+    finally:
+        # Retiring keeps the files and the lineage; the shared platform serves its own again.
+        vbs("models", "retire", name, api=False)
+    assert name not in [m.id for m in client.models.list().data]
+    assert (platform.home / "bucket" / "adapters" / job.id / "adapter_config.json").exists()
+    assert catalog.get_model(name)["lineage"]["job_id"] == job.id
+
+
+def served_and_traced(platform, client, vbs, name, job, row, good, data) -> None:
     wait_for(lambda: name in [m.id for m in client.models.list().data], 120, "the deployment")
     assert client.models.retrieve(name).parent == MODEL
     lines = [chat_line("ft", "Write one short sentence about a blue door.", max_tokens=24,

@@ -166,10 +166,9 @@ def test_the_hf_backend_learns_and_a_stopped_training_saves_nothing(tmp_path, mo
     train = write_jsonl(tmp_path / "train.jsonl", marker_examples(32))
     logs = []
     hp = Hyperparameters(max_steps=6, batch_size=8, learning_rate=1e-3, max_seq_length=128)
+    trainer = Trainer(backend="hf", threads=1)
     out = tmp_path / "adapter"
-    outcome = Trainer(backend="hf").train(
-        TrainingJob(str(model_dir), train, str(out), hp, on_log=logs.append)
-    )
+    outcome = trainer.train(TrainingJob(str(model_dir), train, str(out), hp, on_log=logs.append))
     losses = [log.loss for log in logs if log.loss is not None]
     assert len(losses) == 6 and losses[-1] < losses[0] / 2, losses
     assert outcome.steps == 6 and outcome.backend == "hf" and outcome.device == "cpu"
@@ -183,7 +182,7 @@ def test_the_hf_backend_learns_and_a_stopped_training_saves_nothing(tmp_path, mo
     job = TrainingJob(str(model_dir), train, str(stopped), hp,
                       should_stop=lambda: asked.append(1) or len(asked) >= 2)  # fmt: skip
     with pytest.raises(TrainingStopped, match="step 2"):
-        Trainer(backend="hf").train(job)
+        trainer.train(job)
     assert not stopped.exists() and not (tmp_path / "stopped.partial").exists()
 
 
@@ -207,9 +206,11 @@ def marker_conquest(n: int, batch: str) -> dict:
 @pytest.fixture
 def trained(tmp_path, instance, model_dir):
     """A curated dataset of marker answers from one (recorded) batch, and an hf adapter of it."""
+    # One training thread and a small KV cache: the suite's other worker runs beside it.
     resources = resources_for(
-        tmp_path / "vbs", model_dir, VBS_DATASET_MIN_EXAMPLES="5", VBS_TRAINER_BACKEND="hf"
-    )
+        tmp_path / "vbs", model_dir, VBS_DATASET_MIN_EXAMPLES="5", VBS_TRAINER_BACKEND="hf",
+        VBS_TRAINER_THREADS="1", VBS_CPU_KVCACHE_GIB="1",
+    )  # fmt: skip
     catalog = resources["catalog"]
     batch = "batch_lineage0000001"
     catalog.insert_batch({"id": batch, "status": "completed", "source": "inbox",
@@ -224,7 +225,7 @@ def trained(tmp_path, instance, model_dir):
     [event] = built.get_asset_materialization_events()
     version = event.materialization.metadata["version"].value
     assert instance.has_dynamic_partition(L.DATASET_VERSION_PARTITIONS, version)
-    config = {"max_steps": 24, "learning_rate": 1e-3, "max_seq_length": 256, "suffix": "zebra"}
+    config = {"max_steps": 12, "learning_rate": 1e-3, "max_seq_length": 128, "suffix": "zebra"}
     result = dg.materialize(
         [fine_tuned_adapter], partition_key=version, instance=instance, resources=resources,
         run_config=dg.RunConfig(ops={L.FINE_TUNED_ADAPTER: {"config": config}}),
@@ -240,12 +241,12 @@ def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(
     job = catalog.get_fine_tuning_job(meta["job_id"])
     assert job["status"] == "succeeded" and job["backend"] == "hf"
     assert meta["dataset_version"] == version and meta["backend"] == "hf"
-    assert meta["train_loss"] < 0.5 and meta["eval_loss"] < 1.0 and meta["steps"] == 24
+    assert meta["train_loss"] < 0.5 and meta["eval_loss"] < 1.0 and meta["steps"] == 12
     assert meta["loss_curve"].startswith("![loss curve](data:image/png;base64,")
     assert meta["hyperparameters"]["learning_rate"] == 1e-3 and meta["adapter_bytes"] > 10**6
     assert str(event.materialization.tags.get("dagster/data_version")) == job["id"]
     steps = [e for e in catalog.list_fine_tuning_events(job["id"], 100) if e["type"] == "metrics"]
-    assert len(steps) >= 24 and steps[-1]["data"]["step"] == 1  # newest first
+    assert len(steps) >= 12 and steps[-1]["data"]["step"] == 1  # newest first
     name = job["fine_tuned_model"]
     assert name.startswith(f"ft:{MODEL}:zebra:")
 
@@ -253,7 +254,7 @@ def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(
     failing = dg.materialize(
         [adapter_eval, deployed_model], partition_key=version, instance=instance,
         resources=resources, raise_on_error=False,
-        run_config=dg.RunConfig(ops={L.ADAPTER_EVAL: {"config": {"margin": 2.0}}}),
+        run_config=dg.RunConfig(ops={L.ADAPTER_EVAL: {"config": {"margin": 2.0, "max_tokens": 32}}}),
     )  # fmt: skip
     [check] = failing.get_asset_check_evaluations()
     assert check.check_name == "beats_base" and not check.passed
@@ -269,8 +270,11 @@ def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(
     assert forced.success and catalog.get_model(name)["lineage"]["forced"] is True
 
     # The real evaluation: the adapter beats its base, and deploying records the scores.
-    evaluated = dg.materialize([adapter_eval, deployed_model], partition_key=version,
-                               instance=instance, resources=resources)  # fmt: skip
+    evaluated = dg.materialize(
+        [adapter_eval, deployed_model], partition_key=version, instance=instance,
+        resources=resources,
+        run_config=dg.RunConfig(ops={L.ADAPTER_EVAL: {"config": {"max_tokens": 32}}}),
+    )  # fmt: skip
     [check] = evaluated.get_asset_check_evaluations()
     assert check.passed, check.metadata
     scores = catalog.get_fine_tuning_job(job["id"])["evaluation"]
