@@ -159,6 +159,8 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
 
     assert f"{job.id}  succeeded" in vbs("finetune", "list")
     assert "The job has successfully completed" in vbs("finetune", "events", job.id)
+    waited = json.loads(vbs("finetune", "wait", job.id).splitlines()[-1])  # the progress bar's end
+    assert waited["status"] == "succeeded" and waited["fine_tuned_model"] == done.fine_tuned_model
 
     # Deployed through the API's deploy step, then answering a batch by name.
     name = done.fine_tuned_model
