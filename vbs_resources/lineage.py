@@ -9,6 +9,7 @@ the Dagster UI, where the assets are partitioned by the dataset version they wer
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from vbs_resources.catalog import Catalog
@@ -20,9 +21,7 @@ class LineageError(LookupError):
 
 def _files_of_upload(catalog: Catalog, conquest_ids: list[str]) -> list[dict[str, Any]]:
     """An uploaded dataset's examples are ``<file id>#L<line>``: the files, with their hashes."""
-    counts: dict[str, int] = {}
-    for cid in conquest_ids:
-        counts[cid.split("#", 1)[0]] = counts.get(cid.split("#", 1)[0], 0) + 1
+    counts = Counter(cid.split("#", 1)[0] for cid in conquest_ids)
     found = []
     for file_id, n in sorted(counts.items()):
         row = catalog.get_file(file_id) or {}
