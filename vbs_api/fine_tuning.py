@@ -142,23 +142,8 @@ class FineTuningService:
             )
         version = build.version
         write_dataset(self.bucket, build, {"source": "upload", "eval_fraction": self.eval_fraction})
-        now = time.time()
-        self.catalog.record_dataset(
-            {
-                "version": version,
-                "type": L.UPLOADED_DATASET_TYPE,
-                "type_version": "1",
-                "path": L.dataset_folder(version),
-                "train_count": len(build.train),
-                "eval_count": len(build.eval),
-                "icl_count": 0,
-                "conquest_ids": build.conquest_ids,
-                "options": {"training_file": training_file, "validation_file": validation_file},
-                "run_id": None,
-                "created_at": int(now),
-                "built_at": now,
-            }
-        )
+        options = {"training_file": training_file, "validation_file": validation_file}
+        self.catalog.record_dataset(build.catalog_row(options, run_id=None))
         return version
 
     def _fine_tune_lines(self, file_id: str, param: str) -> list[bytes]:

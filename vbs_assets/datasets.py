@@ -11,7 +11,6 @@ Building again with no new annotation finds the same version and writes nothing.
 """
 
 import json
-import time
 
 import dagster as dg
 from pydantic import Field
@@ -187,23 +186,7 @@ def curated_dataset(
     options = {"min_rating": min_rating, "eval_fraction": eval_fraction}
     version = build.version
     written = write_dataset(bucket, build, options)
-    now = time.time()
-    catalog.record_dataset(
-        {
-            "version": version,
-            "type": type_id,
-            "type_version": build.type_version,
-            "path": L.dataset_folder(version),
-            "train_count": len(build.train),
-            "eval_count": len(build.eval),
-            "icl_count": build.icl_count,
-            "conquest_ids": build.conquest_ids,
-            "options": options,
-            "run_id": context.run_id,
-            "created_at": int(now),
-            "built_at": now,
-        }
-    )
+    catalog.record_dataset(build.catalog_row(options, context.run_id))
     # The version can be trained on: fine_tuned_adapter is partitioned by dataset version.
     if not context.instance.has_dynamic_partition(L.DATASET_VERSION_PARTITIONS, version):
         context.instance.add_dynamic_partitions(L.DATASET_VERSION_PARTITIONS, [version])

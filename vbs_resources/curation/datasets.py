@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
@@ -147,6 +148,24 @@ class DatasetBuild:
     @property
     def icl_count(self) -> int:
         return sum(e.icl is not None for e in self.train)
+
+    def catalog_row(self, options: dict[str, Any], run_id: str | None) -> dict[str, Any]:
+        """The version's row for ``Catalog.record_dataset``, built now."""
+        now = time.time()
+        return {
+            "version": self.version,
+            "type": self.type_id,
+            "type_version": self.type_version,
+            "path": L.dataset_folder(self.version),
+            "train_count": len(self.train),
+            "eval_count": len(self.eval),
+            "icl_count": self.icl_count,
+            "conquest_ids": self.conquest_ids,
+            "options": options,
+            "run_id": run_id,
+            "created_at": int(now),
+            "built_at": now,
+        }
 
     def manifest(self, options: dict[str, Any]) -> dict[str, Any]:
         """What ``manifest.json`` says (no clock in it: the same content, the same bytes)."""
