@@ -162,6 +162,42 @@ def test_a_backend_the_platform_does_not_know_is_refused_by_name(tmp_path):
         Trainer(backend="hf").train(job)
 
 
+class RunStateDouble:
+    """Stands in for the webserver's answer about one run: Dagster writes a killed run's
+    FAILURE before its ``dagster/will_retry`` tag, a window real runs hit only by chance."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+
+    def run_state(self, run_id: str):
+        return self.state
+
+
+def test_a_failed_run_ends_its_job_only_once_dagster_decided_on_no_retry(tmp_path):
+    from vbs_api.fine_tuning import RETRY_DECISION_GRACE_S, FineTuningService
+    from vbs_api.launch import RunState
+    from vbs_resources.training.jobs import create_job
+
+    resources = resources_for(tmp_path / "vbs")
+    catalog = resources["catalog"]
+
+    def job_whose_run(state) -> str:
+        job = create_job(catalog, model=MODEL, dataset_version="upload-0", training_file="f",
+                         backend="hf", hyperparameters=Hyperparameters())  # fmt: skip
+        catalog.update_fine_tuning_job(job["id"], status="running", run_id="run-1")
+        service = FineTuningService(resources["bucket"], catalog, RunStateDouble(state), "hf", 0.1)
+        return service.get(job["id"])["status"]
+
+    now = time.time()
+    assert job_whose_run(RunState("FAILURE", {}, now - 1)) == "running"  # not decided yet
+    assert job_whose_run(RunState("FAILURE", {"dagster/will_retry": "true"}, now)) == "running"
+    assert job_whose_run(RunState("FAILURE", {"dagster/will_retry": "false"}, now)) == "failed"
+    # Retries switched off: no tag ever comes, and the job ends after the grace.
+    assert job_whose_run(RunState("FAILURE", {}, now - RETRY_DECISION_GRACE_S - 1)) == "failed"
+    assert job_whose_run(RunState("CANCELED", {}, now)) == "cancelled"
+    assert job_whose_run(RunState("STARTED", {}, None)) == "running"
+
+
 def test_a_training_stopped_between_steps_saves_nothing(tmp_path, model_dir):
     """(That the hf backend learns, and what it saves, the chain below shows.)"""
     train = write_jsonl(tmp_path / "train.jsonl", marker_examples(8))
@@ -339,10 +375,12 @@ def test_the_schedule_retrains_a_type_only_with_enough_new_gold(tmp_path, instan
     def tick():
         from vbs_definitions import defs
 
-        context = dg.build_schedule_context(
+        # Closed here: a schedule context opens an instance of its own, and left open it stays
+        # the process's current one (Dagster's defs-state context variable) after this test.
+        with dg.build_schedule_context(
             instance=instance, resources=resources, repository_def=defs.get_repository_def()
-        )
-        return schedule.evaluate_tick(context)
+        ) as context:
+            return schedule.evaluate_tick(context)
 
     assert "no conquest type" in tick().skip_message
     instance.add_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS, [TYPE])
