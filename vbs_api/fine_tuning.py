@@ -27,6 +27,9 @@ log = logging.getLogger("vbs.api")
 MAX_SUFFIX = 64
 # Dagster's run statuses that end a run which did not finish its job.
 RUN_ENDED = {"FAILURE": "failed", "CANCELED": "cancelled"}
+# Dagster marks a run failed, then tags whether the daemon will retry it: a failure this recent
+# and still untagged is not read as the job's end yet.
+RETRY_DECISION_GRACE_S = 60
 
 
 def _string(body: dict[str, Any], name: str, required: bool = False, limit: int = 256) -> Any:
@@ -210,14 +213,20 @@ class FineTuningService:
         """A job whose run ended without ending it (killed and not retried, terminated in the
         Dagster UI) ends as its run did."""
         try:
-            status, tags = self.launcher.run_state(job["run_id"])
+            state = self.launcher.run_state(job["run_id"])
         except (LaunchFailed, LaunchUnavailable):
             return job
+        status = state.status
         ended = RUN_ENDED.get(status)
         if ended is None:
             return job
-        if status == "FAILURE" and tags.get("dagster/will_retry") == "true":
-            return job  # the daemon's retry takes the job over
+        if status == "FAILURE":
+            will_retry = state.tags.get("dagster/will_retry")
+            if will_retry == "true":
+                return job  # the daemon's retry takes the job over
+            recent = time.time() - (state.end_time or time.time()) < RETRY_DECISION_GRACE_S
+            if will_retry is None and recent:
+                return job  # the retry decision is not written yet
         # The retry of a killed run takes the job over (a new run id) before this run's
         # failure is read; only the job's own run ends it.
         fresh = self.catalog.get_fine_tuning_job(job["id"])

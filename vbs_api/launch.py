@@ -14,7 +14,7 @@ Messages of the exceptions below are safe to show a client: they never hold the 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -22,6 +22,15 @@ from vbs_resources import layout as L
 from vbs_resources.settings import redact_url
 
 log = logging.getLogger("vbs.api")
+
+
+class RunState(NamedTuple):
+    """What Dagster says of a run: its status, its tags and when it ended (epoch seconds)."""
+
+    status: str
+    tags: dict[str, str]
+    end_time: float | None
+
 
 ADD_PARTITION = """
 mutation VbsAddBatchPartition($selector: RepositorySelector!, $name: String!, $key: String!) {
@@ -36,7 +45,7 @@ RUN_STATUS = """
 query VbsRunStatus($runId: ID!) {
   runOrError(runId: $runId) {
     __typename
-    ... on Run { status tags { key value } }
+    ... on Run { status endTime tags { key value } }
     ... on Error { message }
   }
 }
@@ -170,14 +179,16 @@ class BatchLauncher:
 
     def run_status(self, run_id: str) -> str:
         """The run's Dagster status (``QUEUED``, ``STARTED``, ``SUCCESS``, ``FAILURE``, ...)."""
-        return self.run_state(run_id)[0]
+        return self.run_state(run_id).status
 
-    def run_state(self, run_id: str) -> tuple[str, dict[str, str]]:
-        """The run's Dagster status and its tags (``dagster/will_retry`` on a failed run)."""
+    def run_state(self, run_id: str) -> RunState:
+        """The run's Dagster status, its tags (``dagster/will_retry`` on a failed run) and its
+        end time."""
         found = self._call(RUN_STATUS, {"runId": run_id})["runOrError"]
         if found["__typename"] != "Run":
             raise LaunchFailed(f"{self._where()} has no run {run_id}: {found['__typename']}")
-        return found["status"], {t["key"]: t["value"] for t in found.get("tags") or []}
+        tags = {t["key"]: t["value"] for t in found.get("tags") or []}
+        return RunState(found["status"], tags, found.get("endTime"))
 
     def terminate(self, run_id: str) -> bool:
         """Ask Dagster to stop a run (a queued one never starts); False when it would not."""
