@@ -224,7 +224,10 @@ class FineTuningService:
             will_retry = state.tags.get("dagster/will_retry")
             if will_retry == "true":
                 return job  # the daemon's retry takes the job over
-            recent = time.time() - (state.end_time or time.time()) < RETRY_DECISION_GRACE_S
+            # A failed run without an end time never gets the tag either: read it as ended.
+            recent = (
+                state.end_time is not None and time.time() - state.end_time < RETRY_DECISION_GRACE_S
+            )
             if will_retry is None and recent:
                 return job  # the retry decision is not written yet
         # The retry of a killed run takes the job over (a new run id) before this run's
