@@ -194,7 +194,7 @@ def test_a_failed_run_ends_its_job_only_once_dagster_decided_on_no_retry(tmp_pat
     assert job_whose_run(RunState("FAILURE", {"dagster/will_retry": "false"}, now)) == "failed"
     # Retries switched off: no tag ever comes, and the job ends after the grace.
     assert job_whose_run(RunState("FAILURE", {}, now - RETRY_DECISION_GRACE_S - 1)) == "failed"
-    assert job_whose_run(RunState("FAILURE", {}, None)) == "failed"  # never tagged either
+    assert job_whose_run(RunState("FAILURE", {}, None)) == "failed"  # not a fresh failure
     assert job_whose_run(RunState("CANCELED", {}, now)) == "cancelled"
     assert job_whose_run(RunState("STARTED", {}, None)) == "running"
 

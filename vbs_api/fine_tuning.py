@@ -224,7 +224,7 @@ class FineTuningService:
             will_retry = state.tags.get("dagster/will_retry")
             if will_retry == "true":
                 return job  # the daemon's retry takes the job over
-            # A failed run without an end time never gets the tag either: read it as ended.
+            # A failed run with no end time was not just ended by Dagster: read it as ended now.
             recent = (
                 state.end_time is not None and time.time() - state.end_time < RETRY_DECISION_GRACE_S
             )
