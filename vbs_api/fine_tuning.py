@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from vbs_api.errors import APIError
-from vbs_api.launch import BatchLauncher, LaunchFailed, LaunchUnavailable
+from vbs_api.launch import BatchLauncher, LaunchFailed, LaunchUnavailable, RunState
 from vbs_resources import Bucket, Catalog
 from vbs_resources import layout as L
 from vbs_resources.curation.datasets import UploadError, build_uploaded_dataset, write_dataset
@@ -30,6 +30,16 @@ RUN_ENDED = {"FAILURE": "failed", "CANCELED": "cancelled"}
 # Dagster marks a run failed, then tags whether the daemon will retry it: a failure this recent
 # and still untagged is not read as the job's end yet.
 RETRY_DECISION_GRACE_S = 60
+
+
+def _retry_may_follow(state: RunState) -> bool:
+    """Whether the daemon's retry may still take over a failed run's job: Dagster tagged the run
+    ``dagster/will_retry=true``, or has not tagged it yet (it writes FAILURE first) and the run
+    ended moments ago. A failed run with no end time is not one Dagster has just ended."""
+    will_retry = state.tags.get("dagster/will_retry")
+    if will_retry is not None:
+        return will_retry == "true"
+    return state.end_time is not None and time.time() - state.end_time < RETRY_DECISION_GRACE_S
 
 
 def _string(body: dict[str, Any], name: str, required: bool = False, limit: int = 256) -> Any:
@@ -216,26 +226,15 @@ class FineTuningService:
             state = self.launcher.run_state(job["run_id"])
         except (LaunchFailed, LaunchUnavailable):
             return job
-        status = state.status
-        ended = RUN_ENDED.get(status)
-        if ended is None:
+        ended = RUN_ENDED.get(state.status)
+        if ended is None or (state.status == "FAILURE" and _retry_may_follow(state)):
             return job
-        if status == "FAILURE":
-            will_retry = state.tags.get("dagster/will_retry")
-            if will_retry == "true":
-                return job  # the daemon's retry takes the job over
-            # A failed run with no end time was not just ended by Dagster: read it as ended now.
-            recent = (
-                state.end_time is not None and time.time() - state.end_time < RETRY_DECISION_GRACE_S
-            )
-            if will_retry is None and recent:
-                return job  # the retry decision is not written yet
         # The retry of a killed run takes the job over (a new run id) before this run's
         # failure is read; only the job's own run ends it.
         fresh = self.catalog.get_fine_tuning_job(job["id"])
         if fresh["run_id"] != job["run_id"] or fresh["status"] in TERMINAL:
             return fresh
-        message = f"Dagster run {job['run_id']} ended {status.lower()}"
+        message = f"Dagster run {job['run_id']} ended {state.status.lower()}"
         self.catalog.update_fine_tuning_job(
             job["id"],
             status=ended,
