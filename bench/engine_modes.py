@@ -61,7 +61,7 @@ def leg(args: argparse.Namespace) -> None:
     names = [MODEL_NAME]
     if args.adapters:
         for seed, name in enumerate(("ad-a", "ad-b"), start=1):
-            if resources["catalog"].get_model(name) is None:
+            if resources["catalog"].models.get(name) is None:
                 folder = make_adapter(home / name, args.model, seed=seed, targets=args.targets)
                 registry.add_adapter(name, str(folder))
             names.append(name)

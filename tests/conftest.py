@@ -226,13 +226,13 @@ class Platform:
         return body["data"]
 
     def batch(self, batch_id: str):
-        return self.resources["catalog"].get_batch(batch_id)
+        return self.resources["catalog"].batches.get(batch_id)
 
     def wait_batch(self, name: str, timeout: float = 60) -> str:
         catalog = self.resources["catalog"]
 
         def find():
-            rows = [r for r in catalog.list_batches() if r["original_filename"] == name]
+            rows = [r for r in catalog.batches.list() if r["original_filename"] == name]
             return rows[0]["id"] if rows else None
 
         return wait_for(find, timeout, f"a batch for {name}")

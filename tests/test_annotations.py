@@ -83,7 +83,7 @@ def conquest_row(n: int, batch_id: str = "batch_annot0000") -> dict:
 @pytest.fixture
 def catalog(tmp_path):
     catalog = Catalog(url=f"sqlite:///{tmp_path / 'catalog.db'}")
-    catalog.add_conquests([conquest_row(n) for n in range(3)])
+    catalog.conquests.add([conquest_row(n) for n in range(3)])
     return catalog
 
 
@@ -93,17 +93,19 @@ def values(rating: int, edited_at: float, source: str = "api") -> dict:
 
 
 def test_the_newest_edit_wins_and_every_other_is_kept(catalog):
-    assert catalog.record_annotation("cq_annot_0", values(3, 100.0), None) == "new"
-    assert catalog.record_annotation("cq_annot_0", values(3, 100.0), None) == "unchanged"
-    assert catalog.record_annotation("cq_annot_0", values(5, 200.0), "VICTORY") == "updated"
+    assert catalog.conquests.record_annotation("cq_annot_0", values(3, 100.0), None) == "new"
+    assert catalog.conquests.record_annotation("cq_annot_0", values(3, 100.0), None) == "unchanged"
+    assert (
+        catalog.conquests.record_annotation("cq_annot_0", values(5, 200.0), "VICTORY") == "updated"
+    )
     # An edit made before the current one (a sync that lagged) is history, not the current.
-    assert catalog.record_annotation("cq_annot_0", values(1, 150.0), "DEFEAT") == "older"
-    assert catalog.annotation_of("cq_annot_0")["rating"] == 5
-    assert catalog.get_conquest("cq_annot_0")["result"] == "VICTORY"
-    assert [h["rating"] for h in catalog.annotation_history_of("cq_annot_0")] == [3, 1]
-    gold = catalog.list_conquests(type_id="support_reply", min_rating=4)
+    assert catalog.conquests.record_annotation("cq_annot_0", values(1, 150.0), "DEFEAT") == "older"
+    assert catalog.conquests.annotation_of("cq_annot_0")["rating"] == 5
+    assert catalog.conquests.get("cq_annot_0")["result"] == "VICTORY"
+    assert [h["rating"] for h in catalog.conquests.annotation_history_of("cq_annot_0")] == [3, 1]
+    gold = catalog.conquests.list(type_id="support_reply", min_rating=4)
     assert [r["id"] for r in gold] == ["cq_annot_0"]
-    assert [r["id"] for r in catalog.list_conquests(limit=1, after="cq_annot_0")] == [
+    assert [r["id"] for r in catalog.conquests.list(limit=1, after="cq_annot_0")] == [
         "cq_annot_1",
         "cq_annot_2",
     ]  # limit + 1 rows: the caller tells has_more
@@ -112,7 +114,7 @@ def test_the_newest_edit_wins_and_every_other_is_kept(catalog):
 def test_sync_pulls_new_and_edited_annotations_and_reports_what_it_skips(label_studio, catalog):
     client = label_studio.client
     export = LabelStudioHandler(client, catalog).export(
-        SUPPORT, [catalog.get_conquest(f"cq_annot_{n}") for n in range(3)]
+        SUPPORT, [catalog.conquests.get(f"cq_annot_{n}") for n in range(3)]
     )
     tasks = {t["data"]["conquest_id"]: t["id"] for t in client.tasks(export.project_id)}
     (stranger,) = client.import_tasks(
@@ -131,9 +133,9 @@ def test_sync_pulls_new_and_edited_annotations_and_reports_what_it_skips(label_s
     assert len(report.problems) == 2
     assert any("cq_nobody" in p for p in report.problems)
     assert any("(answers.resolves_issue)" in p for p in report.problems)
-    current = catalog.annotation_of("cq_annot_0")
+    current = catalog.conquests.annotation_of("cq_annot_0")
     assert current["is_gold_star"] is True and current["source"] == "label_studio"
-    assert catalog.get_conquest("cq_annot_0")["result"] == "VICTORY"
+    assert catalog.conquests.get("cq_annot_0")["result"] == "VICTORY"
     assert set(cursor) == {str(export.project_id)}
 
     # Nothing changed: the next sync records nothing new.
@@ -148,6 +150,8 @@ def test_sync_pulls_new_and_edited_annotations_and_reports_what_it_skips(label_s
     )  # fmt: skip
     edited, cursor = sync_annotations(client, catalog, REGISTRY, cursor)
     assert edited.counts.get("updated") == 1
-    assert catalog.annotation_of("cq_annot_0")["rating"] == 2
-    assert catalog.get_conquest("cq_annot_0")["result"] == "DEFEAT"
-    assert [h["is_gold_star"] for h in catalog.annotation_history_of("cq_annot_0")] == [True]
+    assert catalog.conquests.annotation_of("cq_annot_0")["rating"] == 2
+    assert catalog.conquests.get("cq_annot_0")["result"] == "DEFEAT"
+    assert [h["is_gold_star"] for h in catalog.conquests.annotation_history_of("cq_annot_0")] == [
+        True
+    ]

@@ -121,7 +121,7 @@ def test_a_polled_batch_shows_every_commit_from_any_process(resources):
     # Another process commits, as a run does.
     writer = (
         "import sys; from vbs_resources.catalog import Catalog; "
-        "Catalog(url=sys.argv[1]).update_unfinished('batch_poll0001', request_completed=5)"
+        "Catalog(url=sys.argv[1]).batches.update_unfinished('batch_poll0001', request_completed=5)"
     )
     subprocess.run([sys.executable, "-c", writer, catalog.url], check=True)
     assert api.batches.retrieve("batch_poll0001").request_counts.completed == 5
@@ -206,7 +206,7 @@ def test_completion_webhook_is_signed_as_openai_signs(client, platform, webhook_
 
     event = wait_for(delivered, 30, "the batch.completed webhook")
     assert event.type == "batch.completed"
-    deliveries = platform.resources["catalog"].webhook_deliveries(batch_id)
+    deliveries = platform.resources["catalog"].events.deliveries_of(batch_id)
     assert [(d["event_type"], d["status_code"]) for d in deliveries] == [("batch.completed", 200)]
 
 

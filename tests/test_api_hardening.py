@@ -184,7 +184,7 @@ def uploaded(server, name="jobs.jsonl"):
 )
 def test_hostile_batch_bodies_are_400_and_write_nothing(server, body, param):
     file_id = uploaded(server).id
-    before = server.catalog.list_batches(limit=1000)
+    before = server.catalog.batches.list(limit=1000)
     text = (
         f'{{"input_file_id": "{file_id}", "endpoint": "/v1/chat/completions", '
         f'"completion_window": "24h", {body}}}'
@@ -201,13 +201,13 @@ def test_hostile_batch_bodies_are_400_and_write_nothing(server, body, param):
     if param is not None:
         assert error["param"] == param, error
     assert len(error["message"]) < 400
-    assert server.catalog.list_batches(limit=1000) == before
+    assert server.catalog.batches.list(limit=1000) == before
     assert not (server.home / "bucket" / "batches").exists() or before
     assert httpx.get(f"{server.base}/v1/batches").status_code == 200
 
 
 def test_an_output_file_is_not_a_batch_input(server):
-    server.catalog.create_file(
+    server.catalog.files.create(
         "file-output-0123456789", filename="x.jsonl", purpose="batch_output", size=1, path="x"
     )
     with pytest.raises(Exception) as info:
@@ -333,7 +333,7 @@ def test_metrics_count_every_status_and_forget_the_ones_left(server):
 
 
 def test_inbox_problems_are_listed(server):
-    server.catalog.set_inbox_problems({"link.jsonl": ("symlink", "link.jsonl is a symbolic link")})
+    server.catalog.inbox.set_problems({"link.jsonl": ("symlink", "link.jsonl is a symbolic link")})
     data = httpx.get(f"{server.base}/v1/inbox").json()["data"]
     assert [(p["name"], p["kind"]) for p in data] == [("link.jsonl", "symlink")]
     env = {**_server_env(server.home), "VBS_API_URL": f"{server.base}/v1"}
@@ -341,7 +341,7 @@ def test_inbox_problems_are_listed(server):
         [sys.executable, "-m", "vbs_cli.main", "inbox"], env=env, capture_output=True, text=True
     )
     assert cli.returncode == 1 and "link.jsonl is a symbolic link" in cli.stdout
-    server.catalog.set_inbox_problems({})
+    server.catalog.inbox.set_problems({})
 
 
 def test_a_truncated_upload_is_refused_and_leaves_nothing(server):

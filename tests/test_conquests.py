@@ -107,10 +107,10 @@ def platform_label_studio(platform):
 
 
 def _tasks_of(ls, catalog, type_id: str, batch_id: str) -> dict[str, dict] | None:
-    project = catalog.label_studio_project(type_id, ls.url)
+    project = catalog.label_studio.project(type_id, ls.url)
     if project is None:
         return None
-    ids = {row["id"] for row in catalog.conquests_of_batch(batch_id)}
+    ids = {row["id"] for row in catalog.conquests.of_batch(batch_id)}
     found = {
         t["data"]["conquest_id"]: t["data"]
         for t in ls.tasks(project["project_id"])
@@ -128,10 +128,10 @@ def test_submitted_records_become_conquests_once(platform, tmp_path):
     assert submitted.returncode == 0, submitted.stderr
     batch_id = submitted.stdout.strip()
     catalog = platform.resources["catalog"]
-    batch = catalog.get_batch(batch_id)
+    batch = catalog.batches.get(batch_id)
     assert batch["batch_metadata"]["conquest_type"] == "support_reply"
-    wait_for(lambda: len(catalog.conquests_of_batch(batch_id)) == 2, 60, "the conquests")
-    rows = {row["custom_id"]: row for row in catalog.conquests_of_batch(batch_id)}
+    wait_for(lambda: len(catalog.conquests.of_batch(batch_id)) == 2, 60, "the conquests")
+    rows = {row["custom_id"]: row for row in catalog.conquests.of_batch(batch_id)}
     assert set(rows) == {"t-mug", "support_reply-2"}
     mug = rows["t-mug"]
     assert mug["id"] == L.conquest_id(batch_id, "t-mug")
@@ -161,7 +161,7 @@ def test_submitted_records_become_conquests_once(platform, tmp_path):
     )
     (event,) = result.asset_materializations_for_node(L.CONQUESTS)
     assert event.metadata["conquests"].value == 2 and event.metadata["new"].value == 0
-    assert {r["id"]: r for r in catalog.conquests_of_batch(batch_id)} == {
+    assert {r["id"]: r for r in catalog.conquests.of_batch(batch_id)} == {
         r["id"]: r for r in rows.values()
     }
 
@@ -180,8 +180,8 @@ def test_a_plain_batch_naming_a_type_is_curated_with_its_errors(platform):
         metadata={"conquest_type": "support_reply"},
     )
     catalog = platform.resources["catalog"]
-    wait_for(lambda: len(catalog.conquests_of_batch(batch.id)) == 2, 300, "the conquests")
-    rows = {row["custom_id"]: row for row in catalog.conquests_of_batch(batch.id)}
+    wait_for(lambda: len(catalog.conquests.of_batch(batch.id)) == 2, 300, "the conquests")
+    rows = {row["custom_id"]: row for row in catalog.conquests.of_batch(batch.id)}
     assert rows["ok"]["status"] == "COMPLETED"
     assert rows["ok"]["input_data"] == {"messages": lines[0]["body"]["messages"]}
     assert rows["bad"]["status"] == "FAILED" and rows["bad"]["prediction"] is None
@@ -201,8 +201,8 @@ def test_the_conquest_api_lists_annotates_and_meets_label_studio_edits(platform)
         metadata={"conquest_type": "support_reply"},
     )
     catalog = platform.resources["catalog"]
-    wait_for(lambda: len(catalog.conquests_of_batch(batch.id)) == 3, 300, "the conquests")
-    ids = {r["custom_id"]: r["id"] for r in catalog.conquests_of_batch(batch.id)}
+    wait_for(lambda: len(catalog.conquests.of_batch(batch.id)) == 3, 300, "the conquests")
+    ids = {r["custom_id"]: r["id"] for r in catalog.conquests.of_batch(batch.id)}
     api = httpx.Client(
         base_url=platform.api_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
     )
@@ -245,7 +245,7 @@ def test_the_conquest_api_lists_annotates_and_meets_label_studio_edits(platform)
     # the API's edit stays in the history.
     ls = platform_label_studio(platform)
     tasks = wait_for(lambda: _tasks_of(ls, catalog, "support_reply", batch.id), 120, "the tasks")
-    project = catalog.label_studio_project("support_reply", ls.url)["project_id"]
+    project = catalog.label_studio.project("support_reply", ls.url)["project_id"]
     (task,) = [t for t in ls.tasks(project) if t["data"]["conquest_id"] == ids["api-0"]]
     assert tasks[ids["api-0"]]
     ls._call("POST", f"/api/tasks/{task['id']}/annotations", json={"result": [

@@ -28,10 +28,10 @@ def catalog_state(platform):
     catalog = platform.resources["catalog"]
     batches = {
         r["id"]: {k: v for k, v in r.items() if k not in ("updated_at", "run_id")}
-        for r in catalog.list_batches(limit=10_000)
+        for r in catalog.batches.list(limit=10_000)
         if r["status"] in ENDED
     }
-    files = {f["id"]: f for f in catalog.list_files(limit=10_000)}
+    files = {f["id"]: f for f in catalog.files.list(limit=10_000)}
     return batches, files
 
 

@@ -66,7 +66,7 @@ def test_identical_redrop_starts_no_second_run(platform):
     )
     time.sleep(3)  # a few more ticks: still nothing new
     assert len(platform.runs(batch_id)) == 1
-    names = [r["original_filename"] for r in platform.resources["catalog"].list_batches()]
+    names = [r["original_filename"] for r in platform.resources["catalog"].batches.list()]
     assert "slow-again.jsonl" not in names
 
 
@@ -160,7 +160,7 @@ def test_the_whole_platform_killed_mid_batch_finishes_it_after_a_restart(
         ).records
         resumed = records[0].asset_materialization.metadata["resumed_requests"].value
         assert resumed >= before["request_completed"]
-        events = platform.resources["catalog"].batch_events_of(batch_id)
+        events = platform.resources["catalog"].events.of_batch(batch_id)
         assert [e["type"] for e in events] == ["batch.completed"]
     finally:
         seconds = process.stop()

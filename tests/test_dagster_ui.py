@@ -99,7 +99,7 @@ def snapshot(platform, batch_id: str):
     folder = platform.home / "bucket" / "batches" / batch_id
     files = {p.name: p.read_bytes() for p in folder.glob("*.jsonl") if p.name != "input.jsonl"}
     row = platform.batch(batch_id)
-    events = platform.resources["catalog"].batch_events_of(batch_id)
+    events = platform.resources["catalog"].events.of_batch(batch_id)
     return {k: v for k, v in row.items() if k not in ("updated_at", "run_id")}, files, events
 
 
@@ -159,7 +159,7 @@ def test_ui_actions_on_ended_batches_change_nothing(platform):
     after = {b: snapshot(platform, b) for b in (done, invalid, cancelled)}
     assert after == before
     # Every batch of the platform is still in an ending status.
-    statuses = {r["status"] for r in platform.resources["catalog"].list_batches(limit=1000)}
+    statuses = {r["status"] for r in platform.resources["catalog"].batches.list(limit=1000)}
     assert statuses <= {"completed", "failed", "cancelled", "expired"}
 
 

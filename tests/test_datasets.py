@@ -52,7 +52,7 @@ def annotate(catalog, conquest_id: str, at: float | None = None, **fields) -> No
     values = {"is_gold_star": False, "rating": None, "feedback": None, "improvement_notes": None,
               "answers": {}, "source": "api", "source_ref": None,
               "edited_at": at or time.time(), **fields}  # fmt: skip
-    catalog.record_annotation(conquest_id, values, result_of(values))
+    catalog.conquests.record_annotation(conquest_id, values, result_of(values))
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_gold_conquests_become_chat_examples_split_without_leakage(curated):
     rows.append(conquest(14, status="FAILED"))
     # The same ticket answered the same way in a later batch: one example, not two.
     rows.append({**conquest(0, batch="batch_dataset001"), "created_at": 5000})
-    catalog.add_conquests(rows)
+    catalog.conquests.add(rows)
     ids = [r["id"] for r in rows]
     for n in range(6):
         annotate(catalog, ids[n], is_gold_star=True, answers={"resolves_issue": "yes"})
@@ -139,7 +139,7 @@ def test_gold_conquests_become_chat_examples_split_without_leakage(curated):
     assert set(first["output"]) == {"prediction"}
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
 
-    row = catalog.get_dataset(version)
+    row = catalog.datasets.get(version)
     assert (row["train_count"], row["eval_count"]) == (metadata["train"], metadata["eval"])
     listed = set(row["conquest_ids"]["train"]) | set(row["conquest_ids"]["eval"])
     assert listed <= set(ids[:10]) | {ids[15]} and len(listed) == 10
@@ -152,7 +152,7 @@ def test_the_version_changes_exactly_when_the_content_changes(curated):
     resources, instance = curated
     catalog, bucket = resources["catalog"], resources["bucket"]
     rows = [conquest(n) for n in range(8)]
-    catalog.add_conquests(rows)
+    catalog.conquests.add(rows)
     for row in rows[:6]:
         annotate(catalog, row["id"], is_gold_star=True)
 
@@ -188,17 +188,17 @@ def test_the_version_changes_exactly_when_the_content_changes(curated):
     assert build(resources, instance)[0]["version"] != v1
     assert build(resources, instance, min_rating=5)[0]["version"] == v1
 
-    assert {r["version"] for r in catalog.list_datasets(type_id=TYPE)} == {v1, v2} | {
+    assert {r["version"] for r in catalog.datasets.list(type_id=TYPE)} == {v1, v2} | {
         build(resources, instance)[0]["version"]
     }
-    assert catalog.list_datasets(type_id=TYPE)[0]["version"] != v1  # the latest build first
+    assert catalog.datasets.list(type_id=TYPE)[0]["version"] != v1  # the latest build first
 
 
 def test_too_few_examples_fail_the_blocking_check(curated):
     resources, instance = curated
     catalog = resources["catalog"]
     rows = [conquest(n) for n in range(3)]
-    catalog.add_conquests(rows)
+    catalog.conquests.add(rows)
     for row in rows:
         annotate(catalog, row["id"], is_gold_star=True)
     metadata, result = build(resources, instance, raise_on_error=False)
@@ -230,7 +230,7 @@ def test_a_plain_batch_and_a_record_that_no_longer_fits_its_type(curated):
         surrogate,
         *(conquest(n) for n in range(3, 9)),
     ]
-    catalog.add_conquests(rows)
+    catalog.conquests.add(rows)
     for row in rows:
         annotate(catalog, row["id"], is_gold_star=True)
     metadata, result = build(resources, instance)
@@ -257,7 +257,7 @@ def test_an_exclude_if_answer_keeps_a_gold_conquest_out(tmp_path, instance):
         data = {"role_title": f"Cook {n}", "job_description": "Grill.", "candidate_summary": "Ok"}
         rows.append({**conquest(n), "type": "candidate_evaluation", "input_data": data,
                      "prompt": candidate.prompt(data), "prediction": '{"recommendation": "yes"}'})  # fmt: skip
-    catalog.add_conquests(rows)
+    catalog.conquests.add(rows)
     for n, bias in enumerate(("none", "possible", "clear", None)):
         answers = {"recommendation": "yes", **({"bias_concern": bias} if bias else {})}
         annotate(catalog, rows[n]["id"], is_gold_star=True, answers=answers)
@@ -343,7 +343,7 @@ def test_vbs_query_runs_sql_over_the_lake(curated, tmp_path):
     resources, instance = curated
     catalog = resources["catalog"]
     rows = [conquest(n) for n in range(4)]
-    catalog.add_conquests(rows)
+    catalog.conquests.add(rows)
     annotate(catalog, rows[0]["id"], is_gold_star=True, rating=5)
     annotate(catalog, rows[1]["id"], rating=2)
     sql = (
@@ -396,15 +396,15 @@ def test_vbs_datasets_build_through_the_running_dagster_and_the_api(platform, tm
     assert submitted.returncode == 0, submitted.stderr
     batch_id = submitted.stdout.strip()
     catalog = platform.resources["catalog"]
-    wait_for(lambda: len(catalog.conquests_of_batch(batch_id)) == 4, 60, "the conquests")
-    ids = [r["id"] for r in catalog.conquests_of_batch(batch_id)]
+    wait_for(lambda: len(catalog.conquests.of_batch(batch_id)) == 4, 60, "the conquests")
+    ids = [r["id"] for r in catalog.conquests.of_batch(batch_id)]
     api = httpx.Client(
         base_url=platform.api_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
     )
     # A curator stars the first in Label Studio; the API stars two more and rates one low.
     ls = platform_label_studio(platform)
     wait_for(lambda: _tasks_of(ls, catalog, "candidate_evaluation", batch_id), 120, "the tasks")
-    project = catalog.label_studio_project("candidate_evaluation", ls.url)["project_id"]
+    project = catalog.label_studio.project("candidate_evaluation", ls.url)["project_id"]
     (task,) = [t for t in ls.tasks(project) if t["data"]["conquest_id"] == ids[0]]
     ls._call("POST", f"/api/tasks/{task['id']}/annotations", json={"result": [
         {"from_name": "is_gold_star", "to_name": "prediction", "type": "choices",
@@ -418,7 +418,7 @@ def test_vbs_datasets_build_through_the_running_dagster_and_the_api(platform, tm
                         json={"isGoldStar": True, "answers": answers})  # fmt: skip
         assert done.status_code == 200, done.text
     api.post(f"/conquests/{ids[3]}/annotate", json={"rating": 1})
-    wait_for(lambda: (catalog.annotation_of(ids[0]) or {}).get("source") == "label_studio", 90,
+    wait_for(lambda: (catalog.conquests.annotation_of(ids[0]) or {}).get("source") == "label_studio", 90,
              "the sensor to bring the Label Studio star in")  # fmt: skip
 
     env = {"VBS_HOME": str(platform.home), "PATH": "/usr/bin:/bin"}

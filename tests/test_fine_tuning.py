@@ -80,7 +80,7 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
     assert api.get("/fine_tuning/jobs/ftjob-doesnotexist").status_code == 404
     assert api.get("/fine_tuning/jobs/..%2F..%2Fetc/events").status_code == 404
     assert httpx.get(f"{platform.api_url}/fine_tuning/jobs").status_code == 401
-    assert catalog.list_fine_tuning_jobs() == []  # nothing refused was recorded
+    assert catalog.fine_tuning.list() == []  # nothing refused was recorded
 
     # 12 steps of 8 at 5 x 2e-4: enough for the marker (at 2e-4 it does not appear).
     job = client.fine_tuning.jobs.create(
@@ -109,7 +109,7 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
         ]
 
     wait_for(lambda: len(steps(job.id)) >= 2, 300, "two training steps")
-    first_run = catalog.get_fine_tuning_job(job.id)["run_id"]
+    first_run = catalog.fine_tuning.get(job.id)["run_id"]
     for pid in _run_pids(platform.instance, first_run):
         os.kill(pid, signal.SIGKILL)
     done = wait_for(
@@ -122,7 +122,7 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
         "the job to end",
     )
     assert done.status == "succeeded", done.error
-    row = catalog.get_fine_tuning_job(job.id)
+    row = catalog.fine_tuning.get(job.id)
     assert row["run_id"] != first_run
     retry = platform.instance.get_run_by_id(row["run_id"])
     assert retry.tags.get("dagster/parent_run_id") == first_run
@@ -141,7 +141,7 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
     )  # fmt: skip
     assert evaluation["passed"] and evaluation["metric"] == "rouge_l", evaluation
     assert evaluation["adapter"]["rouge_l"] > evaluation["base"]["rouge_l"], evaluation
-    cancelled = platform.instance.get_run_by_id(catalog.get_fine_tuning_job(second.id)["run_id"])
+    cancelled = platform.instance.get_run_by_id(catalog.fine_tuning.get(second.id)["run_id"])
     assert cancelled.status == dg.DagsterRunStatus.CANCELED
     assert not (platform.home / "bucket" / "adapters" / second.id).exists()
 
@@ -174,7 +174,7 @@ def test_a_fine_tuning_job_killed_mid_training_is_retried_deployed_and_served(pl
         vbs("models", "retire", name, api=False)
     assert name not in [m.id for m in client.models.list().data]
     assert (platform.home / "bucket" / "adapters" / job.id / "adapter_config.json").exists()
-    assert catalog.get_model(name)["lineage"]["job_id"] == job.id
+    assert catalog.models.get(name)["lineage"]["job_id"] == job.id
 
 
 def served_and_traced(platform, client, vbs, name, job, row, good, data) -> None:

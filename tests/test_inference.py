@@ -94,7 +94,7 @@ def chat_batch(tmp_path_factory, model_dir):
             "result": result,
             "ok": ok,
             "errors": errors,
-            "row": resources["catalog"].get_batch(batch_id),
+            "row": resources["catalog"].batches.get(batch_id),
             "home": home,
             "batch_id": batch_id,
         }
@@ -231,9 +231,9 @@ def test_the_results_lake_has_a_flat_row_per_line(chat_batch, tmp_path):
 def test_catalog_row_is_an_openai_batch_object(chat_batch):
     from openai.types import Batch
 
-    from vbs_resources import Catalog
+    from vbs_resources.catalog import batch_object
 
-    batch = Batch.model_validate(Catalog.to_openai_batch(chat_batch["row"]).model_dump())
+    batch = Batch.model_validate(batch_object(chat_batch["row"]).model_dump())
     assert batch.status == "completed" and batch.endpoint == "/v1/chat/completions"
     assert (batch.request_counts.total, batch.request_counts.failed) == (16, 5)
     assert batch.usage.output_tokens == chat_batch["row"]["usage"]["output_tokens"]
@@ -308,7 +308,7 @@ def test_invalid_file_fails_the_batch_with_line_numbered_errors(resources, insta
     batch_id = submit(resources, instance, data)
     result = materialize_batch(resources, instance, batch_id, raise_on_error=False)
     assert not result.success
-    row = resources["catalog"].get_batch(batch_id)
+    row = resources["catalog"].batches.get(batch_id)
     assert row["status"] == "failed" and row["failed_at"]
     assert row["errors"] == [
         {
@@ -374,7 +374,7 @@ def test_rerun_after_a_crash_resumes_from_the_checkpoint(resources, instance, ho
     chunk_files = sorted(checkpoint.glob("chunk-*.jsonl"))
     assert [p.name for p in chunk_files] == ["chunk-00000.jsonl", "chunk-00001.jsonl"]
     stamps = {p.name: p.stat().st_mtime_ns for p in chunk_files}
-    crashed = resources["catalog"].get_batch(batch_id)
+    crashed = resources["catalog"].batches.get(batch_id)
     assert (crashed["status"], crashed["request_completed"]) == ("in_progress", 6)
 
     counting = CrashAfterChunksEngineDouble(resources["engine"], chunks=99)
@@ -397,7 +397,7 @@ def test_rerun_after_a_crash_resumes_from_the_checkpoint(resources, instance, ho
     ok, errors = outputs(home, batch_id)
     assert sorted(ok) == [f"r{i:02d}" for i in range(10)] and not errors
     assert metadata_of(second, "batch_output")["resumed_requests"] == 6
-    assert resources["catalog"].get_batch(batch_id)["status"] == "completed"
+    assert resources["catalog"].batches.get(batch_id)["status"] == "completed"
     assert not checkpoint.exists()
 
 
@@ -410,7 +410,7 @@ def test_an_exception_in_the_step_fails_the_batch_without_internals(resources, i
         {**resources, "engine": crashing}, instance, batch_id, chunk_size=1, raise_on_error=False
     )
     assert not result.success
-    row = resources["catalog"].get_batch(batch_id)
+    row = resources["catalog"].batches.get(batch_id)
     assert row["status"] == "failed" and row["request_completed"] == 1
     # What finished before the error is kept, in the batch's output file.
     ok, _ = outputs(Path(resources["bucket"].url).parent, batch_id)
@@ -418,7 +418,7 @@ def test_an_exception_in_the_step_fails_the_batch_without_internals(resources, i
     [error] = row["errors"]
     assert error["code"] == "engine_error" and result.run_id in error["message"]
     assert "secret" not in error["message"] and "pw@" not in error["message"]
-    assert [e["type"] for e in resources["catalog"].batch_events_of(batch_id)] == ["batch.failed"]
+    assert [e["type"] for e in resources["catalog"].events.of_batch(batch_id)] == ["batch.failed"]
 
 
 def test_a_second_run_never_races_an_active_one(resources, instance):
@@ -431,15 +431,15 @@ def test_a_second_run_never_races_an_active_one(resources, instance):
 
     dg.materialize([batch_input], partition_key=batch_id, instance=instance, resources=resources)
     catalog = resources["catalog"]
-    assert catalog.claim(batch_id, "run-holding", None)
+    assert catalog.batches.claim(batch_id, "run-holding", None)
     lifecycle = BatchLifecycle(catalog)
     runner = BatchRunner(
         resources["bucket"], catalog, lifecycle, resources["engine"], "run-second", lambda _: True
     )
-    before = catalog.get_batch(batch_id)
+    before = catalog.batches.get(batch_id)
     with pytest.raises(RunRefused, match="run-holding"):
         runner.run(batch_id, 256)
-    assert catalog.get_batch(batch_id) == before
+    assert catalog.batches.get(batch_id) == before
     # Once the holder is gone (failed, canceled), the next run takes over.
     runner.run_is_active = lambda _: False
     assert runner.run(batch_id, 256).status == "completed"
@@ -473,7 +473,7 @@ def test_past_the_completion_window_the_batch_expires_keeping_what_finished(
     batch_id = submit(resources, instance, lines)
     catalog = resources["catalog"]
     killed_run(resources, instance, batch_id, chunks=1, chunk_size=2)
-    catalog.update_unfinished(batch_id, expires_at=1)  # the window closed long ago
+    catalog.batches.update_unfinished(batch_id, expires_at=1)  # the window closed long ago
     from vbs_assets.inference import batch_output, output_complete
 
     result = dg.materialize(
@@ -484,7 +484,7 @@ def test_past_the_completion_window_the_batch_expires_keeping_what_finished(
         run_config=dg.RunConfig(ops={"batch_output": {"config": {"chunk_size": 2}}}),
     )
     assert result.success
-    row = catalog.get_batch(batch_id)
+    row = catalog.batches.get(batch_id)
     assert row["status"] == "expired" and row["expired_at"]
     assert (row["request_completed"], row["request_failed"]) == (2, 4)
     ok, errors = outputs(home, batch_id)

@@ -76,7 +76,7 @@ def test_conquests_are_imported_once_even_after_an_import_cut_short(label_studio
 
     # A run killed after Label Studio made the tasks but before the catalog recorded them.
     cut = [conquest(n, "ls_once") for n in (5, 6)]
-    catalog.start_label_studio_tasks(handler.url, first.project_id, [c["id"] for c in cut])
+    catalog.label_studio.start_tasks(handler.url, first.project_id, [c["id"] for c in cut])
     label_studio.client.import_tasks(
         first.project_id, [{"data": task_data(conquest_type, c)} for c in cut]
     )
@@ -175,7 +175,7 @@ def test_label_studio_down_fails_the_step_for_a_retry_and_keeps_the_conquests(tm
     row = {**conquest(1, "support_reply"), "type_version": "1.0.0", "status": "COMPLETED"}
     row.update(result=None, prompt=[], model="m", batch_id="batch_down00000", custom_id="c1")
     row.update(created_at=1, updated_at=1.0)
-    catalog.add_conquests([row])
+    catalog.conquests.add([row])
     down = LabelStudio(url=f"http://127.0.0.1:{free_port()}", token="t", timeout_s=2)
     context = dg.build_asset_context(partition_key="batch_down00000")
     with pytest.raises(dg.Failure) as caught:
@@ -185,7 +185,7 @@ def test_label_studio_down_fails_the_step_for_a_retry_and_keeps_the_conquests(tm
     assert caught.value.allow_retries
     assert caught.value.description.startswith("Label Studio is unavailable")
     assert "the batch and its conquests are kept" in caught.value.description.lower()
-    assert len(catalog.conquests_of_batch("batch_down00000")) == 1
+    assert len(catalog.conquests.of_batch("batch_down00000")) == 1
     policy = label_studio_tasks.op.retry_policy
     assert policy.max_retries >= 3 and policy.delay >= 10
 

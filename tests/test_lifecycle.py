@@ -30,7 +30,7 @@ def new(lifecycle, batch_id="batch_life0001", status="validating"):
     }[status]
     for step in path:
         getattr(lifecycle, step)(batch_id)
-    assert lifecycle.catalog.get_batch(batch_id)["status"] == status
+    assert lifecycle.catalog.batches.get(batch_id)["status"] == status
     return batch_id
 
 
@@ -49,7 +49,7 @@ def test_an_ended_batch_refuses_every_change(catalog, ending):
         if ending == "failed"
         else lifecycle.finish(batch_id, ending)
     )
-    before = catalog.get_batch(batch_id)
+    before = catalog.batches.get(batch_id)
     assert before[f"{ending}_at"] is not None
     for attempt in (
         lambda: lifecycle.start(batch_id),
@@ -61,11 +61,11 @@ def test_an_ended_batch_refuses_every_change(catalog, ending):
     ):
         assert attempt() is False
     assert lifecycle.request_cancel(batch_id) == ending
-    after = catalog.get_batch(batch_id)
+    after = catalog.batches.get(batch_id)
     assert {k: v for k, v in after.items() if k != "updated_at"} == {
         k: v for k, v in before.items() if k != "updated_at"
     }
-    assert len(catalog.batch_events_of(batch_id)) == 1
+    assert len(catalog.events.of_batch(batch_id)) == 1
 
 
 def test_each_ending_has_exactly_one_event_and_its_timestamp(catalog):
@@ -73,9 +73,9 @@ def test_each_ending_has_exactly_one_event_and_its_timestamp(catalog):
     batch_id = new(lifecycle, status="finalizing")
     assert lifecycle.finish(batch_id, "completed", request_completed=3)
     assert not lifecycle.finish(batch_id, "completed")
-    [event] = catalog.batch_events_of(batch_id)
+    [event] = catalog.events.of_batch(batch_id)
     assert event["type"] == "batch.completed" and event["delivered_at"]  # no URLs: handled
-    row = catalog.get_batch(batch_id)
+    row = catalog.batches.get(batch_id)
     assert row["completed_at"] >= row["finalizing_at"] >= row["in_progress_at"]
     assert row["request_completed"] == 3
 
@@ -114,13 +114,13 @@ def test_cancel_racing_completion_never_leaves_a_completed_batch_cancelling(cata
         batch_id = new(lifecycle, f"batch_race{trial:06d}", status="finalizing")
         outcome: dict = {}
         _race(catalog.url, batch_id, threading.Barrier(2), outcome)
-        status = catalog.get_batch(batch_id)["status"]
+        status = catalog.batches.get(batch_id)["status"]
         if outcome["completed"]:
             # The cancel lost: the client was told, and the batch stays completed.
             assert status == "completed" and outcome["cancel"] in (400, "completed")
         else:
             assert status == "cancelling" and outcome["cancel"] == "cancelling"
-        events = [e["type"] for e in catalog.batch_events_of(batch_id)]
+        events = [e["type"] for e in catalog.events.of_batch(batch_id)]
         assert events == (["batch.completed"] if outcome["completed"] else [])
         seen.add(status)
     assert seen  # both outcomes are legal; which ones occur depends on timing
@@ -178,7 +178,7 @@ def test_ended_batches_are_recorded_as_they_are_when_materialized_again(resource
             for p in ("output.jsonl", "errors.jsonl")
             if bucket.exists(f"batches/{batch_id}/{p}")
         }
-        return catalog.get_batch(batch_id), files, catalog.batch_events_of(batch_id)
+        return catalog.batches.get(batch_id), files, catalog.events.of_batch(batch_id)
 
     before = {b: snapshot(b) for b in (done, invalid, cancelled)}
     assert [before[b][0]["status"] for b in (done, invalid, cancelled)] == [
@@ -273,9 +273,9 @@ def test_a_catalog_from_before_migrations_is_upgraded_keeping_its_rows(tmp_path)
     with sqlite3.connect(path) as db:
         db.executescript(LANDED_SCHEMA)
     catalog = Catalog(url=f"sqlite:///{path}")
-    row = catalog.get_batch("batch_old00001")
+    row = catalog.batches.get("batch_old00001")
     assert row["status"] == "completed" and row["batch_metadata"] == {"team": "a"}
-    assert row["input_sha256"] is None and catalog.batch_events_of("batch_old00001") == []
+    assert row["input_sha256"] is None and catalog.events.of_batch("batch_old00001") == []
     from vbs_resources import migrations
 
     with catalog.engine.connect() as conn:
@@ -284,7 +284,7 @@ def test_a_catalog_from_before_migrations_is_upgraded_keeping_its_rows(tmp_path)
 
 
 def _open(url: str) -> None:
-    Catalog(url=url).get_batch("batch_none0001")
+    Catalog(url=url).batches.get("batch_none0001")
 
 
 def test_processes_opening_a_new_catalog_at_once_migrate_it_once(tmp_path):
@@ -318,9 +318,9 @@ def test_errors_after_completion_never_change_the_batch(resources, instance, mon
     batch_id = submit(resources, instance, [chat_line("a", "hi", max_tokens=2)])
     result = materialize_batch({**resources, "webhooks": hooks}, instance, batch_id)
     assert result.success
-    row = resources["catalog"].get_batch(batch_id)
+    row = resources["catalog"].batches.get(batch_id)
     assert row["status"] == "completed" and row["failed_at"] is None and row["errors"] is None
-    [event] = resources["catalog"].batch_events_of(batch_id)
+    [event] = resources["catalog"].events.of_batch(batch_id)
     assert event["type"] == "batch.completed" and event["delivered_at"] is None  # for the sweep
 
 

@@ -27,7 +27,7 @@ def batch(resources, instance):
     dg.materialize([batch_input], partition_key=batch_id, instance=instance, resources=resources)
     catalog = resources["catalog"]
     BatchLifecycle(catalog).start(batch_id)
-    row = catalog.get_batch(batch_id)
+    row = catalog.batches.get(batch_id)
     checkpoint = Checkpoint(resources["bucket"], batch_id)
     checkpoint.load(row["input_sha256"])
     body = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
@@ -61,17 +61,17 @@ def test_a_run_terminated_from_dagster_ends_its_batch_cancelled_keeping_results(
     run_for(instance, batch, dg.DagsterRunStatus.CANCELED)
     result = tick(instance, resources)
     assert result.run_requests == [] and f"{batch}: cancelled" in result.actions
-    row = resources["catalog"].get_batch(batch)
+    row = resources["catalog"].batches.get(batch)
     assert row["status"] == "cancelled" and row["request_completed"] == 1
     assert row["output_file_id"] and outputs(resources, batch) == ["q0"]
-    assert [e["type"] for e in resources["catalog"].batch_events_of(batch)] == ["batch.cancelled"]
+    assert [e["type"] for e in resources["catalog"].events.of_batch(batch)] == ["batch.cancelled"]
     assert tick(instance, resources).actions == []  # nothing more to do, ever
 
 
 def test_a_run_failed_for_good_fails_its_batch_keeping_results(instance, resources, batch):
     run = run_for(instance, batch, dg.DagsterRunStatus.FAILURE, **{WILL_RETRY_TAG: "false"})
     tick(instance, resources)
-    row = resources["catalog"].get_batch(batch)
+    row = resources["catalog"].batches.get(batch)
     assert row["status"] == "failed" and row["errors"][0]["code"] == "run_failed"
     assert run.run_id in row["errors"][0]["message"]
     assert outputs(resources, batch) == ["q0"]
@@ -80,27 +80,27 @@ def test_a_run_failed_for_good_fails_its_batch_keeping_results(instance, resourc
 def test_a_run_waiting_for_its_retry_is_left_alone(instance, resources, batch):
     run_for(instance, batch, dg.DagsterRunStatus.FAILURE, **{WILL_RETRY_TAG: "true"})
     assert tick(instance, resources).actions == []
-    assert resources["catalog"].get_batch(batch)["status"] == "in_progress"
+    assert resources["catalog"].batches.get(batch)["status"] == "in_progress"
 
 
 def test_an_active_run_sees_a_cancel_itself(instance, resources, batch):
     run_for(instance, batch, dg.DagsterRunStatus.STARTED)  # no process recorded yet
     BatchLifecycle(resources["catalog"]).request_cancel(batch)
     assert tick(instance, resources).actions == []
-    assert resources["catalog"].get_batch(batch)["status"] == "cancelling"
+    assert resources["catalog"].batches.get(batch)["status"] == "cancelling"
 
 
 def test_a_cancel_with_no_run_to_see_it_ends_the_batch(instance, resources, batch):
     BatchLifecycle(resources["catalog"]).request_cancel(batch)
     tick(instance, resources)
-    assert resources["catalog"].get_batch(batch)["status"] == "cancelled"
+    assert resources["catalog"].batches.get(batch)["status"] == "cancelled"
 
 
 def test_past_its_window_with_no_run_a_batch_expires(instance, resources, batch):
-    resources["catalog"].update_unfinished(batch, expires_at=1)
+    resources["catalog"].batches.update_unfinished(batch, expires_at=1)
     run_for(instance, batch, dg.DagsterRunStatus.CANCELED)
     tick(instance, resources)
-    row = resources["catalog"].get_batch(batch)
+    row = resources["catalog"].batches.get(batch)
     assert (row["status"], row["request_completed"], row["request_failed"]) == ("expired", 1, 2)
 
 
@@ -133,7 +133,7 @@ def test_a_refused_or_partial_run_gets_a_whole_run_a_bounded_number_of_times(
     for _ in range(MAX_RUNS):
         run_for(instance, batch, dg.DagsterRunStatus.SUCCESS)
     assert tick(instance, resources).run_requests == []
-    row = resources["catalog"].get_batch(batch)
+    row = resources["catalog"].batches.get(batch)
     assert row["status"] == "failed" and "could not be run" in row["errors"][0]["message"]
 
 
@@ -165,7 +165,7 @@ def test_a_run_interrupted_by_the_platform_going_down_gets_a_new_run(instance, r
     result = tick(instance, resources)
     assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
     assert [r.partition_key for r in result.run_requests] == [batch]
-    assert resources["catalog"].get_batch(batch)["status"] == "in_progress"
+    assert resources["catalog"].batches.get(batch)["status"] == "in_progress"
 
 
 def test_a_batch_its_run_ended_during_the_tick_is_never_touched(instance, resources, batch):
@@ -175,19 +175,19 @@ def test_a_batch_its_run_ended_during_the_tick_is_never_touched(instance, resour
     from vbs_sensors.reconcile import reconcile_batch
 
     catalog, bucket = resources["catalog"], resources["bucket"]
-    stale = catalog.get_batch(batch)
+    stale = catalog.batches.get(batch)
     lifecycle = BatchLifecycle(catalog)
     sha = stale["input_sha256"]
     assert finish(bucket, catalog, lifecycle, batch, "completed", sha)  # the run ends it
     output = bucket.read_bytes(f"batches/{batch}/output.jsonl")
     assert not bucket.exists(f"batches/{batch}/checkpoint")
-    before = catalog.get_batch(batch)
+    before = catalog.batches.get(batch)
     run_for(instance, batch, dg.DagsterRunStatus.CANCELED)
     stale = {**stale, "status": "cancelling"}
     assert reconcile_batch(instance, bucket, lifecycle, stale, time.time(), set()) == (None, None)
     assert not finish(bucket, catalog, lifecycle, batch, "expired", sha)
     assert bucket.read_bytes(f"batches/{batch}/output.jsonl") == output
-    assert catalog.get_batch(batch) == before
+    assert catalog.batches.get(batch) == before
     assert not bucket.exists(f"batches/{batch}/checkpoint")
 
 
@@ -203,11 +203,11 @@ def test_a_validated_batch_from_before_the_upgrade_records_its_hash_and_resumes(
     from vbs_resources.catalog import batches
 
     catalog = resources["catalog"]
-    sha = catalog.get_batch(batch)["input_sha256"]
+    sha = catalog.batches.get(batch)["input_sha256"]
     with catalog.engine.begin() as conn:
         conn.execute(sa.update(batches).where(batches.c.id == batch).values(input_sha256=None))
     report = ingest(resources["bucket"], catalog, BatchLifecycle(catalog), batch, Limits())
     assert report.recorded and report.sha256 == sha
-    assert catalog.get_batch(batch)["input_sha256"] == sha
+    assert catalog.batches.get(batch)["input_sha256"] == sha
     progress = Checkpoint(resources["bucket"], batch).read(sha)
     assert progress is not None and progress.done == {"q0"}

@@ -90,7 +90,7 @@ def test_a_malformed_adapter_is_refused_naming_what_is_wrong(
     with pytest.raises(RegistryError) as info:
         registry.add_adapter("bad", str(adapter))
     assert info.value.field == field
-    assert registry.catalog.get_model("bad") is None
+    assert registry.catalog.models.get("bad") is None
 
 
 def test_missing_files_names_and_bases_are_refused(registry, model_dir, tmp_path):

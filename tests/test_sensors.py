@@ -29,7 +29,7 @@ def drop(resources, name, data: bytes):
 
 
 def problems(resources):
-    return {p["name"]: p for p in resources["catalog"].list_inbox_problems()}
+    return {p["name"]: p for p in resources["catalog"].inbox.problems()}
 
 
 def test_file_is_taken_once_it_stops_changing(instance, resources):
@@ -48,7 +48,7 @@ def test_file_is_taken_once_it_stops_changing(instance, resources):
     bucket = resources["bucket"]
     assert bucket.exists(f"batches/{batch_id}/input.jsonl")
     assert not bucket.exists("inbox/jobs.jsonl")
-    row = resources["catalog"].get_batch(batch_id)
+    row = resources["catalog"].batches.get(batch_id)
     assert row["status"] == "validating" and row["original_filename"] == "jobs.jsonl"
     import hashlib
 
@@ -86,7 +86,7 @@ def test_identical_redrop_starts_no_second_run(instance, resources):
     assert f"duplicate of {first_request.partition_key}" in second.skip_message
     bucket = resources["bucket"]
     assert bucket.exists("inbox/duplicates/again.jsonl")
-    assert resources["catalog"].get_batch(first_request.partition_key)["original_filename"] == (
+    assert resources["catalog"].batches.get(first_request.partition_key)["original_filename"] == (
         "jobs.jsonl"
     )
 
@@ -98,7 +98,7 @@ def test_sidecar_carries_metadata_and_options(instance, resources):
     result, _ = ticks(instance, resources)
     (request,) = result.run_requests
     assert request.run_config["ops"]["batch_output"]["config"]["chunk_size"] == 7
-    row = resources["catalog"].get_batch(request.partition_key)
+    row = resources["catalog"].batches.get(request.partition_key)
     assert row["batch_metadata"] == {"team": "search", "purpose": "eval"}
     assert row["options"]["chunk_size"] == 7
     assert resources["bucket"].exists(f"batches/{request.partition_key}/sidecar.json")
@@ -145,7 +145,7 @@ def test_hostile_sidecars_are_problems_never_crashes(instance, resources, sideca
     assert problem["kind"] == "invalid_sidecar"
     if field:
         assert field in problem["message"]
-    assert resources["catalog"].list_batches() == []
+    assert resources["catalog"].batches.list() == []
 
 
 def test_a_drop_cannot_take_over_another_batch(instance, resources):
@@ -153,7 +153,7 @@ def test_a_drop_cannot_take_over_another_batch(instance, resources):
     drop(resources, "first.jsonl", jsonl([chat_line("a", "hi")]))
     first, cursor = ticks(instance, resources)
     victim = first.run_requests[0].partition_key
-    before = resources["catalog"].get_batch(victim)
+    before = resources["catalog"].batches.get(victim)
     input_before = resources["bucket"].read_bytes(f"batches/{victim}/input.jsonl")
 
     drop(resources, "evil.metadata.json", json.dumps({"batch_id": victim}).encode())
@@ -161,7 +161,7 @@ def test_a_drop_cannot_take_over_another_batch(instance, resources):
     result, _ = ticks(instance, resources, cursor=cursor)
     assert isinstance(result, dg.SkipReason)
     assert problems(resources)["evil.jsonl"]["kind"] == "invalid_sidecar"
-    assert resources["catalog"].get_batch(victim) == before
+    assert resources["catalog"].batches.get(victim) == before
     assert resources["bucket"].read_bytes(f"batches/{victim}/input.jsonl") == input_before
 
 
@@ -181,7 +181,7 @@ def test_unmovable_file_stays_is_reported_and_is_retried_every_tick(
     assert "cannot move jobs.jsonl" in result.skip_message
     assert problems(resources)["jobs.jsonl"]["kind"] == "cannot_move"
     assert resources["bucket"].exists("inbox/jobs.jsonl")
-    assert resources["catalog"].list_batches() == []  # nothing half-recorded
+    assert resources["catalog"].batches.list() == []  # nothing half-recorded
     # The cause goes away; the file itself is not touched: the next tick takes it.
     monkeypatch.undo()
     result, cursor = tick(instance, resources, cursor)
@@ -202,7 +202,7 @@ def test_a_tick_that_died_between_recording_and_moving_is_finished_by_the_next(
     monkeypatch.setattr(bucket, "move", die)
     with pytest.raises(KeyboardInterrupt):
         tick(instance, resources, cursor)
-    [row] = resources["catalog"].list_batches()
+    [row] = resources["catalog"].batches.list()
     monkeypatch.undo()
     result, _ = tick(instance, resources, cursor)  # the cursor did not move
     assert [r.partition_key for r in result.run_requests] == [row["id"]]
@@ -230,7 +230,7 @@ def test_sub_folders_symlinks_and_other_files_are_reported(instance, resources, 
         "link.jsonl": "symlink",
         "notes.txt": "not_a_batch_file",
     }
-    assert resources["catalog"].list_batches() == []  # the link's target was never read
+    assert resources["catalog"].batches.list() == []  # the link's target was never read
 
 
 def test_a_sidecar_arriving_after_its_file_is_reported(instance, resources):
@@ -271,7 +271,7 @@ def test_lines_appended_after_pick_up_fail_the_batch(instance, resources):
         raise_on_error=False,
     )
     assert not run.success
-    row = resources["catalog"].get_batch(batch_id)
+    row = resources["catalog"].batches.get(batch_id)
     assert row["status"] == "failed"
     assert [e["code"] for e in row["errors"]] == ["input_changed"]
     assert not resources["bucket"].exists(f"batches/{batch_id}/requests.parquet")

@@ -184,7 +184,7 @@ def test_a_failed_run_ends_its_job_only_once_dagster_decided_on_no_retry(tmp_pat
     def job_whose_run(state) -> str:
         job = create_job(catalog, model=MODEL, dataset_version="upload-0", training_file="f",
                          backend="hf", hyperparameters=Hyperparameters())  # fmt: skip
-        catalog.update_fine_tuning_job(job["id"], status="running", run_id="run-1")
+        catalog.fine_tuning.update(job["id"], status="running", run_id="run-1")
         service = FineTuningService(resources["bucket"], catalog, RunStateDouble(state), "hf", 0.1)
         return service.get(job["id"])["status"]
 
@@ -240,10 +240,10 @@ def trained(tmp_path, instance, model_dir):
     )  # fmt: skip
     catalog = resources["catalog"]
     batch = "batch_lineage0000001"
-    catalog.insert_batch({"id": batch, "status": "completed", "source": "inbox",
+    catalog.batches.insert({"id": batch, "status": "completed", "source": "inbox",
                           "original_filename": "tickets.jsonl", "completion_window": "24h",
                           "created_at": int(time.time()), "input_sha256": "ab" * 32})  # fmt: skip
-    catalog.add_conquests([marker_conquest(n, batch) for n in range(64)])
+    catalog.conquests.add([marker_conquest(n, batch) for n in range(64)])
     for n in range(64):
         annotate(catalog, L.conquest_id(batch, f"t{n}"), is_gold_star=True)
     instance.add_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS, [TYPE])
@@ -265,19 +265,19 @@ def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(
     catalog = resources["catalog"]
     [event] = result.get_asset_materialization_events()
     meta = {k: v.value for k, v in event.materialization.metadata.items()}
-    job = catalog.get_fine_tuning_job(meta["job_id"])
+    job = catalog.fine_tuning.get(meta["job_id"])
     assert job["status"] == "succeeded" and job["backend"] == "hf"
     assert meta["dataset_version"] == version and meta["backend"] == "hf"
     assert meta["train_loss"] < 0.5 and meta["eval_loss"] < 1.0 and meta["steps"] == 12
     assert meta["loss_curve"].startswith("![loss curve](data:image/png;base64,")
     assert meta["hyperparameters"]["learning_rate"] == 1e-3 and meta["adapter_bytes"] > 10**6
-    adapter = Path(job_path := catalog.get_fine_tuning_job(meta["job_id"])["adapter_path"])
+    adapter = Path(job_path := catalog.fine_tuning.get(meta["job_id"])["adapter_path"])
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 16 and Path(config["base_model_name_or_path"]).name == MODEL
     assert (adapter / "adapter_model.safetensors").stat().st_size > 10**6
     assert not Path(job_path + ".partial").exists()
     assert str(event.materialization.tags.get("dagster/data_version")) == job["id"]
-    steps = [e for e in catalog.list_fine_tuning_events(job["id"], 100) if e["type"] == "metrics"]
+    steps = [e for e in catalog.fine_tuning.events(job["id"], 100) if e["type"] == "metrics"]
     assert len(steps) >= 12 and steps[-1]["data"]["step"] == 1  # newest first
     name = job["fine_tuned_model"]
     assert name.startswith(f"ft:{MODEL}:zebra:")
@@ -290,16 +290,16 @@ def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(
     )  # fmt: skip
     [check] = failing.get_asset_check_evaluations()
     assert check.check_name == "beats_base" and not check.passed
-    assert catalog.get_model(name) is None
+    assert catalog.models.get(name) is None
     # Deploying it alone later is refused too, unless forced; the force is recorded.
     refused = dg.materialize([deployed_model], partition_key=version, instance=instance,
                              resources=resources, raise_on_error=False)  # fmt: skip
-    assert not refused.success and catalog.get_model(name) is None
+    assert not refused.success and catalog.models.get(name) is None
     forced = dg.materialize(
         [deployed_model], partition_key=version, instance=instance, resources=resources,
         run_config=dg.RunConfig(ops={L.DEPLOYED_MODEL: {"config": {"force": True}}}),
     )  # fmt: skip
-    assert forced.success and catalog.get_model(name)["lineage"]["forced"] is True
+    assert forced.success and catalog.models.get(name)["lineage"]["forced"] is True
 
     # The real evaluation: the adapter beats its base, and deploying records the scores.
     evaluated = dg.materialize(
@@ -309,9 +309,9 @@ def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(
     )  # fmt: skip
     [check] = evaluated.get_asset_check_evaluations()
     assert check.passed, check.metadata
-    scores = catalog.get_fine_tuning_job(job["id"])["evaluation"]
+    scores = catalog.fine_tuning.get(job["id"])["evaluation"]
     assert scores["adapter"]["rouge_l"] > scores["base"]["rouge_l"] + 0.3, scores
-    model = catalog.get_model(name)
+    model = catalog.models.get(name)
     assert model["status"] == "available" and model["lineage"]["forced"] is False
     assert len(model["lineage"]["deployments"]) == 2
 
@@ -324,13 +324,13 @@ def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(
     _, retired = ModelRegistry(catalog).deploy(
         prefix + "000000000000", job["adapter_path"], MODEL, {"deployments": []}, replaces=prefix
     )
-    assert retired == [name] and catalog.get_model(name)["status"] == "retired"
+    assert retired == [name] and catalog.models.get(name)["status"] == "retired"
     assert Path(job["adapter_path"], "adapter_model.safetensors").exists()
     rolled = dg.materialize([deployed_model], partition_key=version, instance=instance,
                             resources=resources)  # fmt: skip
     [event] = rolled.get_asset_materialization_events()
     assert event.materialization.metadata["retired"].value == [prefix + "000000000000"]
-    model = catalog.get_model(name)
+    model = catalog.models.get(name)
     assert model["status"] == "available" and model["lora_id"] == lora_id
     assert len(model["lineage"]["deployments"]) == 3
 
@@ -386,7 +386,7 @@ def test_the_schedule_retrains_a_type_only_with_enough_new_gold(tmp_path, instan
     assert "no conquest type" in tick().skip_message
     instance.add_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS, [TYPE])
     batch = "batch_retrain00000001"
-    catalog.add_conquests([marker_conquest(n, batch) for n in range(6)])
+    catalog.conquests.add([marker_conquest(n, batch) for n in range(6)])
     for n in range(2):
         annotate(catalog, L.conquest_id(batch, f"t{n}"), is_gold_star=True)
     annotate(catalog, L.conquest_id(batch, "t2"), rating=2)  # not gold
@@ -402,7 +402,7 @@ def test_the_schedule_retrains_a_type_only_with_enough_new_gold(tmp_path, instan
     # The build that request starts; the sensor sends its version to fine_tuning_job.
     built = dg.materialize([curated_dataset], partition_key=TYPE, instance=instance,
                            resources=resources, tags={L.TAG_RETRAIN: TYPE})  # fmt: skip
-    version = catalog.list_datasets(type_id=TYPE)[0]["version"]
+    version = catalog.datasets.list(type_id=TYPE)[0]["version"]
 
     def sensor(result):
         context = dg.build_run_status_sensor_context(
@@ -418,7 +418,7 @@ def test_the_schedule_retrains_a_type_only_with_enough_new_gold(tmp_path, instan
     assert "not a retraining build" in sensor(plain).skip_message
 
     # Deployed on that version: nothing new, so the schedule skips and says why.
-    catalog.insert_model({"name": f"ft:{MODEL}:{TYPE}:aaaa", "kind": "adapter", "path": "/x",
+    catalog.models.insert({"name": f"ft:{MODEL}:{TYPE}:aaaa", "kind": "adapter", "path": "/x",
                           "status": "available", "created_at": 1, "base": MODEL,
                           "lineage": {"dataset_type": TYPE, "dataset_version": version,
                                       "deployed_at": 5}})  # fmt: skip
@@ -436,22 +436,22 @@ def test_a_job_cancelled_before_its_run_starts_never_trains(tmp_path, instance):
     resources = resources_for(tmp_path / "vbs", VBS_DATASET_MIN_EXAMPLES="0")
     catalog = resources["catalog"]
     batch = "batch_cancelled000001"
-    catalog.add_conquests([marker_conquest(n, batch) for n in range(4)])
+    catalog.conquests.add([marker_conquest(n, batch) for n in range(4)])
     for n in range(4):
         annotate(catalog, L.conquest_id(batch, f"t{n}"), is_gold_star=True)
     instance.add_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS, [TYPE])
     dg.materialize([curated_dataset], partition_key=TYPE, instance=instance, resources=resources)
-    version = catalog.list_datasets(type_id=TYPE)[0]["version"]
+    version = catalog.datasets.list(type_id=TYPE)[0]["version"]
     job = create_job(catalog, model=MODEL, dataset_version=version, training_file=version,
                      backend="hf", hyperparameters=Hyperparameters())  # fmt: skip
-    catalog.update_fine_tuning_job(job["id"], cancel_requested=True)
+    catalog.fine_tuning.update(job["id"], cancel_requested=True)
     result = dg.materialize(
         [fine_tuned_adapter], partition_key=version, instance=instance, resources=resources,
         run_config=dg.RunConfig(ops={L.FINE_TUNED_ADAPTER: {"config": {"job_id": job["id"]}}}),
         raise_on_error=False,
     )  # fmt: skip
     assert not result.success
-    assert catalog.get_fine_tuning_job(job["id"])["status"] == "cancelled"
+    assert catalog.fine_tuning.get(job["id"])["status"] == "cancelled"
     assert not Path(resources["bucket"].path(L.adapter_folder(job["id"]))).exists()
     # A job of another dataset version is refused by name.
     other = dg.materialize(

@@ -30,7 +30,7 @@ def event_for(catalog, batch_id, status="completed"):
         lifecycle.fail(batch_id, [])
     else:
         lifecycle.finish(batch_id, status)
-    [event] = catalog.batch_events_of(batch_id)
+    [event] = catalog.events.of_batch(batch_id)
     return event["id"]
 
 
@@ -62,10 +62,10 @@ def test_signed_event_verifies_with_the_openai_client_after_retries(catalog):
     headers, body = receiver.received[-1]
     event = unwrap(body, headers)
     assert (event.type, event.data.id, event.id) == ("batch.completed", "batch_abc12345", event_id)
-    deliveries = catalog.webhook_deliveries("batch_abc12345")
+    deliveries = catalog.events.deliveries_of("batch_abc12345")
     assert [(d["attempt"], d["status_code"]) for d in deliveries] == [(1, 500), (2, 500), (3, 200)]
     assert all(WEBHOOK_SECRET not in json.dumps(d) for d in deliveries)
-    assert catalog.get_event(event_id)["delivered_at"] is not None
+    assert catalog.events.get(event_id)["delivered_at"] is not None
     assert not hooks.deliver(catalog, event_id)  # delivered: never again
 
 
@@ -104,10 +104,10 @@ def test_unreachable_url_gives_up_and_logs_every_attempt(catalog):
     undeliver(catalog, event_id)
     hooks = Webhooks(urls=["http://127.0.0.1:9/none"], max_attempts=3, timeout_seconds=1)
     assert not hooks.deliver(catalog, event_id, sleep=lambda _: None)
-    deliveries = catalog.webhook_deliveries("batch_y1234567")
+    deliveries = catalog.events.deliveries_of("batch_y1234567")
     assert [d["attempt"] for d in deliveries] == [1, 2, 3]
     assert all(d["status_code"] is None and d["error"] for d in deliveries)
-    assert catalog.get_event(event_id)["gave_up_at"] is not None
+    assert catalog.events.get(event_id)["gave_up_at"] is not None
     assert hooks.deliver_pending(catalog) == 0  # given up: not tried again
 
 
@@ -139,7 +139,7 @@ def test_redirects_are_not_followed(catalog):
         server.shutdown()
         elsewhere.close()
     assert elsewhere.received == []
-    errors = [d["error"] for d in catalog.webhook_deliveries("batch_r1234567")]
+    errors = [d["error"] for d in catalog.events.deliveries_of("batch_r1234567")]
     assert errors and all("redirect" in e for e in errors)
 
 
@@ -148,7 +148,7 @@ def test_a_delivery_cut_short_is_finished_later_once(catalog):
     reconciler's) delivers it, once, and a second sweep sends nothing."""
     event_id = event_for(catalog, "batch_z1234567")
     undeliver(catalog, event_id)
-    assert catalog.claim_event(event_id, seconds=0.2)  # the process that died
+    assert catalog.events.claim(event_id, seconds=0.2)  # the process that died
     receiver = WebhookReceiver()
     try:
         hooks = Webhooks(urls=[receiver.url], secret=WEBHOOK_SECRET)
@@ -171,10 +171,10 @@ def test_an_event_is_given_up_once_each_failing_receiver_had_all_its_tries(catal
         hooks = Webhooks(urls=[receiver.url, "http://127.0.0.1:9/none"], timeout_seconds=1)
         for _ in range(5):
             assert hooks.deliver_pending(catalog) == 0
-        assert catalog.get_event(event_id)["gave_up_at"] is not None
+        assert catalog.events.get(event_id)["gave_up_at"] is not None
         assert hooks.deliver_pending(catalog) == 0
     finally:
         receiver.close()
     assert len(receiver.received) == 1  # the receiver that took it got it once
-    tries = [d["url"] for d in catalog.webhook_deliveries("batch_two12345")]
+    tries = [d["url"] for d in catalog.events.deliveries_of("batch_two12345")]
     assert tries.count("http://127.0.0.1:9/none") == 5

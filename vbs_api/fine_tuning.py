@@ -100,7 +100,7 @@ class FineTuningService:
             hyperparameters = resolve_hyperparameters(raw, seed=seed, max_steps=max_steps)
         except JobError as exc:
             raise APIError(400, exc.message, param=exc.param) from None
-        base = self.catalog.get_model(model)
+        base = self.catalog.models.get(model)
         if base is None or base["kind"] != "base" or base["status"] != "available":
             raise APIError(
                 400,
@@ -109,7 +109,7 @@ class FineTuningService:
                 code="model_not_available",
             )
         version = self._dataset_version(training_file, validation_file)
-        dataset = self.catalog.get_dataset(version)
+        dataset = self.catalog.datasets.get(version)
         job = create_job(
             self.catalog,
             model=model,
@@ -133,7 +133,7 @@ class FineTuningService:
                     "A dataset version holds its own eval split: leave validation_file out.",
                     param="validation_file",
                 )
-            if self.catalog.get_dataset(training_file) is None:
+            if self.catalog.datasets.get(training_file) is None:
                 raise APIError(400, f"No dataset version {training_file}.", param="training_file")
             return training_file
         training = (training_file, self._fine_tune_lines(training_file, "training_file"))
@@ -156,11 +156,11 @@ class FineTuningService:
         version = build.version
         write_dataset(self.bucket, build, {"source": "upload", "eval_fraction": self.eval_fraction})
         options = {"training_file": training_file, "validation_file": validation_file}
-        self.catalog.record_dataset(build.catalog_row(options, run_id=None))
+        self.catalog.datasets.record(build.catalog_row(options, run_id=None))
         return version
 
     def _fine_tune_lines(self, file_id: str, param: str) -> list[bytes]:
-        row = self.catalog.get_file(file_id) if file_id.startswith("file-") else None
+        row = self.catalog.files.get(file_id) if file_id.startswith("file-") else None
         if row is None:
             raise APIError(
                 400,
@@ -195,24 +195,24 @@ class FineTuningService:
             )
         except (LaunchFailed, LaunchUnavailable) as exc:
             return self._fail(job_id, "launch_failed", str(exc))
-        self.catalog.update_fine_tuning_job(job_id, status="queued", run_id=run_id)
-        self.catalog.add_fine_tuning_event(job_id, f"Job queued as Dagster run {run_id}")
+        self.catalog.fine_tuning.update(job_id, status="queued", run_id=run_id)
+        self.catalog.fine_tuning.add_event(job_id, f"Job queued as Dagster run {run_id}")
         return self.get(job_id)
 
     def _fail(self, job_id: str, code: str, message: str) -> dict[str, Any]:
-        self.catalog.update_fine_tuning_job(
+        self.catalog.fine_tuning.update(
             job_id,
             status="failed",
             finished_at=int(time.time()),
             error={"code": code, "message": message, "param": None},
         )
-        self.catalog.add_fine_tuning_event(job_id, message, level="error")
+        self.catalog.fine_tuning.add_event(job_id, message, level="error")
         return self.get(job_id)
 
     # ---- reading -----------------------------------------------------------------------------
 
     def get(self, job_id: str) -> dict[str, Any]:
-        job = self.catalog.get_fine_tuning_job(job_id) if L.is_job_id(job_id) else None
+        job = self.catalog.fine_tuning.get(job_id) if L.is_job_id(job_id) else None
         if job is None:
             raise APIError(404, f"No such fine-tuning job: {job_id[:100]}", param="id")
         if job["status"] not in TERMINAL and job["run_id"] and self.launcher is not None:
@@ -231,11 +231,11 @@ class FineTuningService:
             return job
         # The retry of a killed run takes the job over (a new run id) before this run's
         # failure is read; only the job's own run ends it.
-        fresh = self.catalog.get_fine_tuning_job(job["id"])
+        fresh = self.catalog.fine_tuning.get(job["id"])
         if fresh["run_id"] != job["run_id"] or fresh["status"] in TERMINAL:
             return fresh
         message = f"Dagster run {job['run_id']} ended {state.status.lower()}"
-        self.catalog.update_fine_tuning_job(
+        self.catalog.fine_tuning.update(
             job["id"],
             status=ended,
             finished_at=int(time.time()),
@@ -243,7 +243,7 @@ class FineTuningService:
             if ended == "cancelled"
             else {"code": "run_failed", "message": message, "param": None},
         )
-        return self.catalog.get_fine_tuning_job(job["id"])
+        return self.catalog.fine_tuning.get(job["id"])
 
     # ---- acting ------------------------------------------------------------------------------
 
@@ -253,7 +253,7 @@ class FineTuningService:
             raise APIError(
                 400, f"Job {job_id} is {job['status']} and cannot be cancelled.", param="id"
             )
-        self.catalog.update_fine_tuning_job(job_id, cancel_requested=True)
+        self.catalog.fine_tuning.update(job_id, cancel_requested=True)
         if job["status"] in ("validating_files", "queued"):
             # Not training yet: the run is stopped before it starts, and the job ends now.
             if job["run_id"] and self.launcher is not None:
@@ -261,12 +261,12 @@ class FineTuningService:
                     self.launcher.terminate(job["run_id"])
                 except (LaunchFailed, LaunchUnavailable):
                     log.warning("could not terminate run %s of %s", job["run_id"], job_id)
-            self.catalog.update_fine_tuning_job(
+            self.catalog.fine_tuning.update(
                 job_id, status="cancelled", finished_at=int(time.time())
             )
         # A job that is training stops after its current step (the asset asks between steps).
-        self.catalog.add_fine_tuning_event(job_id, "Cancellation requested", level="warn")
-        return self.catalog.get_fine_tuning_job(job_id)
+        self.catalog.fine_tuning.add_event(job_id, "Cancellation requested", level="warn")
+        return self.catalog.fine_tuning.get(job_id)
 
     def deploy(self, job_id: str, force: bool) -> dict[str, Any]:
         job = self.get(job_id)
@@ -295,5 +295,5 @@ class FineTuningService:
             )
         except (LaunchFailed, LaunchUnavailable) as exc:
             raise APIError(503, f"The deployment was not launched: {exc}") from None
-        self.catalog.add_fine_tuning_event(job_id, f"Deployment queued as Dagster run {run_id}")
+        self.catalog.fine_tuning.add_event(job_id, f"Deployment queued as Dagster run {run_id}")
         return {"job": job, "run_id": run_id, "model": job["fine_tuned_model"], "force": force}

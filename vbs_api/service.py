@@ -17,6 +17,7 @@ from vbs_api.errors import APIError
 from vbs_api.launch import BatchLauncher, LaunchFailed, LaunchUnavailable
 from vbs_resources import Bucket, Catalog
 from vbs_resources import layout as L
+from vbs_resources.catalog import batch_object, file_object
 from vbs_resources.curation import ConquestTypeFileError, ConquestTypes
 from vbs_resources.lifecycle import BatchLifecycle
 from vbs_resources.wire import (
@@ -48,7 +49,7 @@ class BatchService:
     # ---- files -------------------------------------------------------------------------------
 
     def file_row(self, file_id: str) -> dict[str, Any]:
-        row = self.catalog.get_file(file_id)
+        row = self.catalog.files.get(file_id)
         if row is None:
             raise APIError(404, f"No such File object: {file_id[:100]}", param="id")
         return row
@@ -56,7 +57,7 @@ class BatchService:
     def register_upload(
         self, file_id: str, filename: str, purpose: str, size: int, sha256: str
     ) -> FileObject:
-        row = self.catalog.create_file(
+        row = self.catalog.files.create(
             file_id,
             filename=filename,
             purpose=purpose,
@@ -64,11 +65,11 @@ class BatchService:
             path=L.uploaded_file(file_id),
             sha256=sha256,
         )
-        return Catalog.to_openai_file(row)
+        return file_object(row)
 
     def delete_file(self, file_id: str) -> dict[str, Any]:
         """The file's row and its bytes; a batch made from it keeps its own copy."""
-        row = self.catalog.delete_file(file_id)
+        row = self.catalog.files.delete(file_id)
         if row is None:
             raise APIError(404, f"No such File object: {file_id[:100]}", param="id")
         self.bucket.remove(row["path"])
@@ -77,7 +78,7 @@ class BatchService:
     # ---- batches ----------------------------------------------------------------------------
 
     def batch_row(self, batch_id: str) -> dict[str, Any]:
-        row = self.catalog.get_batch(batch_id)
+        row = self.catalog.batches.get(batch_id)
         if row is None:
             raise APIError(404, f"No such Batch object: {batch_id[:100]}", param="id")
         return row
@@ -118,7 +119,7 @@ class BatchService:
             options=options.model_dump(exclude_none=True, exclude={"metadata"}),
         )
         self._launch(batch_id, options, source["filename"])
-        return Catalog.to_openai_batch(self.batch_row(batch_id))
+        return batch_object(self.batch_row(batch_id))
 
     def _check_conquest_metadata(self, metadata: dict[str, str]) -> None:
         """A batch to be curated names a known conquest type, and a records file of its own."""
@@ -137,7 +138,7 @@ class BatchService:
             raise APIError(400, message, param=f"metadata.{L.META_CONQUEST_TYPE}")
         records = metadata.get(L.META_CONQUEST_RECORDS)
         if records is not None:
-            row = self.catalog.get_file(records)
+            row = self.catalog.files.get(records)
             if row is None or row["purpose"] != "user_data":
                 raise APIError(
                     400,
@@ -170,4 +171,4 @@ class BatchService:
         if after in TERMINAL_STATUSES and after != "cancelled":
             # It ended between the read and the cancel: the cancel came too late.
             raise APIError(400, f"Cannot cancel a batch that is {after}.", param="batch_id")
-        return Catalog.to_openai_batch(self.batch_row(batch_id))
+        return batch_object(self.batch_row(batch_id))

@@ -78,7 +78,7 @@ def conquests(
     without a type has none; a type that is not known is reported and skipped, never a failed
     batch."""
     batch_id = context.partition_key
-    batch = catalog.get_batch(batch_id)
+    batch = catalog.batches.get(batch_id)
     if batch is None:
         return _skipped("the batch is not in the catalog")
     metadata = batch.get("batch_metadata") or {}
@@ -110,10 +110,10 @@ def conquests(
             sample.append(row)
         pending.append(row)
         if len(pending) >= _INSERT_ROWS:
-            added += catalog.add_conquests(pending)
+            added += catalog.conquests.add(pending)
             pending = []
             context.log.info(f"{batch_id}: {made} conquests made")
-    added += catalog.add_conquests(pending)
+    added += catalog.conquests.add(pending)
     context.log.info(f"{batch_id}: {made} conquests of type {type_id}, {added} new")
     return dg.MaterializeResult(
         metadata={
@@ -147,7 +147,7 @@ def label_studio_tasks(
     """The batch's conquests as tasks of their type's Label Studio project (one project per
     type, its labeling config generated from the type), each imported once."""
     batch_id = context.partition_key
-    rows = catalog.conquests_of_batch(batch_id)
+    rows = catalog.conquests.of_batch(batch_id)
     if not rows:
         return _skipped("the batch has no conquests")
     type_id = rows[0]["type"]

@@ -186,7 +186,7 @@ def curated_dataset(
     options = {"min_rating": min_rating, "eval_fraction": eval_fraction}
     version = build.version
     written = write_dataset(bucket, build, options)
-    catalog.record_dataset(build.catalog_row(options, context.run_id))
+    catalog.datasets.record(build.catalog_row(options, context.run_id))
     # The version can be trained on: fine_tuned_adapter is partitioned by dataset version.
     if not context.instance.has_dynamic_partition(L.DATASET_VERSION_PARTITIONS, version):
         context.instance.add_dynamic_partitions(L.DATASET_VERSION_PARTITIONS, [version])

@@ -127,7 +127,7 @@ def batch_output(
     )
 
     def fail_keeping_results(errors: list[BatchErrorEntry]) -> bool:
-        sha256 = (catalog.get_batch(batch_id) or {}).get("input_sha256")
+        sha256 = (catalog.batches.get(batch_id) or {}).get("input_sha256")
         return finish(bucket, catalog, lifecycle, batch_id, "failed", sha256, errors=errors)
 
     with batch_step(context, lifecycle, "engine_error", fail_keeping_results):
@@ -157,7 +157,7 @@ def output_complete(
     """Every input custom_id appears exactly once across output.jsonl and errors.jsonl (at most
     once for a batch that stopped early: cancelled or failed)."""
     batch_id = context.op_execution_context.partition_key
-    status = (catalog.get_batch(batch_id) or {}).get("status")
+    status = (catalog.batches.get(batch_id) or {}).get("status")
     partial = status in ("cancelled", "failed")
     requests = L.batch_file(batch_id, L.REQUESTS)
     expected: set[str] = set()
@@ -192,7 +192,7 @@ def error_rate(
     context: dg.AssetCheckExecutionContext, config: ErrorRateConfig, catalog: Catalog
 ) -> dg.AssetCheckResult:
     """Warns when more than ``max_error_rate`` of a batch's requests failed."""
-    row = catalog.get_batch(context.op_execution_context.partition_key) or {}
+    row = catalog.batches.get(context.op_execution_context.partition_key) or {}
     total = row.get("request_total") or 0
     rate = (row.get("request_failed") or 0) / total if total else 0.0
     return dg.AssetCheckResult(

@@ -82,7 +82,7 @@ def ingest(
     """Validate a batch's input once. A batch that was validated before, or has ended, is
     reported as it is; a file that changed since it was taken, or fails validation, fails the
     batch (``InvalidBatchFile`` carries the report)."""
-    row = catalog.get_batch(batch_id)
+    row = catalog.batches.get(batch_id)
     if row is None:
         raise RunRefused(f"{batch_id} is not in the catalog")
     input_path = L.batch_file(batch_id, L.INPUT)

@@ -212,7 +212,7 @@ def register_result_files(bucket: Bucket, catalog: Catalog, batch_id: str) -> di
     ):
         path = L.batch_file(batch_id, name)
         file_id = L.result_file_id(batch_id, kind)
-        catalog.create_file(
+        catalog.files.create(
             file_id,
             filename=f"{batch_id}_{name}",
             purpose="batch_output",
@@ -260,7 +260,7 @@ def finish(
     ``failed`` with ``errors``) with every result its checkpoint holds (``progress``, when the
     caller has it loaded already); for ``expired`` the requests that never ran get
     ``batch_expired`` lines. True when this call ended it."""
-    row = catalog.get_batch(batch_id)
+    row = catalog.batches.get(batch_id)
     if row is None or row["status"] in TERMINAL_STATUSES:
         return False  # ended meanwhile, by its run: its files are final, never touched again
     checkpoint = Checkpoint(bucket, batch_id)
@@ -340,11 +340,11 @@ class BatchRunner:
         holder = row.get("run_id")
         if holder not in (None, self.run_id) and self.run_is_active(holder):
             raise RunRefused(f"run {holder} is processing {row['id']}")
-        if not self.catalog.claim(row["id"], self.run_id, holder):
+        if not self.catalog.batches.claim(row["id"], self.run_id, holder):
             raise RunRefused(f"another run took {row['id']} first")
 
     def run(self, batch_id: str, chunk_size: int) -> RunReport:
-        row = self.catalog.get_batch(batch_id)
+        row = self.catalog.batches.get(batch_id)
         if row is None:
             raise RunRefused(f"{batch_id} is not in the catalog")
         if row["status"] in TERMINAL_STATUSES:
@@ -408,13 +408,13 @@ class BatchRunner:
         ended = finish(
             self.bucket, self.catalog, self.lifecycle, batch_id, status, sha256, progress
         )
-        final = self.catalog.get_batch(batch_id) or row
+        final = self.catalog.batches.get(batch_id) or row
         if not ended and final["status"] == "cancelling":
             # A cancel arrived after the last chunk: it wins, with every result kept.
             finish(
                 self.bucket, self.catalog, self.lifecycle, batch_id, "cancelled", sha256, progress
             )
-            final = self.catalog.get_batch(batch_id) or row
+            final = self.catalog.batches.get(batch_id) or row
         report.status = final["status"]
         report.completed, report.failed = final["request_completed"], final["request_failed"]
         usage = final.get("usage") or {}
@@ -424,7 +424,7 @@ class BatchRunner:
         return report
 
     def _stop(self, batch_id: str) -> str | None:
-        row = self.catalog.get_batch(batch_id)
+        row = self.catalog.batches.get(batch_id)
         if row is None or row["status"] in TERMINAL_STATUSES:
             raise RunRefused(f"{batch_id} was ended by someone else while it ran")
         if row.get("run_id") != self.run_id:

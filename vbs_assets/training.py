@@ -72,7 +72,7 @@ class DeployConfig(dg.Config):
 
 def _dataset(context: dg.AssetExecutionContext, catalog: Catalog) -> dict[str, Any]:
     version = context.partition_key
-    row = catalog.get_dataset(version)
+    row = catalog.datasets.get(version)
     if row is None:
         raise dg.Failure(description=f"No dataset version {version} is recorded.")
     return row
@@ -93,11 +93,11 @@ def _job(
 ) -> dict[str, Any]:
     """The configured job, or the partition's latest that succeeded (and was evaluated)."""
     if job_id:
-        job = catalog.get_fine_tuning_job(job_id)
+        job = catalog.fine_tuning.get(job_id)
         if job is None or job["dataset_version"] != context.partition_key:
             raise dg.Failure(f"No fine-tuning job {job_id} trained on {context.partition_key}.")
         return job
-    for job in catalog.list_fine_tuning_jobs(
+    for job in catalog.fine_tuning.list(
         limit=50, dataset_version=context.partition_key, status="succeeded"
     ):
         if not evaluated or job["evaluation"]:
@@ -185,11 +185,11 @@ def fine_tuned_adapter(
     job = _job_for_run(context, config, catalog, engine, trainer, dataset)
     job_id = job["id"]
     # The retry of a run that died (killed, out of memory) takes its job back and starts clean.
-    if catalog.reopen_fine_tuning_job(job_id, context.run_id):
+    if catalog.fine_tuning.reopen(job_id, context.run_id):
         context.log.warning(f"{job_id}: its previous run died; training again from the start")
-        job = catalog.get_fine_tuning_job(job_id)
+        job = catalog.fine_tuning.get(job_id)
     if job["status"] in ("cancelled", "failed") or job["cancel_requested"]:
-        catalog.update_fine_tuning_job(job_id, status="cancelled", finished_at=int(time.time()))
+        catalog.fine_tuning.update(job_id, status="cancelled", finished_at=int(time.time()))
         raise dg.Failure(f"{job_id} is {job['status']}; create another job to train again.")
     if not bucket.is_local:
         raise dg.Failure("Training needs a local bucket folder (VBS_BUCKET_URL).")
@@ -197,10 +197,10 @@ def fine_tuned_adapter(
     output = bucket.path(L.adapter_folder(job_id))
     hyperparameters = resolve_hyperparameters(job["hyperparameters"])
     started = int(time.time())
-    catalog.update_fine_tuning_job(
+    catalog.fine_tuning.update(
         job_id, status="running", run_id=context.run_id, started_at=started, error=None
     )
-    catalog.add_fine_tuning_event(
+    catalog.fine_tuning.add_event(
         job_id, f"Training {base['name']} on {dataset['version']} with {job['backend']}"
     )
     context.log.info(
@@ -221,10 +221,10 @@ def fine_tuned_adapter(
             "valid_loss": log.eval_loss,
             "learning_rate": log.learning_rate,
         }
-        catalog.add_fine_tuning_event(job_id, message, kind="metrics", data=data)
+        catalog.fine_tuning.add_event(job_id, message, kind="metrics", data=data)
 
     def should_stop() -> bool:
-        row = catalog.get_fine_tuning_job(job_id)
+        row = catalog.fine_tuning.get(job_id)
         return bool(row and row["cancel_requested"])
 
     train_job = TrainingJob(
@@ -241,22 +241,22 @@ def fine_tuned_adapter(
     try:
         outcome = trainer.train(train_job, backend=job["backend"])
     except TrainingStopped as exc:
-        catalog.update_fine_tuning_job(job_id, status="cancelled", finished_at=int(time.time()))
-        catalog.add_fine_tuning_event(job_id, str(exc), level="warn")
+        catalog.fine_tuning.update(job_id, status="cancelled", finished_at=int(time.time()))
+        catalog.fine_tuning.add_event(job_id, str(exc), level="warn")
         raise dg.Failure(description=f"{job_id} was cancelled: {exc}") from None
     except Exception as exc:
         message = f"{type(exc).__name__}: {str(exc)[:500]}"
-        catalog.update_fine_tuning_job(
+        catalog.fine_tuning.update(
             job_id,
             status="failed",
             finished_at=int(time.time()),
             error={"code": "training_failed", "message": message, "param": None},
         )
-        catalog.add_fine_tuning_event(job_id, f"Training failed: {message}", level="error")
+        catalog.fine_tuning.add_event(job_id, f"Training failed: {message}", level="error")
         raise
     name = L.fine_tuned_model_name(base["name"], job["suffix"], job_id)
     result = {**outcome.summary(), "adapter_path": output}
-    if not catalog.update_fine_tuning_job(
+    if not catalog.fine_tuning.update(
         job_id,
         status="succeeded",
         finished_at=int(time.time()),
@@ -265,7 +265,7 @@ def fine_tuned_adapter(
         result=result,
     ):
         raise dg.Failure(f"{job_id} was cancelled as it finished; its adapter is not kept.")
-    catalog.add_fine_tuning_event(job_id, f"The job has successfully completed: {name}")
+    catalog.fine_tuning.add_event(job_id, f"The job has successfully completed: {name}")
     return dg.MaterializeResult(
         metadata={
             "job_id": job_id,
@@ -346,7 +346,7 @@ def adapter_eval(
     rank = json.loads(open(f"{job['adapter_path']}/adapter_config.json", encoding="utf-8").read())[
         "r"
     ]
-    highest = max((m["lora_id"] or 0 for m in catalog.list_models(include_retired=True)), default=0)
+    highest = max((m["lora_id"] or 0 for m in catalog.models.list(include_retired=True)), default=0)
     candidate = ServedModel(
         adapter_name, "adapter", job["adapter_path"], base_name, highest + 1, rank
     )
@@ -390,8 +390,8 @@ def adapter_eval(
         "run_id": context.run_id,
         "evaluated_at": int(time.time()),
     }
-    catalog.annotate_fine_tuning_job(job["id"], evaluation=evaluation)
-    catalog.add_fine_tuning_event(job["id"], verdict.describe(), kind="metrics", data=evaluation)
+    catalog.fine_tuning.annotate(job["id"], evaluation=evaluation)
+    catalog.fine_tuning.add_event(job["id"], verdict.describe(), kind="metrics", data=evaluation)
     return dg.MaterializeResult(
         metadata={
             "job_id": job["id"],
@@ -447,7 +447,7 @@ def deployed_model(
         raise dg.Failure(
             description=f"{job['id']} is not deployed: {reason}. Deploy with force to override."
         )
-    dataset = catalog.get_dataset(job["dataset_version"]) or {}
+    dataset = catalog.datasets.get(job["dataset_version"]) or {}
     now = int(time.time())
     deployment = {"at": now, "run_id": context.run_id, "forced": config.force}
     lineage = {
@@ -475,7 +475,7 @@ def deployed_model(
     word = (
         "forced past a failed evaluation" if config.force and not evaluation.get("passed") else ""
     )
-    catalog.add_fine_tuning_event(job["id"], f"Deployed as {name} {word}".strip())
+    catalog.fine_tuning.add_event(job["id"], f"Deployed as {name} {word}".strip())
     context.log.info(f"{name} deployed{'; retired ' + ', '.join(retired) if retired else ''}")
     return dg.MaterializeResult(
         metadata={

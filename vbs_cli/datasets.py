@@ -76,7 +76,7 @@ def _build(args: argparse.Namespace, settings: Settings, catalog: Any, type_id: 
     except (LaunchFailed, LaunchUnavailable) as exc:
         print(f"vbs: {exc}", file=sys.stderr)
         return 1
-    built = [r for r in catalog.list_datasets(type_id=type_id, limit=50) if r["run_id"] == run_id]
+    built = [r for r in catalog.datasets.list(type_id=type_id, limit=50) if r["run_id"] == run_id]
     line: dict[str, Any] = summary(built[0]) if built else {"type": type_id, "run_id": run_id}
     print(json.dumps({**line, "run_status": status}, ensure_ascii=False), flush=True)
     if status != "SUCCESS":
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     resources = build_resources(settings)
     catalog = resources["catalog"]
     if args.datasets_command == "list":
-        for row in catalog.list_datasets(type_id=args.type_id, limit=args.limit):
+        for row in catalog.datasets.list(type_id=args.type_id, limit=args.limit):
             print(json.dumps(summary(row), ensure_ascii=False))
         return 0
     from vbs_resources.curation import ConquestTypeFileError

@@ -89,7 +89,7 @@ class BatchLifecycle:
         """Record a new batch in ``validating``; False when the id exists already."""
         now = int(time.time())
         window_s = 24 * 3600 if completion_window == "24h" else None
-        return self.catalog.insert_batch(
+        return self.catalog.batches.insert(
             dict(
                 id=batch_id,
                 status="validating",
@@ -129,7 +129,7 @@ class BatchLifecycle:
         the batch has afterwards, None for an unknown batch. A batch that already ended keeps its
         status: the caller reports it."""
         self._move(batch_id, "cancelling")
-        row = self.catalog.get_batch(batch_id)
+        row = self.catalog.batches.get(batch_id)
         return row["status"] if row else None
 
     def finish(self, batch_id: str, status: str, **fields: Any) -> bool:
@@ -141,11 +141,13 @@ class BatchLifecycle:
     def record(self, batch_id: str, **fields: Any) -> bool:
         """Write progress (counts, usage, endpoint, ...) of an unfinished batch; refused (False)
         once the batch is in a terminal status."""
-        return self.catalog.update_unfinished(batch_id, **fields)
+        return self.catalog.batches.update_unfinished(batch_id, **fields)
 
     def _move(self, batch_id: str, to: str, **fields: Any) -> bool:
         event = (new_event_id(), EVENTS[to]) if to in EVENTS else None
-        changed = self.catalog.transition(batch_id, to, ALLOWED_FROM[to], event=event, **fields)
+        changed = self.catalog.batches.transition(
+            batch_id, to, ALLOWED_FROM[to], event=event, **fields
+        )
         if changed and event is not None:
             self._deliver(event[0])
         return changed
@@ -153,7 +155,7 @@ class BatchLifecycle:
     def _deliver(self, event_id: str) -> None:
         webhooks = self.webhooks
         if webhooks is None or not webhooks.urls:
-            self.catalog.finish_event(event_id, delivered=True)  # nothing to deliver to
+            self.catalog.events.finish(event_id, delivered=True)  # nothing to deliver to
             return
         if self.deliver_in_background:
             threading.Thread(

@@ -24,14 +24,14 @@ def _files_of_upload(catalog: Catalog, conquest_ids: list[str]) -> list[dict[str
     counts = Counter(cid.split("#", 1)[0] for cid in conquest_ids)
     found = []
     for file_id, n in sorted(counts.items()):
-        row = catalog.get_file(file_id) or {}
+        row = catalog.files.get(file_id) or {}
         found.append({"file_id": file_id, "examples": n, "sha256": row.get("sha256"),
                       "filename": row.get("filename")})  # fmt: skip
     return found
 
 
 def model_lineage(catalog: Catalog, name: str) -> dict[str, Any]:
-    model = catalog.get_model(name)
+    model = catalog.models.get(name)
     if model is None:
         raise LineageError(f"No model named {name[:100]!r} is registered.")
     lineage = model["lineage"] or {}
@@ -48,7 +48,7 @@ def model_lineage(catalog: Catalog, name: str) -> dict[str, Any]:
             "forced": lineage.get("forced", False),
         }
     }
-    job = catalog.get_fine_tuning_job(lineage["job_id"]) if lineage.get("job_id") else None
+    job = catalog.fine_tuning.get(lineage["job_id"]) if lineage.get("job_id") else None
     if job is None:
         chain["note"] = (
             "This model was not trained here (a configured or hand-registered model)."
@@ -66,7 +66,7 @@ def model_lineage(catalog: Catalog, name: str) -> dict[str, Any]:
         "result": job["result"],
         "evaluation": job["evaluation"],
     }
-    dataset = catalog.get_dataset(job["dataset_version"])
+    dataset = catalog.datasets.get(job["dataset_version"])
     if dataset is None:
         chain["note"] = f"The dataset version {job['dataset_version']} is not in the catalog."
         return chain
@@ -85,8 +85,8 @@ def model_lineage(catalog: Catalog, name: str) -> dict[str, Any]:
         chain["files"] = _files_of_upload(catalog, all_ids)
         return chain
     batches = []
-    for batch_id, n in sorted(catalog.conquest_batches(all_ids).items()):
-        row = catalog.get_batch(batch_id) or {}
+    for batch_id, n in sorted(catalog.conquests.batches_of(all_ids).items()):
+        row = catalog.batches.get(batch_id) or {}
         batches.append(
             {
                 "batch_id": batch_id,

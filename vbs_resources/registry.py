@@ -153,13 +153,13 @@ class ModelRegistry:
     # ---- reading ----------------------------------------------------------------------------
 
     def get(self, name: str) -> dict[str, Any]:
-        row = self.catalog.get_model(name)
+        row = self.catalog.models.get(name)
         if row is None:
             raise RegistryError(f"No model named {name[:100]!r} is registered.", "name", 404)
         return row
 
     def list(self, include_retired: bool = False) -> list[dict[str, Any]]:
-        return self.catalog.list_models(include_retired)
+        return self.catalog.models.list(include_retired)
 
     def snapshot(self) -> ServedModels:
         return ServedModels(
@@ -173,7 +173,7 @@ class ModelRegistry:
                     row["rank"],
                     **{k: v for k, v in (row["options"] or {}).items() if k in PARSER_OPTIONS},
                 )
-                for row in self.catalog.list_models()
+                for row in self.catalog.models.list()
             }
         )
 
@@ -185,9 +185,9 @@ class ModelRegistry:
         notes = []
         for model in configured:
             check_parsers(model.tool_call_parser, model.reasoning_parser)
-            existing = self.catalog.get_model(model.name)
+            existing = self.catalog.models.get(model.name)
             if existing is None:
-                self.catalog.insert_model(
+                self.catalog.models.insert(
                     self._row(model.name, model.kind, model.path, options=model.options)
                 )
             elif existing["kind"] != model.kind:
@@ -196,7 +196,7 @@ class ModelRegistry:
                     f"{existing['kind']}; the registration stands"
                 )
             elif (existing["path"], existing["options"]) != (model.path, model.options):
-                self.catalog.update_configured_model(
+                self.catalog.models.update_configured(
                     model.name, model.kind, model.path, model.options
                 )
         return notes
@@ -234,7 +234,7 @@ class ModelRegistry:
             lineage=lineage,
             options=options,
         )
-        if not self.catalog.insert_model(row):
+        if not self.catalog.models.insert(row):
             raise RegistryError(f"The name {name!r} is taken (names are never reused).", "name")
         return self.get(name)
 
@@ -245,22 +245,22 @@ class ModelRegistry:
         available again when it was retired (a rollback). The other available models whose
         names start with ``replaces`` (the same base and suffix) are retired, so one version of
         a fine-tuned model answers at a time. Returns the row and the names retired."""
-        existing = self.catalog.get_model(name)
+        existing = self.catalog.models.get(name)
         if existing is None:
             row = self.add_adapter(name, path, base=base, lineage=lineage)
         else:
             if existing["kind"] != "adapter" or existing["path"] != str(Path(path).resolve()):
                 raise RegistryError(f"The name {name!r} is taken by another model.", "name")
             history = [*(existing["lineage"] or {}).get("deployments", [])]
-            self.catalog.redeploy_model(
+            self.catalog.models.redeploy(
                 name, {**lineage, "deployments": history + lineage.get("deployments", [])}
             )
             row = self.get(name)
         retired = []
         if replaces:
-            for other in self.catalog.list_models():
+            for other in self.catalog.models.list():
                 if other["name"] != name and other["name"].startswith(replaces):
-                    self.catalog.retire_model(other["name"])
+                    self.catalog.models.retire(other["name"])
                     retired.append(other["name"])
         return row, retired
 
@@ -268,7 +268,7 @@ class ModelRegistry:
         row = self.get(name)
         if row["status"] == "retired":
             raise RegistryError(f"{name} is retired already.", "name")
-        self.catalog.retire_model(name)
+        self.catalog.models.retire(name)
         return self.get(name)
 
     # ---- checks -----------------------------------------------------------------------------
@@ -335,7 +335,7 @@ class ModelRegistry:
         return config
 
     def _base_for(self, base: str | None, config: dict[str, Any]) -> dict[str, Any]:
-        bases = [m for m in self.catalog.list_models() if m["kind"] == "base"]
+        bases = [m for m in self.catalog.models.list() if m["kind"] == "base"]
         if base is None:
             if len(bases) != 1:
                 raise RegistryError(

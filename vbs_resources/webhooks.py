@@ -81,9 +81,9 @@ class Webhooks(dg.ConfigurableResource):
         (``max_attempts`` by default); False when another process has it, it was delivered
         already, or a URL refused it. An event is given up once ``max_attempts`` tries were
         made in all, by whichever processes made them."""
-        if not catalog.claim_event(event_id, self.lease_seconds):
+        if not catalog.events.claim(event_id, self.lease_seconds):
             return False
-        event = catalog.get_event(event_id)
+        event = catalog.events.get(event_id)
         if event is None:
             return False
         body = (
@@ -98,16 +98,16 @@ class Webhooks(dg.ConfigurableResource):
         )
         delivered, spent = True, True
         for url in self.urls:
-            if catalog.delivery_attempts(event_id, url, succeeded=True):
+            if catalog.events.delivery_attempts(event_id, url, succeeded=True):
                 continue  # this receiver has it from an earlier try
             if not self._post(catalog, url, event, body, sleep, attempts or self.max_attempts):
                 delivered = False
-                spent &= catalog.delivery_attempts(event_id, url) >= self.max_attempts
+                spent &= catalog.events.delivery_attempts(event_id, url) >= self.max_attempts
         if delivered or spent:
             # Done: every receiver has it, or every one that has not refused it every time.
-            catalog.finish_event(event_id, delivered=delivered)
+            catalog.events.finish(event_id, delivered=delivered)
         else:
-            catalog.release_event(event_id)
+            catalog.events.release(event_id)
         return delivered
 
     def deliver_pending(
@@ -117,11 +117,11 @@ class Webhooks(dg.ConfigurableResource):
         reconciler calls this every tick, so ticks are the retries); returns how many went
         through. Stops after ``budget_seconds``, leaving the rest for the next tick."""
         done, started = 0, time.monotonic()
-        for event in catalog.undelivered_events(time.time() - older_than_seconds):
+        for event in catalog.events.undelivered(time.time() - older_than_seconds):
             if time.monotonic() - started > budget_seconds:
                 break
             if not self.urls:
-                catalog.finish_event(event["id"], delivered=True)
+                catalog.events.finish(event["id"], delivered=True)
                 continue
             done += self.deliver(catalog, event["id"], attempts=1)
         return done
@@ -136,7 +136,7 @@ class Webhooks(dg.ConfigurableResource):
         attempts: int,
     ) -> bool:
         secret = self._secret()
-        first = catalog.delivery_attempts(event["id"], url) + 1
+        first = catalog.events.delivery_attempts(event["id"], url) + 1
         last = min(first + attempts - 1, self.max_attempts)
         with httpx.Client(follow_redirects=False, timeout=self.timeout_seconds) as http:
             for attempt in range(first, last + 1):
@@ -158,7 +158,7 @@ class Webhooks(dg.ConfigurableResource):
                         error = f"HTTP {status_code}"
                 except httpx.HTTPError as exc:
                     error = f"{type(exc).__name__}"
-                catalog.log_webhook_delivery(
+                catalog.events.log_delivery(
                     event_id=event["id"],
                     batch_id=event["batch_id"],
                     event_type=event["type"],

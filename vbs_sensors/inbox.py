@@ -122,7 +122,7 @@ def take(
     batch_id = L.content_batch_id(content_sha)
     target = L.batch_file(batch_id, L.INPUT)
     catalog = lifecycle.catalog
-    if catalog.get_batch(batch_id) is not None and bucket.exists(target):
+    if catalog.batches.get(batch_id) is not None and bucket.exists(target):
         moved_to = _free_name(bucket, L.INBOX_DUPLICATES, name)
         try:
             bucket.move(rel, moved_to)
@@ -156,7 +156,7 @@ def take(
         bucket.move(rel, target)
     except OSError as exc:
         if created:
-            catalog.delete_new_batch(batch_id)
+            catalog.batches.delete_new(batch_id)
         raise InboxProblem("cannot_move", f"cannot move {name}: {exc.strerror}") from None
     if sidecar is not None:
         # The options are in the catalog already; the sidecar is kept with the batch as a
@@ -183,7 +183,7 @@ def _orphan_sidecar(catalog: Catalog, name: str) -> str:
         "so write the sidecar first"
     )
     for candidate in (f"{stem}.jsonl", f"{stem}.JSONL"):
-        taken = catalog.latest_batch_named(candidate)
+        taken = catalog.batches.latest_named(candidate)
         if taken is not None:
             return (
                 f"{name} arrived after {candidate} was taken as {taken['id']}, so it was not "
@@ -275,7 +275,7 @@ def inbox_sensor(
     cursor = json.loads(context.cursor) if context.cursor else {}
     lifecycle = BatchLifecycle(catalog, webhooks)
     tick = evaluate(bucket, lifecycle, cursor.get("seen", {}), context.log)
-    for name, message in catalog.set_inbox_problems(tick.problems).items():
+    for name, message in catalog.inbox.set_problems(tick.problems).items():
         context.log.warning(f"inbox: {name}: {message}")
     new_cursor = json.dumps({"seen": tick.seen}, sort_keys=True)
     if not tick.run_requests:

@@ -183,7 +183,7 @@ def reconcile_batch(
         return None, None  # its run will see a cancel or an expiry at its next chunk
     # Read again now that its runs are known: a run may have ended it since the tick began.
     catalog = lifecycle.catalog
-    row = catalog.get_batch(batch_id) or row
+    row = catalog.batches.get(batch_id) or row
     if row["status"] in TERMINAL_STATUSES:
         return None, None
     sha = row.get("input_sha256")
@@ -191,7 +191,9 @@ def reconcile_batch(
     def end(status: str, errors: list[BatchErrorEntry] | None = None) -> str | None:
         # Take the batch from whatever run held it (compare and swap), so that a run starting
         # meanwhile finds it taken and stops, instead of both writing its files.
-        if not catalog.claim(batch_id, f"reconciler-{uuid.uuid4().hex[:12]}", row.get("run_id")):
+        if not catalog.batches.claim(
+            batch_id, f"reconciler-{uuid.uuid4().hex[:12]}", row.get("run_id")
+        ):
             return None
         done = finish(bucket, catalog, lifecycle, batch_id, status, sha, errors=errors)
         return f"{batch_id}: {status}" if done else None
@@ -251,7 +253,7 @@ def reconcile(
     lifecycle = BatchLifecycle(catalog, webhooks, deliver_in_background=True)
     result = Reconciliation(actions=release_orphaned_runs(instance))
     inbox_names = {e.name for e in bucket.list_entries(L.INBOX)}
-    for row in catalog.unfinished_batches():
+    for row in catalog.batches.unfinished():
         note, request = reconcile_batch(instance, bucket, lifecycle, row, now, inbox_names)
         if note:
             result.actions.append(note)

@@ -13,7 +13,7 @@ from starlette.routing import Route
 from vbs_api.errors import APIError
 from vbs_api.routers import list_page
 from vbs_api.state import state
-from vbs_resources import Catalog
+from vbs_resources.catalog import batch_object
 from vbs_resources.strict_json import JSONError
 from vbs_resources.strict_json import loads as strict_loads
 from vbs_resources.wire import CreateBatchRequest
@@ -85,10 +85,10 @@ async def retrieve_batch(request: Request) -> Response:
     polled: PollCache = vbs.extras["poll_cache"]
     body = polled.get(batch_id, vbs.catalog.change_counter(vbs.reads))
     if body is None:
-        row = vbs.catalog.get_batch(batch_id, vbs.reads)
+        row = vbs.catalog.batches.get(batch_id, vbs.reads)
         if row is None:
             raise APIError(404, f"No such Batch object: {batch_id[:100]}", param="id")
-        body = polled.put(batch_id, Catalog.to_openai_batch(row).model_dump_json().encode())
+        body = polled.put(batch_id, batch_object(row).model_dump_json().encode())
     return Response(body, media_type="application/json")
 
 
@@ -105,8 +105,8 @@ async def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JSONResponse:
     vbs = state(request)
-    rows = vbs.catalog.list_batches(limit=limit + 1, after=after, conn=vbs.reads)
-    return list_page(rows, limit, Catalog.to_openai_batch)
+    rows = vbs.catalog.batches.list(limit=limit + 1, after=after, conn=vbs.reads)
+    return list_page(rows, limit, batch_object)
 
 
 @router.post("/{batch_id}/cancel")

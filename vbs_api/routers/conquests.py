@@ -47,11 +47,11 @@ def conquest_object(row: dict[str, Any], **extra: Any) -> ConquestObject:
 
 def _one(request: Request, conquest_id: str) -> ConquestObject:
     catalog = state(request).catalog
-    row = catalog.get_conquest(conquest_id)
+    row = catalog.conquests.get(conquest_id)
     if row is None:
         raise APIError(404, f"No such conquest: {conquest_id[:100]}", param="conquest_id")
-    current = catalog.annotation_of(conquest_id) or {}
-    history = [_annotation(h) for h in catalog.annotation_history_of(conquest_id)]
+    current = catalog.conquests.annotation_of(conquest_id) or {}
+    history = [_annotation(h) for h in catalog.conquests.annotation_history_of(conquest_id)]
     return ConquestObject(
         **{k: row[k] for k in ConquestObject.model_fields if k in row},
         annotation=_annotation(current),
@@ -71,7 +71,7 @@ async def list_conquests(
     after: Annotated[str | None, Query(max_length=100)] = None,
 ) -> JSONResponse:
     vbs = state(request)
-    rows = vbs.catalog.list_conquests(
+    rows = vbs.catalog.conquests.list(
         type_id=type, status=status, result=result, gold=gold, min_rating=min_rating,
         limit=limit, after=after, conn=vbs.reads,
     )  # fmt: skip
@@ -90,7 +90,7 @@ async def annotate_conquest(request: Request, conquest_id: str) -> JSONResponse:
     vbs = state(request)
 
     def annotate() -> ConquestObject:
-        row = vbs.catalog.get_conquest(conquest_id)
+        row = vbs.catalog.conquests.get(conquest_id)
         if row is None:
             raise APIError(404, f"No such conquest: {conquest_id[:100]}", param="conquest_id")
         try:
@@ -104,7 +104,7 @@ async def annotate_conquest(request: Request, conquest_id: str) -> JSONResponse:
         except AnnotationError as exc:
             raise APIError(400, str(exc), param=exc.field) from None
         result = result_of(values, vbs.settings.gold_min_rating)
-        vbs.catalog.record_annotation(conquest_id, values, result)
+        vbs.catalog.conquests.record_annotation(conquest_id, values, result)
         return _one(request, conquest_id)
 
     return JSONResponse((await run_in_threadpool(annotate)).model_dump())

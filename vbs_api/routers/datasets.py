@@ -46,14 +46,14 @@ async def list_datasets(
     after: Annotated[str | None, Query(max_length=100)] = None,
 ) -> JSONResponse:
     vbs = state(request)
-    rows = vbs.catalog.list_datasets(type_id=type, limit=limit, after=after, conn=vbs.reads)
+    rows = vbs.catalog.datasets.list(type_id=type, limit=limit, after=after, conn=vbs.reads)
     return list_page(rows, limit, dataset_object)
 
 
 @router.get("/{version}")
 async def retrieve_dataset(request: Request, version: str) -> JSONResponse:
     vbs = state(request)
-    row = vbs.catalog.get_dataset(version, vbs.reads) if L.is_dataset_version(version) else None
+    row = vbs.catalog.datasets.get(version, vbs.reads) if L.is_dataset_version(version) else None
     if row is None:
         raise APIError(404, f"No such dataset version: {version[:100]}", param="version")
     return JSONResponse(dataset_object(row, with_conquests=True).model_dump())

@@ -12,8 +12,8 @@ from vbs_api.errors import APIError
 from vbs_api.routers import list_page
 from vbs_api.state import state
 from vbs_api.upload import receive_upload
-from vbs_resources import Catalog
 from vbs_resources import layout as L
+from vbs_resources.catalog import file_object
 
 router = APIRouter(prefix="/v1/files")
 # batch: a batch's input. user_data: anything else a client keeps with the platform, such as the
@@ -65,17 +65,17 @@ async def list_files(
     order: Literal["asc", "desc"] = "desc",
 ) -> JSONResponse:
     vbs = state(request)
-    rows = vbs.catalog.list_files(purpose, limit + 1, after, order, conn=vbs.reads)
-    return list_page(rows, limit, Catalog.to_openai_file)
+    rows = vbs.catalog.files.list(purpose, limit + 1, after, order, conn=vbs.reads)
+    return list_page(rows, limit, file_object)
 
 
 @router.get("/{file_id}")
 async def retrieve_file(request: Request, file_id: str) -> JSONResponse:
     vbs = state(request)
-    row = vbs.catalog.get_file(file_id, vbs.reads)
+    row = vbs.catalog.files.get(file_id, vbs.reads)
     if row is None:
         raise APIError(404, f"No such File object: {file_id[:100]}", param="id")
-    return JSONResponse(Catalog.to_openai_file(row).model_dump())
+    return JSONResponse(file_object(row).model_dump())
 
 
 @router.get("/{file_id}/content")

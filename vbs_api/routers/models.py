@@ -25,7 +25,7 @@ def model_object(row: dict[str, Any]) -> ModelObject:
 @router.get("")
 async def list_models(request: Request) -> JSONResponse:
     vbs = state(request)
-    data = [model_object(r).model_dump() for r in vbs.catalog.list_models(conn=vbs.reads)]
+    data = [model_object(r).model_dump() for r in vbs.catalog.models.list(conn=vbs.reads)]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -43,7 +43,7 @@ def retrieve_lineage(request: Request, model_id: str) -> JSONResponse:
 @router.get("/{model_id:path}")
 async def retrieve_model(request: Request, model_id: str) -> JSONResponse:
     vbs = state(request)
-    row = vbs.catalog.get_model(model_id, vbs.reads)
+    row = vbs.catalog.models.get(model_id, vbs.reads)
     if row is None or row["status"] != "available":
         raise APIError(
             404,

@@ -18,7 +18,7 @@ router = APIRouter()
 async def inbox(request: Request) -> dict[str, Any]:
     """What the inbox sensor could not take, and why (a vbs extension)."""
     vbs = state(request)
-    problems = vbs.catalog.list_inbox_problems(vbs.reads)
+    problems = vbs.catalog.inbox.problems(vbs.reads)
     data = [
         {
             "name": p["name"],
@@ -35,7 +35,7 @@ async def inbox(request: Request) -> dict[str, Any]:
 @router.get("/health")
 async def health(request: Request) -> dict[str, str]:
     vbs = state(request)
-    vbs.catalog.get_batch("batch_healthcheck", vbs.reads)  # the catalog answers
+    vbs.catalog.batches.get("batch_healthcheck", vbs.reads)  # the catalog answers
     return {"status": "ok"}
 
 
@@ -43,12 +43,12 @@ async def health(request: Request) -> dict[str, str]:
 def metrics(request: Request) -> PlainTextResponse:
     vbs = state(request)
     gauges = vbs.extras["gauges"]
-    counts = vbs.catalog.count_batches_by_status()
+    counts = vbs.catalog.batches.count_by_status()
     # Every status, every time: a status no batch is in any more reads 0, not its last value.
     for status in BATCH_STATUSES:
         gauges["batches"].labels(status).set(counts.get(status, 0))
     gauges["queue"].set(sum(counts.get(s, 0) for s in ("validating", "in_progress", "finalizing")))
-    totals = vbs.catalog.totals()
+    totals = vbs.catalog.batches.totals()
     gauges["requests"].labels("completed").set(totals["requests_completed"])
     gauges["requests"].labels("failed").set(totals["requests_failed"])
     gauges["tokens"].labels("input").set(totals["input_tokens"])

@@ -26,7 +26,7 @@ class ConquestSourceError(ValueError):
 
 def records_of(bucket: Bucket, catalog: Catalog, file_id: str) -> dict[str, dict[str, Any]]:
     """The records file a submit uploaded (purpose ``user_data``): each record by custom_id."""
-    row = catalog.get_file(file_id)
+    row = catalog.files.get(file_id)
     if row is None:
         raise ConquestSourceError(f"the records file {file_id} is gone")
     records: dict[str, dict[str, Any]] = {}

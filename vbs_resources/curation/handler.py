@@ -42,7 +42,7 @@ class LabelStudioHandler:
         """The type's project, made (or its config updated) as needed."""
         config = labeling_config(conquest_type)
         digest = hashlib.sha256(config.encode()).hexdigest()
-        row = self.catalog.label_studio_project(conquest_type.id, self.url)
+        row = self.catalog.label_studio.project(conquest_type.id, self.url)
         now = time.time()
         title = f"{conquest_type.name} ({conquest_type.id})"
         if row is not None and self.label_studio.get_project(row["project_id"]) is not None:
@@ -56,7 +56,7 @@ class LabelStudioHandler:
                         f"conquest type {conquest_type.id} version {conquest_type.version}: "
                         f"Label Studio keeps the old config: {exc}"
                     ) from None
-                self.catalog.save_label_studio_project(
+                self.catalog.label_studio.save_project(
                     {**row, "type_version": conquest_type.version, "config_sha256": digest,
                      "updated_at": now}
                 )  # fmt: skip
@@ -64,7 +64,7 @@ class LabelStudioHandler:
                     export.config_updated = True
             return int(row["project_id"])
         project_id = self.label_studio.create_project(title, config, conquest_type.description)
-        self.catalog.save_label_studio_project(
+        self.catalog.label_studio.save_project(
             {
                 "type": conquest_type.id,
                 "url": self.url,
@@ -83,7 +83,7 @@ class LabelStudioHandler:
         """Each conquest as a task of its type's project, once."""
         export = Export(project_id=0)
         project_id = export.project_id = self.project_for(conquest_type, export)
-        known = self.catalog.label_studio_tasks_of(
+        known = self.catalog.label_studio.tasks_of(
             self.url, project_id, [c["id"] for c in conquests]
         )
         export.already = sum(1 for task_id in known.values() if task_id is not None)
@@ -94,11 +94,11 @@ class LabelStudioHandler:
                 for task in self.label_studio.tasks(project_id)
                 if task["data"].get("conquest_id") in unconfirmed
             }
-            self.catalog.finish_label_studio_tasks(self.url, found)
+            self.catalog.label_studio.finish_tasks(self.url, found)
             export.recovered = len(found)
             unconfirmed -= found.keys()
         new = [c for c in conquests if c["id"] not in known]
-        self.catalog.start_label_studio_tasks(self.url, project_id, [c["id"] for c in new])
+        self.catalog.label_studio.start_tasks(self.url, project_id, [c["id"] for c in new])
         todo = [c for c in conquests if c["id"] in unconfirmed] + new
         for start in range(0, len(todo), IMPORT_CHUNK):
             chunk = todo[start : start + IMPORT_CHUNK]
@@ -108,7 +108,7 @@ class LabelStudioHandler:
                 raise LabelStudioError(
                     f"Label Studio made {len(task_ids)} tasks of {len(chunk)} (project {project_id})"
                 )
-            self.catalog.finish_label_studio_tasks(
+            self.catalog.label_studio.finish_tasks(
                 self.url, {c["id"]: t for c, t in zip(chunk, task_ids, strict=True)}
             )
             export.imported += len(chunk)

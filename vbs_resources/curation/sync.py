@@ -55,7 +55,7 @@ def sync_annotations(
     report = SyncReport()
     url = label_studio.url.rstrip("/")
     cursor = dict(cursor)
-    for project in catalog.label_studio_projects_at(url):
+    for project in catalog.label_studio.projects_at(url):
         project_id = project["project_id"]
         key = str(project_id)
         try:
@@ -88,7 +88,7 @@ def _record_task(
         return
     conquest_id = (task.get("data") or {}).get("conquest_id")
     where = f"task {task.get('id')} of project {project_id}"
-    if not isinstance(conquest_id, str) or catalog.get_conquest(conquest_id) is None:
+    if not isinstance(conquest_id, str) or catalog.conquests.get(conquest_id) is None:
         report.problems.append(f"{where}: no conquest {str(conquest_id)[:80]!r}")
         return
     made.sort(key=lambda a: a.get("updated_at") or a.get("created_at") or "")
@@ -103,5 +103,7 @@ def _record_task(
                 + f": {exc}"
             )
             continue
-        outcome = catalog.record_annotation(conquest_id, values, result_of(values, gold_rating))
+        outcome = catalog.conquests.record_annotation(
+            conquest_id, values, result_of(values, gold_rating)
+        )
         report.counts[outcome] = report.counts.get(outcome, 0) + 1

@@ -88,7 +88,7 @@ def create_job(
     status: str = "queued",
 ) -> dict[str, Any]:
     check_backend(backend)
-    return catalog.insert_fine_tuning_job(
+    return catalog.fine_tuning.insert(
         {
             "id": L.new_job_id(),
             "model": model,

@@ -26,7 +26,7 @@ def deployed_for_type(catalog: Catalog, type_id: str) -> dict[str, Any] | None:
     """The type's most recently deployed available fine-tuned model, if any."""
     found = [
         m
-        for m in catalog.list_models()
+        for m in catalog.models.list()
         if m["kind"] == "adapter" and (m["lineage"] or {}).get("dataset_type") == type_id
     ]
     return max(found, key=lambda m: m["lineage"].get("deployed_at", 0), default=None)
@@ -39,7 +39,7 @@ def decide(catalog: Catalog, type_id: str, min_rating: int, min_new: int) -> Ret
     dataset_version = None
     if model is not None:
         dataset_version = model["lineage"].get("dataset_version")
-        dataset = catalog.get_dataset(dataset_version) if dataset_version else None
+        dataset = catalog.datasets.get(dataset_version) if dataset_version else None
         ids = (dataset or {}).get("conquest_ids") or {}
         trained = {*ids.get("train", []), *ids.get("eval", [])}
     new = len(gold - trained)
