@@ -160,7 +160,7 @@ def test_the_whole_platform_killed_mid_batch_finishes_it_after_a_restart(
         ).records
         resumed = records[0].asset_materialization.metadata["resumed_requests"].value
         assert resumed >= before["request_completed"]
-        events = platform.resources["catalog"].events.of_batch(batch_id)
+        events = platform.resources["catalog"].events.of_subject(batch_id)
         assert [e["type"] for e in events] == ["batch.completed"]
     finally:
         seconds = process.stop()

@@ -99,7 +99,7 @@ def snapshot(platform, batch_id: str):
     folder = platform.home / "bucket" / "batches" / batch_id
     files = {p.name: p.read_bytes() for p in folder.glob("*.jsonl") if p.name != "input.jsonl"}
     row = platform.batch(batch_id)
-    events = platform.resources["catalog"].events.of_batch(batch_id)
+    events = platform.resources["catalog"].events.of_subject(batch_id)
     return {k: v for k, v in row.items() if k not in ("updated_at", "run_id")}, files, events
 
 

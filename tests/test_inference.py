@@ -418,7 +418,7 @@ def test_an_exception_in_the_step_fails_the_batch_without_internals(resources, i
     [error] = row["errors"]
     assert error["code"] == "engine_error" and result.run_id in error["message"]
     assert "secret" not in error["message"] and "pw@" not in error["message"]
-    assert [e["type"] for e in resources["catalog"].events.of_batch(batch_id)] == ["batch.failed"]
+    assert [e["type"] for e in resources["catalog"].events.of_subject(batch_id)] == ["batch.failed"]
 
 
 def test_a_second_run_never_races_an_active_one(resources, instance):

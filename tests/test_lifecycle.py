@@ -65,7 +65,7 @@ def test_an_ended_batch_refuses_every_change(catalog, ending):
     assert {k: v for k, v in after.items() if k != "updated_at"} == {
         k: v for k, v in before.items() if k != "updated_at"
     }
-    assert len(catalog.events.of_batch(batch_id)) == 1
+    assert len(catalog.events.of_subject(batch_id)) == 1
 
 
 def test_each_ending_has_exactly_one_event_and_its_timestamp(catalog):
@@ -73,7 +73,7 @@ def test_each_ending_has_exactly_one_event_and_its_timestamp(catalog):
     batch_id = new(lifecycle, status="finalizing")
     assert lifecycle.finish(batch_id, "completed", request_completed=3)
     assert not lifecycle.finish(batch_id, "completed")
-    [event] = catalog.events.of_batch(batch_id)
+    [event] = catalog.events.of_subject(batch_id)
     assert event["type"] == "batch.completed" and event["delivered_at"]  # no URLs: handled
     row = catalog.batches.get(batch_id)
     assert row["completed_at"] >= row["finalizing_at"] >= row["in_progress_at"]
@@ -120,7 +120,7 @@ def test_cancel_racing_completion_never_leaves_a_completed_batch_cancelling(cata
             assert status == "completed" and outcome["cancel"] in (400, "completed")
         else:
             assert status == "cancelling" and outcome["cancel"] == "cancelling"
-        events = [e["type"] for e in catalog.events.of_batch(batch_id)]
+        events = [e["type"] for e in catalog.events.of_subject(batch_id)]
         assert events == (["batch.completed"] if outcome["completed"] else [])
         seen.add(status)
     assert seen  # both outcomes are legal; which ones occur depends on timing
@@ -178,7 +178,7 @@ def test_ended_batches_are_recorded_as_they_are_when_materialized_again(resource
             for p in ("output.jsonl", "errors.jsonl")
             if bucket.exists(f"batches/{batch_id}/{p}")
         }
-        return catalog.batches.get(batch_id), files, catalog.events.of_batch(batch_id)
+        return catalog.batches.get(batch_id), files, catalog.events.of_subject(batch_id)
 
     before = {b: snapshot(b) for b in (done, invalid, cancelled)}
     assert [before[b][0]["status"] for b in (done, invalid, cancelled)] == [
@@ -275,7 +275,7 @@ def test_a_catalog_from_before_migrations_is_upgraded_keeping_its_rows(tmp_path)
     catalog = Catalog(url=f"sqlite:///{path}")
     row = catalog.batches.get("batch_old00001")
     assert row["status"] == "completed" and row["batch_metadata"] == {"team": "a"}
-    assert row["input_sha256"] is None and catalog.events.of_batch("batch_old00001") == []
+    assert row["input_sha256"] is None and catalog.events.of_subject("batch_old00001") == []
     from vbs_resources import migrations
 
     with catalog.engine.connect() as conn:
@@ -320,7 +320,7 @@ def test_errors_after_completion_never_change_the_batch(resources, instance, mon
     assert result.success
     row = resources["catalog"].batches.get(batch_id)
     assert row["status"] == "completed" and row["failed_at"] is None and row["errors"] is None
-    [event] = resources["catalog"].events.of_batch(batch_id)
+    [event] = resources["catalog"].events.of_subject(batch_id)
     assert event["type"] == "batch.completed" and event["delivered_at"] is None  # for the sweep
 
 

@@ -64,7 +64,7 @@ def test_a_run_terminated_from_dagster_ends_its_batch_cancelled_keeping_results(
     row = resources["catalog"].batches.get(batch)
     assert row["status"] == "cancelled" and row["request_completed"] == 1
     assert row["output_file_id"] and outputs(resources, batch) == ["q0"]
-    assert [e["type"] for e in resources["catalog"].events.of_batch(batch)] == ["batch.cancelled"]
+    assert [e["type"] for e in resources["catalog"].events.of_subject(batch)] == ["batch.cancelled"]
     assert tick(instance, resources).actions == []  # nothing more to do, ever
 
 

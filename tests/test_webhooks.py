@@ -30,7 +30,7 @@ def event_for(catalog, batch_id, status="completed"):
         lifecycle.fail(batch_id, [])
     else:
         lifecycle.finish(batch_id, status)
-    [event] = catalog.events.of_batch(batch_id)
+    [event] = catalog.events.of_subject(batch_id)
     return event["id"]
 
 
@@ -38,13 +38,11 @@ def undeliver(catalog, event_id):
     """Make an event undelivered again (the lifecycle above had no URL to send it to)."""
     import sqlalchemy as sa
 
-    from vbs_resources.catalog import batch_events
+    from vbs_resources.catalog import events
 
     with catalog.engine.begin() as conn:
         conn.execute(
-            sa.update(batch_events)
-            .where(batch_events.c.id == event_id)
-            .values(delivered_at=None, created_at=0)
+            sa.update(events).where(events.c.id == event_id).values(delivered_at=None, created_at=0)
         )
 
 

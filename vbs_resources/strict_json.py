@@ -144,3 +144,23 @@ def loads(raw: bytes | str, max_depth: int = MAX_DEPTH) -> Any:
     if deep or surrogates:
         _walk(value, max_depth, surrogates)
     return value
+
+
+def dumps(value: Any) -> str:
+    """``value`` as JSON text, refusing what is not JSON (``NaN``, ``Infinity``, strings with
+    lone surrogates, values nested too deep to encode) with a ``JSONError``. The catalog writes
+    every JSON column through this, so nothing it stores can fail to read back or to encode."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except RecursionError:
+        raise JSONError("the value is nested too deep to store") from None
+    except ValueError as exc:
+        raise JSONError(f"the value is not JSON: {quote(str(exc), 80)}") from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise JSONError(
+            f"a string holds an unpaired surrogate (\\u{ord(text[exc.start]):04x}), which is not "
+            "valid Unicode"
+        ) from None
+    return text

@@ -1,6 +1,6 @@
 """Webhooks as a result handler: batch events, signed as OpenAI signs its webhooks.
 
-Events come from the catalog's outbox (``batch_events``), where the lifecycle writes each one in
+Events come from the catalog's outbox (``events``), where the lifecycle writes each one in
 the same transaction as the status change it announces, so an event exists exactly once. The
 process that made the change delivers it at once; an event whose delivery was cut short (the
 process died) is delivered by the reconciler sensor later, with the same ``webhook-id``, which
@@ -91,7 +91,7 @@ class Webhooks(dg.ConfigurableResource):
                 id=event["id"],
                 type=event["type"],
                 created_at=event["created_at"],
-                data=WebhookEventData(id=event["batch_id"]),
+                data=WebhookEventData(id=event["subject_id"]),
             )
             .model_dump_json()
             .encode()
@@ -160,7 +160,7 @@ class Webhooks(dg.ConfigurableResource):
                     error = f"{type(exc).__name__}"
                 catalog.events.log_delivery(
                     event_id=event["id"],
-                    batch_id=event["batch_id"],
+                    subject_id=event["subject_id"],
                     event_type=event["type"],
                     url=url,
                     attempt=attempt,
@@ -174,7 +174,7 @@ class Webhooks(dg.ConfigurableResource):
         log.warning(
             "webhook %s for %s to %s failed (attempt %d of %d)",
             event["type"],
-            event["batch_id"],
+            event["subject_id"],
             redact_url(url),
             last,
             self.max_attempts,

@@ -21,6 +21,7 @@ import dagster as dg
 import sqlalchemy as sa
 from pydantic import PrivateAttr
 
+from vbs_resources import strict_json
 from vbs_resources.catalog.batches import BatchStore, InboxStore, batch_object
 from vbs_resources.catalog.curation import ConquestStore, LabelStudioStore
 from vbs_resources.catalog.datasets import DatasetStore
@@ -31,9 +32,9 @@ from vbs_resources.catalog.outbox import EventStore
 from vbs_resources.catalog.schema import (
     ANNOTATION_FIELDS,
     annotations,
-    batch_events,
     batches,
     conquests,
+    events,
     metadata_obj,
 )
 
@@ -41,7 +42,7 @@ __all__ = [
     "ANNOTATION_FIELDS",
     "Catalog",
     "annotations",
-    "batch_events",
+    "events",
     "batch_object",
     "batches",
     "conquests",
@@ -64,7 +65,9 @@ def open_engine(url: str) -> sa.Engine:
     """A SQLAlchemy engine for the catalog at ``url``, upgraded to the newest schema."""
     from vbs_resources.migrations import upgrade
 
-    engine = sa.create_engine(url)
+    # Every JSON column is written through strict JSON: NaN, Infinity or a lone surrogate fails
+    # the write (and its transaction) instead of being stored and failing every later read.
+    engine = sa.create_engine(url, json_serializer=strict_json.dumps)
     if engine.dialect.name == "sqlite":
         if engine.url.database not in (None, "", ":memory:"):
             Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)

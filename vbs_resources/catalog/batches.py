@@ -10,7 +10,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from vbs_resources.catalog.schema import batch_events, batches, inbox_problems
+from vbs_resources.catalog.outbox import EventStore
+from vbs_resources.catalog.schema import batches, inbox_problems
 from vbs_resources.catalog.store import Store
 from vbs_resources.wire import (
     BATCH_STATUSES,
@@ -130,12 +131,7 @@ class BatchStore(Store):
                 .values(**values)
             ).rowcount
             if changed and event is not None:
-                event_id, event_type = event
-                conn.execute(
-                    batch_events.insert().values(
-                        id=event_id, batch_id=batch_id, type=event_type, created_at=now
-                    )
-                )
+                EventStore.add(conn, event[0], batch_id, event[1])
         return bool(changed)
 
     def update_unfinished(self, batch_id: str, **fields: Any) -> bool:

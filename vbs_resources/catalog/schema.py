@@ -59,33 +59,35 @@ files = sa.Table(
     sa.Index("ix_files_created_at_id", "created_at", "id"),
 )
 
-webhook_deliveries = sa.Table(
-    "webhook_deliveries",
+# The outbox: one row per event (of a batch or a fine-tuning job, its ``subject_id``), written in
+# the transaction that changed the status it announces, so an event exists exactly once whatever
+# crashes; its delivery is claimed, retried and recorded here.
+events = sa.Table(
+    "events",
+    metadata_obj,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("subject_id", sa.String(80), nullable=False, index=True),
+    sa.Column("type", sa.String(40), nullable=False),
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("claimed_until", sa.Float),
+    sa.Column("delivered_at", sa.Float),
+    sa.Column("gave_up_at", sa.Float),
+    sa.UniqueConstraint("subject_id", "type", name="uq_events_subject_type"),
+)
+
+# Every delivery attempt of an event to a receiver (never the secret).
+event_deliveries = sa.Table(
+    "event_deliveries",
     metadata_obj,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("event_id", sa.String(80), nullable=False, index=True),
-    sa.Column("batch_id", sa.String(80), index=True),
+    sa.Column("subject_id", sa.String(80), index=True),
     sa.Column("event_type", sa.String(40), nullable=False),
     sa.Column("url", sa.String(2048), nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False),
     sa.Column("status_code", sa.Integer),
     sa.Column("error", sa.String(500)),
     sa.Column("at", sa.Float, nullable=False),
-)
-
-# The outbox: one row per event, written in the transaction that changed the status, so an event
-# exists exactly once whatever crashes; delivery is claimed, retried and recorded here.
-batch_events = sa.Table(
-    "batch_events",
-    metadata_obj,
-    sa.Column("id", sa.String(40), primary_key=True),
-    sa.Column("batch_id", sa.String(80), nullable=False, index=True),
-    sa.Column("type", sa.String(40), nullable=False),
-    sa.Column("created_at", sa.Integer, nullable=False),
-    sa.Column("claimed_until", sa.Float),
-    sa.Column("delivered_at", sa.Float),
-    sa.Column("gave_up_at", sa.Float),
-    sa.UniqueConstraint("batch_id", "type", name="uq_batch_events_batch_type"),
 )
 
 # What the inbox sensor could not take, and why: shown in its ticks and by GET /v1/inbox.
@@ -136,6 +138,9 @@ conquests = sa.Table(
     sa.Column("custom_id", sa.String(512), nullable=False),
     sa.Column("created_at", sa.Integer, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # Revision 9: an operator's exclusion (never in a dataset, never sent to curators).
+    sa.Column("excluded_at", sa.Float),
+    sa.Column("excluded_reason", sa.Text),
     sa.UniqueConstraint("batch_id", "custom_id", name="uq_conquests_batch_custom_id"),
     sa.Index("ix_conquests_type_created_at_id", "type", "created_at", "id"),
 )
@@ -215,7 +220,34 @@ datasets = sa.Table(
     sa.Column("run_id", sa.String(64)),  # the Dagster run of its latest build
     sa.Column("created_at", sa.Integer, nullable=False),
     sa.Column("built_at", sa.Float, nullable=False),
+    sa.Column("checks", sa.JSON),  # the latest build's blocking checks: {name: {passed, ...}}
     sa.Index("ix_datasets_type_built_at", "type", "built_at"),
+)
+
+# Every build of a dataset version: the run that made it and its blocking checks, so each build
+# (three at once of the same data, say) is found by its own run.
+dataset_builds = sa.Table(
+    "dataset_builds",
+    metadata_obj,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(100), nullable=False),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("checks", sa.JSON, nullable=False),
+    sa.Column("passed", sa.Boolean, nullable=False),
+    sa.Column("built_at", sa.Float, nullable=False),
+    sa.Index("ix_dataset_builds_version", "version", "built_at"),
+)
+
+# The side (train or eval) each prompt of a dataset type was first given: it keeps that side in
+# every later version, so a model trained on one version is never evaluated on its own examples.
+dataset_splits = sa.Table(
+    "dataset_splits",
+    metadata_obj,
+    sa.Column("type", sa.String(64), primary_key=True),
+    sa.Column("prompt_key", sa.String(64), primary_key=True),
+    sa.Column("side", sa.String(8), nullable=False),
+    sa.Column("version", sa.String(100), nullable=False),  # the version that first held it
+    sa.Column("assigned_at", sa.Float, nullable=False),
 )
 
 # Fine-tuning jobs, in OpenAI's job shape: one per training, whoever started it (the API, the
@@ -260,4 +292,46 @@ fine_tuning_events = sa.Table(
     sa.Column("message", sa.Text, nullable=False),
     sa.Column("data", sa.JSON),
     sa.Index("ix_fine_tuning_events_job_id", "job_id", "id"),
+)
+
+# A fine-tuning job's deployments into the model registry, at most one in flight per job.
+DEPLOYMENT_IN_FLIGHT = ("queued", "running")
+deployments = sa.Table(
+    "deployments",
+    metadata_obj,
+    sa.Column("id", sa.String(80), primary_key=True),
+    sa.Column("job_id", sa.String(80), nullable=False),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # queued, running, succeeded, failed
+    sa.Column("forced", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("retired", sa.JSON),  # the models this deployment retired
+    sa.Column("error", sa.JSON),
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Integer),
+    sa.Column("finished_at", sa.Integer),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Index("ix_deployments_job_id", "job_id", "created_at"),
+    sa.Index(
+        "uq_deployments_job_in_flight",
+        "job_id",
+        unique=True,
+        sqlite_where=sa.text("status IN ('queued', 'running')"),
+        postgresql_where=sa.text("status IN ('queued', 'running')"),
+    ),
+)
+
+# Every change of a conquest's status, result or exclusion, as its lifecycle made it.
+conquest_history = sa.Table(
+    "conquest_history",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("conquest_id", sa.String(80), nullable=False),
+    sa.Column("field", sa.String(16), nullable=False),  # status, result, excluded
+    sa.Column("before", sa.String(16)),
+    sa.Column("after", sa.String(16)),
+    sa.Column("source", sa.String(16), nullable=False),  # batch, api, label_studio, cli
+    sa.Column("note", sa.Text),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Index("ix_conquest_history_conquest_id", "conquest_id", "id"),
 )
