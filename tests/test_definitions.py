@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from vbs_definitions import defs
+from vbs_resources import Catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,22 +63,30 @@ def test_assets_checks_jobs_and_sensors():
         "curated_dataset"
     }
     job = defs.resolve_job_def("batch_job")
-    assert {k.to_user_string() for k in job.asset_layer.asset_graph.get_all_asset_keys()} == {
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {
         "batch_input",
         "batch_output",
-        "conquests",
-        "label_studio_tasks",
     }
     assert {k.name for k in job.asset_layer.asset_graph.asset_check_keys} == {
         "output_complete",
         "error_rate",
     }
+    # Curation runs on its own, holding no pool: it never holds up inference or training.
+    curation = defs.resolve_job_def("curation_job")
+    assert {k.to_user_string() for k in curation.asset_layer.executable_asset_keys} == {
+        "conquests",
+        "label_studio_tasks",
+    }
+    for name in ("conquests", "label_studio_tasks", "curated_dataset", "deployed_model"):
+        assert not graph.get(dg.AssetKey(name)).pools, name
     assert sorted(s.name for s in defs.sensors) == [
         "batch_reconciler",
         "conquest_type_partitions",
+        "fine_tuning_reconciler",
         "inbox_sensor",
         "label_studio_sync",
         "retrain_on_new_dataset",
+        "typed_batch_curation",
     ]
     assert defs.resolve_sensor_def("inbox_sensor").minimum_interval_seconds == 1
     assert defs.resolve_sensor_def("batch_reconciler").minimum_interval_seconds == 5
@@ -155,12 +165,40 @@ def test_only_the_settings_module_reads_the_environment():
     assert readers == []
 
 
-def test_status_is_written_only_by_the_lifecycle():
-    """``Catalog.transition`` changes a batch's status; only the lifecycle calls it."""
-    callers = [
-        str(path.relative_to(ROOT))
+# Each stateful entity's status changes in its store's ``transition``, which only its lifecycle
+# calls; the stores' other writes refuse a status.
+LIFECYCLES = {
+    "catalog.batches.transition(": "vbs_resources/lifecycle.py",
+    "catalog.fine_tuning.transition(": "vbs_resources/training/lifecycle.py",
+    "catalog.deployments.transition(": "vbs_resources/training/lifecycle.py",
+    "catalog.conquests.transition(": "vbs_resources/curation/lifecycle.py",
+    "catalog.conquests.record_annotation(": "vbs_resources/curation/lifecycle.py",
+    "catalog.conquests.set_excluded(": "vbs_resources/curation/lifecycle.py",
+}
+
+
+def test_status_is_written_only_by_each_entitys_lifecycle():
+    sources = {
+        str(path.relative_to(ROOT)): path.read_text()
         for package in ALLOWED
         for path in sorted((ROOT / package).rglob("*.py"))
-        if ".transition(" in path.read_text()
-    ]
-    assert callers == ["vbs_resources/lifecycle.py"]
+    }
+    for call, lifecycle in LIFECYCLES.items():
+        assert [p for p, text in sources.items() if call in text] == [lifecycle], call
+    # Nothing else calls a transition, nor updates a stateful table with its own SQL.
+    transitions = {p for p, text in sources.items() if ".transition(" in text}
+    assert transitions == set(LIFECYCLES.values())
+    for table in ("batches", "fine_tuning_jobs", "deployments", "conquests"):
+        writers = [p for p, text in sources.items() if f"{table}.update()" in text]
+        assert all(p.startswith("vbs_resources/catalog/") for p in writers), (table, writers)
+
+
+def test_the_stores_refuse_a_status_outside_the_lifecycles(tmp_path):
+    catalog = Catalog(url=f"sqlite:///{tmp_path / 'c.db'}")
+    for update in (
+        lambda: catalog.batches.update_unfinished("batch_x0000000", status="completed"),
+        lambda: catalog.fine_tuning.update_unfinished("ftjob-x0000000", status="succeeded"),
+        lambda: catalog.deployments.update_in_flight("ftdeploy-x0000000", status="succeeded"),
+    ):
+        with pytest.raises(ValueError, match="lifecycle"):
+            update()

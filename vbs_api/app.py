@@ -27,6 +27,7 @@ from vbs_api.state import APIState
 from vbs_resources import Settings, build_resources
 from vbs_resources.lifecycle import BatchLifecycle
 from vbs_resources.registry import ModelRegistry
+from vbs_resources.training.lifecycle import FineTuningLifecycle
 
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 
@@ -85,8 +86,10 @@ def create_app(
                 resources["bucket"],
                 catalog,
                 launcher,
+                FineTuningLifecycle(catalog, resources["webhooks"], deliver_in_background=True),
                 settings.trainer_backend,
                 settings.dataset_eval_fraction,
+                settings.max_lora_rank,
             ),
         },
     )

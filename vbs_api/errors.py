@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vbs_resources.catalog import UnknownCursor
 from vbs_resources.wire import ErrorBody, ErrorDetail
 
 log = logging.getLogger("vbs.api")
@@ -48,6 +49,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(UnknownCursor)
+    async def _unknown_cursor(_: Request, exc: UnknownCursor) -> JSONResponse:
+        return error_response(400, exc.message, "invalid_request_error", None, "after")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

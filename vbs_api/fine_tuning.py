@@ -1,45 +1,54 @@
 """The fine-tuning API's work: validate a job request, turn an uploaded training file into a
 dataset version, record the job, and launch its Dagster run (``training_job``: train and
-evaluate; ``deploy_job``: deploy). Each job's status follows its run: the assets write it, and a
-read of a job still in flight asks Dagster whether its run died without saying so.
+evaluate; ``deploy_job``: deploy). Every status change goes through the fine-tuning lifecycle;
+reads only read (the ``fine_tuning_reconciler`` sensor keeps jobs in step with their runs).
+
+Nothing is stored for a refused request: every field, the training file and the dataset
+version are checked before the job is recorded.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from vbs_api.errors import APIError
-from vbs_api.launch import BatchLauncher, LaunchFailed, LaunchUnavailable, RunState
+from vbs_api.launch import BatchLauncher, LaunchFailed, LaunchUnavailable
 from vbs_resources import Bucket, Catalog
 from vbs_resources import layout as L
-from vbs_resources.curation.datasets import UploadError, build_uploaded_dataset, write_dataset
+from vbs_resources.curation.datasets import (
+    UploadError,
+    build_uploaded_dataset,
+    failed_checks,
+    write_dataset,
+)
 from vbs_resources.training.jobs import (
     TERMINAL,
     JobError,
     check_backend,
     create_job,
+    deploy_run_config,
     resolve_hyperparameters,
+    training_run_config,
 )
+from vbs_resources.training.lifecycle import FineTuningLifecycle, evaluation_refusal
 
 log = logging.getLogger("vbs.api")
 MAX_SUFFIX = 64
-# Dagster's run statuses that end a run which did not finish its job.
-RUN_ENDED = {"FAILURE": "failed", "CANCELED": "cancelled"}
-# Dagster marks a run failed, then tags whether the daemon will retry it: a failure this recent
-# and still untagged is not read as the job's end yet.
-RETRY_DECISION_GRACE_S = 60
-
-
-def _retry_may_follow(state: RunState) -> bool:
-    """Whether the daemon's retry may still take over a failed run's job: Dagster tagged the run
-    ``dagster/will_retry=true``, or has not tagged it yet (it writes FAILURE first) and the run
-    ended moments ago. A failed run with no end time is not one Dagster has just ended."""
-    will_retry = state.tags.get("dagster/will_retry")
-    if will_retry is not None:
-        return will_retry == "true"
-    return state.end_time is not None and time.time() - state.end_time < RETRY_DECISION_GRACE_S
+CREATE_FIELDS = {
+    "model",
+    "training_file",
+    "validation_file",
+    "suffix",
+    "seed",
+    "metadata",
+    "hyperparameters",
+    "method",
+    "integrations",
+    "backend",
+    "max_steps",
+}
+MAX_METADATA_KEYS, MAX_METADATA_VALUE = 16, 512
 
 
 def _string(body: dict[str, Any], name: str, required: bool = False, limit: int = 256) -> Any:
@@ -48,18 +57,62 @@ def _string(body: dict[str, Any], name: str, required: bool = False, limit: int 
         if required:
             raise APIError(400, f"Missing required parameter: '{name}'.", param=name)
         return None
-    if not isinstance(value, str) or not value or len(value) > limit:
+    if not isinstance(value, str) or not value.strip() or len(value) > limit:
         raise APIError(400, f"{name} must be a string of 1 to {limit} characters.", param=name)
     return value
 
 
-def _integer(body: dict[str, Any], name: str) -> int | None:
+def _integer(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"{name} must be an integer.", param=name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise APIError(400, f"{name} must be an integer from {low} to {high}.", param=name)
     return value
+
+
+def _metadata(body: dict[str, Any]) -> dict[str, str] | None:
+    """OpenAI's metadata: at most 16 string keys of 64 characters, string values of 512."""
+    metadata = body.get("metadata")
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_KEYS:
+        raise APIError(
+            400, f"metadata must be an object of at most {MAX_METADATA_KEYS} keys.", "metadata"
+        )
+    for key, value in metadata.items():
+        if len(key) > 64 or not isinstance(value, str) or len(value) > MAX_METADATA_VALUE:
+            raise APIError(
+                400,
+                f"metadata values must be strings of at most {MAX_METADATA_VALUE} characters, "
+                "under keys of at most 64.",
+                param=f"metadata.{key[:64]}",
+            )
+    return metadata
+
+
+def _raw_hyperparameters(body: dict[str, Any]) -> dict[str, Any] | None:
+    raw = body.get("hyperparameters")
+    method = body.get("method")
+    if method is None:
+        return raw
+    if not isinstance(method, dict) or method.get("type", "supervised") != "supervised":
+        raise APIError(400, "Only the supervised method is supported.", param="method.type")
+    supervised = method.get("supervised")
+    if supervised is None:
+        return raw
+    if not isinstance(supervised, dict):
+        raise APIError(400, "method.supervised must be an object.", param="method.supervised")
+    nested = supervised.get("hyperparameters") or {}
+    if not isinstance(nested, dict):
+        raise APIError(
+            400,
+            "method.supervised.hyperparameters must be an object.",
+            param="method.supervised.hyperparameters",
+        )
+    if raw is not None and not isinstance(raw, dict):
+        raise APIError(400, "hyperparameters must be an object.", param="hyperparameters")
+    return {**nested, **(raw or {})}
 
 
 class FineTuningService:
@@ -68,36 +121,40 @@ class FineTuningService:
         bucket: Bucket,
         catalog: Catalog,
         launcher: BatchLauncher | None,
+        lifecycle: FineTuningLifecycle,
         default_backend: str,
         eval_fraction: float,
+        max_lora_rank: int,
     ) -> None:
         self.bucket, self.catalog, self.launcher = bucket, catalog, launcher
+        self.lifecycle = lifecycle
         self.default_backend, self.eval_fraction = default_backend, eval_fraction
+        self.max_lora_rank = max_lora_rank
 
     # ---- creating ----------------------------------------------------------------------------
 
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(body) - CREATE_FIELDS)
+        if unknown:
+            raise APIError(400, f"Unknown parameter: '{unknown[0][:64]}'.", param=unknown[0][:64])
         model = _string(body, "model", required=True)
         training_file = _string(body, "training_file", required=True)
         validation_file = _string(body, "validation_file")
         suffix = _string(body, "suffix", limit=MAX_SUFFIX)
         backend = _string(body, "backend", limit=32) or self.default_backend
-        seed = _integer(body, "seed")
-        max_steps = _integer(body, "max_steps")
-        metadata = body.get("metadata")
-        if metadata is not None and not isinstance(metadata, dict):
-            raise APIError(400, "metadata must be an object.", param="metadata")
-        raw = body.get("hyperparameters")
-        method = body.get("method")
-        if isinstance(method, dict) and isinstance(method.get("supervised"), dict):
-            raw = {**(method["supervised"].get("hyperparameters") or {}), **(raw or {})}
-        elif method is not None and (
-            not isinstance(method, dict) or method.get("type") != "supervised"
-        ):
-            raise APIError(400, "Only the supervised method is supported.", param="method")
+        seed = _integer(body, "seed", 0, 2**32 - 1)
+        max_steps = _integer(body, "max_steps", 1, 1_000_000)
+        metadata = _metadata(body)
+        if body.get("integrations"):
+            raise APIError(400, "Integrations are not supported.", param="integrations")
         try:
             check_backend(backend)
-            hyperparameters = resolve_hyperparameters(raw, seed=seed, max_steps=max_steps)
+            hyperparameters = resolve_hyperparameters(
+                _raw_hyperparameters(body),
+                seed=seed,
+                max_steps=max_steps,
+                max_lora_rank=self.max_lora_rank,
+            )
         except JobError as exc:
             raise APIError(400, exc.message, param=exc.param) from None
         base = self.catalog.models.get(model)
@@ -111,7 +168,7 @@ class FineTuningService:
         version = self._dataset_version(training_file, validation_file)
         dataset = self.catalog.datasets.get(version)
         job = create_job(
-            self.catalog,
+            self.lifecycle,
             model=model,
             dataset_version=version,
             training_file=training_file,
@@ -120,12 +177,12 @@ class FineTuningService:
             hyperparameters=hyperparameters,
             suffix=suffix or (dataset or {}).get("type"),
             metadata=metadata,
-            status="validating_files",
         )
         return self._launch(job)
 
     def _dataset_version(self, training_file: str, validation_file: str | None) -> str:
-        """A dataset version as given, or the version an uploaded file becomes."""
+        """A dataset version as given (one that passed its blocking checks), or the version an
+        uploaded file becomes."""
         if L.is_dataset_version(training_file):
             if validation_file:
                 raise APIError(
@@ -133,8 +190,18 @@ class FineTuningService:
                     "A dataset version holds its own eval split: leave validation_file out.",
                     param="validation_file",
                 )
-            if self.catalog.datasets.get(training_file) is None:
+            row = self.catalog.datasets.get(training_file)
+            if row is None:
                 raise APIError(400, f"No dataset version {training_file}.", param="training_file")
+            failed = failed_checks(row)
+            if failed:
+                raise APIError(
+                    400,
+                    f"{training_file} failed its blocking checks, so it is not trained on: "
+                    + "; ".join(failed)[:1000],
+                    param="training_file",
+                    code="dataset_failed_checks",
+                )
             return training_file
         training = (training_file, self._fine_tune_lines(training_file, "training_file"))
         validation = (
@@ -142,25 +209,26 @@ class FineTuningService:
             if validation_file
             else None
         )
+        sides = self.catalog.datasets.sides(L.UPLOADED_DATASET_TYPE)
         try:
-            build = build_uploaded_dataset(training, validation, self.eval_fraction)
+            build = build_uploaded_dataset(training, validation, self.eval_fraction, sides)
         except UploadError as exc:
             raise APIError(400, f"Invalid training data: {exc}", param="training_file") from None
-        if not build.eval:
+        if not build.eval or not build.train:
             raise APIError(
                 400,
-                "The training file is too small to hold any prompt out for evaluation: send a "
-                "validation_file.",
-                param="validation_file",
+                "The training data needs two distinct prompts or more (one held out for "
+                "evaluation), or a validation_file.",
+                param="training_file" if not build.train else "validation_file",
             )
         version = build.version
         write_dataset(self.bucket, build, {"source": "upload", "eval_fraction": self.eval_fraction})
         options = {"training_file": training_file, "validation_file": validation_file}
-        self.catalog.datasets.record(build.catalog_row(options, run_id=None))
+        self.catalog.datasets.record(build.catalog_row(options, run_id=None), splits=build.sides)
         return version
 
     def _fine_tune_lines(self, file_id: str, param: str) -> list[bytes]:
-        row = self.catalog.files.get(file_id) if file_id.startswith("file-") else None
+        row = self.catalog.files.get(file_id) if L.is_file_id(file_id) else None
         if row is None:
             raise APIError(
                 400,
@@ -180,33 +248,22 @@ class FineTuningService:
     def _launch(self, job: dict[str, Any]) -> dict[str, Any]:
         job_id = job["id"]
         if self.launcher is None:
-            return self._fail(job_id, "launch_failed", "No Dagster webserver is configured.")
-        config = {"job_id": job_id}
-        run_config = {
-            "ops": {L.FINE_TUNED_ADAPTER: {"config": config}, L.ADAPTER_EVAL: {"config": config}}
-        }
+            return job  # the fine-tuning reconciler launches it
         try:
             run_id = self.launcher.launch(
                 job["dataset_version"],
-                run_config,
+                training_run_config(job_id),
                 {L.TAG_FINE_TUNING_JOB: job_id},
                 job=L.TRAINING_JOB,
                 partitions=L.DATASET_VERSION_PARTITIONS,
             )
-        except (LaunchFailed, LaunchUnavailable) as exc:
-            return self._fail(job_id, "launch_failed", str(exc))
-        self.catalog.fine_tuning.update(job_id, status="queued", run_id=run_id)
-        self.catalog.fine_tuning.add_event(job_id, f"Job queued as Dagster run {run_id}")
-        return self.get(job_id)
-
-    def _fail(self, job_id: str, code: str, message: str) -> dict[str, Any]:
-        self.catalog.fine_tuning.update(
-            job_id,
-            status="failed",
-            finished_at=int(time.time()),
-            error={"code": code, "message": message, "param": None},
-        )
-        self.catalog.fine_tuning.add_event(job_id, message, level="error")
+        except LaunchUnavailable as exc:
+            log.warning(f"{job_id}: {exc}; the fine-tuning reconciler launches it")
+            return self.get(job_id)
+        except LaunchFailed as exc:
+            self.lifecycle.fail(job_id, "launch_failed", str(exc))
+            return self.get(job_id)
+        self.lifecycle.queued(job_id, run_id)
         return self.get(job_id)
 
     # ---- reading -----------------------------------------------------------------------------
@@ -215,35 +272,7 @@ class FineTuningService:
         job = self.catalog.fine_tuning.get(job_id) if L.is_job_id(job_id) else None
         if job is None:
             raise APIError(404, f"No such fine-tuning job: {job_id[:100]}", param="id")
-        if job["status"] not in TERMINAL and job["run_id"] and self.launcher is not None:
-            job = self._follow_run(job)
         return job
-
-    def _follow_run(self, job: dict[str, Any]) -> dict[str, Any]:
-        """A job whose run ended without ending it (killed and not retried, terminated in the
-        Dagster UI) ends as its run did."""
-        try:
-            state = self.launcher.run_state(job["run_id"])
-        except (LaunchFailed, LaunchUnavailable):
-            return job
-        ended = RUN_ENDED.get(state.status)
-        if ended is None or (state.status == "FAILURE" and _retry_may_follow(state)):
-            return job
-        # The retry of a killed run takes the job over (a new run id) before this run's
-        # failure is read; only the job's own run ends it.
-        fresh = self.catalog.fine_tuning.get(job["id"])
-        if fresh["run_id"] != job["run_id"] or fresh["status"] in TERMINAL:
-            return fresh
-        message = f"Dagster run {job['run_id']} ended {state.status.lower()}"
-        self.catalog.fine_tuning.update(
-            job["id"],
-            status=ended,
-            finished_at=int(time.time()),
-            error=None
-            if ended == "cancelled"
-            else {"code": "run_failed", "message": message, "param": None},
-        )
-        return self.catalog.fine_tuning.get(job["id"])
 
     # ---- acting ------------------------------------------------------------------------------
 
@@ -253,47 +282,62 @@ class FineTuningService:
             raise APIError(
                 400, f"Job {job_id} is {job['status']} and cannot be cancelled.", param="id"
             )
-        self.catalog.fine_tuning.update(job_id, cancel_requested=True)
-        if job["status"] in ("validating_files", "queued"):
-            # Not training yet: the run is stopped before it starts, and the job ends now.
-            if job["run_id"] and self.launcher is not None:
-                try:
-                    self.launcher.terminate(job["run_id"])
-                except (LaunchFailed, LaunchUnavailable):
-                    log.warning("could not terminate run %s of %s", job["run_id"], job_id)
-            self.catalog.fine_tuning.update(
-                job_id, status="cancelled", finished_at=int(time.time())
+        after = self.lifecycle.request_cancel(job_id)
+        if after["status"] == "cancelled" and after["run_id"] and self.launcher is not None:
+            # Not training yet: its run is stopped before it starts.
+            try:
+                self.launcher.terminate(after["run_id"])
+            except (LaunchFailed, LaunchUnavailable):
+                log.warning("could not terminate run %s of %s", after["run_id"], job_id)
+        elif after["status"] in TERMINAL and after["status"] != "cancelled":
+            raise APIError(
+                400, f"Job {job_id} is {after['status']} and cannot be cancelled.", param="id"
             )
-        # A job that is training stops after its current step (the asset asks between steps).
-        self.catalog.fine_tuning.add_event(job_id, "Cancellation requested", level="warn")
-        return self.catalog.fine_tuning.get(job_id)
+        return after
 
     def deploy(self, job_id: str, force: bool) -> dict[str, Any]:
+        """A deployment of the job, launched; the one in flight when there is one already."""
         job = self.get(job_id)
         if job["status"] != "succeeded":
             raise APIError(
-                400, f"Job {job_id} is {job['status']}: only a succeeded job deploys.", param="id"
+                400,
+                f"Job {job_id} is {job['status']}: only a succeeded job (trained and evaluated) "
+                "deploys.",
+                param="id",
             )
         if not force and not (job["evaluation"] or {}).get("passed"):
-            reason = "was not evaluated" if not job["evaluation"] else "did not beat its base"
             raise APIError(
                 400,
-                f"The adapter of {job_id} {reason}; deploy with force to override.",
+                f"The adapter of {job_id} is not deployed: {evaluation_refusal(job['evaluation'])}"
+                "; deploy with force to override.",
                 param="force",
                 code="evaluation_failed",
             )
+        rank = (job["hyperparameters"] or {}).get("lora_r", 0)
+        if rank > self.max_lora_rank:
+            raise APIError(
+                400,
+                f"The adapter's rank {rank} is above the engine's limit {self.max_lora_rank} "
+                "(VBS_MAX_LORA_RANK).",
+                param="id",
+            )
         if self.launcher is None:
             raise APIError(503, "No Dagster webserver is configured.")
-        config = {"job_id": job_id, "force": force}
+        deployment, created = self.lifecycle.create_deployment(job, force)
+        if not created:
+            return deployment
         try:
             run_id = self.launcher.launch(
                 job["dataset_version"],
-                {"ops": {L.DEPLOYED_MODEL: {"config": config}}},
-                {L.TAG_FINE_TUNING_JOB: job_id},
+                deploy_run_config(job_id, deployment["id"], force),
+                {L.TAG_FINE_TUNING_JOB: job_id, L.TAG_DEPLOYMENT: deployment["id"]},
                 job=L.DEPLOY_JOB,
                 partitions=L.DATASET_VERSION_PARTITIONS,
             )
-        except (LaunchFailed, LaunchUnavailable) as exc:
-            raise APIError(503, f"The deployment was not launched: {exc}") from None
-        self.catalog.fine_tuning.add_event(job_id, f"Deployment queued as Dagster run {run_id}")
-        return {"job": job, "run_id": run_id, "model": job["fine_tuned_model"], "force": force}
+        except LaunchUnavailable as exc:
+            log.warning(f"{deployment['id']}: {exc}; the fine-tuning reconciler launches it")
+        except LaunchFailed as exc:
+            self.lifecycle.deployment_failed(deployment["id"], "launch_failed", str(exc))
+        else:
+            self.lifecycle.deployment_launched(deployment["id"], run_id)
+        return self.catalog.deployments.get(deployment["id"])

@@ -14,14 +14,18 @@ from vbs_api.errors import APIError
 
 
 class BearerAuth:
-    """Every ``/v1/`` request needs ``Authorization: Bearer <key>`` with one of ``keys``; no keys
-    means no check (loopback only, see ``vbs_api.app``)."""
+    """Every request but ``OPEN_PATHS`` (the API, its OpenAPI schema and docs included) needs
+    ``Authorization: Bearer <key>`` with one of ``keys``; no keys means no check (loopback only,
+    see ``vbs_api.app``)."""
+
+    # What a load balancer and a scraper poll: no data in either.
+    OPEN_PATHS = ("/health", "/metrics")
 
     def __init__(self, app: ASGIApp, keys: list[bytes]) -> None:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.keys and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if self.keys and scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
             header = Headers(scope=scope).get("authorization", "")
             scheme, _, token = header.partition(" ")
             # Compare against every key, always, so timing says nothing about which matched.

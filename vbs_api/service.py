@@ -19,6 +19,7 @@ from vbs_resources import Bucket, Catalog
 from vbs_resources import layout as L
 from vbs_resources.catalog import batch_object, file_object
 from vbs_resources.curation import ConquestTypeFileError, ConquestTypes
+from vbs_resources.curation.records import check_records, requested_messages, tie_records
 from vbs_resources.lifecycle import BatchLifecycle
 from vbs_resources.wire import (
     ENDPOINTS,
@@ -98,7 +99,7 @@ class BatchService:
                 "a file uploaded with purpose 'batch'.",
                 param="input_file_id",
             )
-        self._check_conquest_metadata(request.metadata or {})
+        self._check_conquest_metadata(request.metadata or {}, source)
         options = BatchOptions(metadata=request.metadata or {}, chunk_size=request.chunk_size)
         batch_id = L.new_batch_id()
         # Input and options first, then the record: a crash in between leaves an unknown folder,
@@ -121,8 +122,9 @@ class BatchService:
         self._launch(batch_id, options, source["filename"])
         return batch_object(self.batch_row(batch_id))
 
-    def _check_conquest_metadata(self, metadata: dict[str, str]) -> None:
-        """A batch to be curated names a known conquest type, and a records file of its own."""
+    def _check_conquest_metadata(self, metadata: dict[str, str], source: dict[str, Any]) -> None:
+        """A batch to be curated names a known conquest type, and a records file of its own:
+        every record strict JSON of the type, and tied to the request sent for its custom_id."""
         type_id = metadata.get(L.META_CONQUEST_TYPE)
         if type_id is None:
             return
@@ -137,14 +139,28 @@ class BatchService:
             )
             raise APIError(400, message, param=f"metadata.{L.META_CONQUEST_TYPE}")
         records = metadata.get(L.META_CONQUEST_RECORDS)
-        if records is not None:
-            row = self.catalog.files.get(records)
-            if row is None or row["purpose"] != "user_data":
-                raise APIError(
-                    400,
-                    f"{records[:100]} is not a file uploaded with purpose 'user_data'.",
-                    param=f"metadata.{L.META_CONQUEST_RECORDS}",
-                )
+        if records is None:
+            return
+        param = f"metadata.{L.META_CONQUEST_RECORDS}"
+        row = self.catalog.files.get(records) if L.is_file_id(records) else None
+        if row is None or row["purpose"] != "user_data":
+            raise APIError(
+                400, f"{records[:100]} is not a file uploaded with purpose 'user_data'.", param
+            )
+        conquest_type = registry.get(type_id)
+        with self.bucket.open(row["path"], "rb") as fh:
+            good, errors = check_records(conquest_type, fh)
+        if not errors:
+            with self.bucket.open(source["path"], "rb") as fh:
+                errors = tie_records(conquest_type, good, requested_messages(fh))
+        if errors:
+            shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if errors[5:] else "")
+            raise APIError(
+                400,
+                f"The records file {records} does not fit the {type_id} batch: {shown}",
+                param,
+                code="invalid_records",
+            )
 
     def _launch(self, batch_id: str, options: BatchOptions, filename: str) -> None:
         if self.launcher is None:

@@ -96,7 +96,7 @@ def conquests(
     records = None
     if metadata.get(L.META_CONQUEST_RECORDS):
         try:
-            records = records_of(bucket, catalog, metadata[L.META_CONQUEST_RECORDS])
+            records = records_of(bucket, catalog, metadata[L.META_CONQUEST_RECORDS], conquest_type)
         except ConquestSourceError as exc:
             context.log.warning(f"{batch_id}: {exc}; input data is each request's messages")
 
@@ -135,7 +135,8 @@ def conquests(
     code_version="1",
     kinds={"labelstudio"},
     group_name=L.CURATION_GROUP,
-    # Label Studio down or starting: the step waits and tries again; the batch is done.
+    # Label Studio down or starting (a connection error, a timeout, a 5xx): the step waits and
+    # tries again. Anything else fails at once: it would fail again.
     retry_policy=dg.RetryPolicy(max_retries=5, delay=20, backoff=dg.Backoff.EXPONENTIAL),
 )
 def label_studio_tasks(
@@ -147,9 +148,9 @@ def label_studio_tasks(
     """The batch's conquests as tasks of their type's Label Studio project (one project per
     type, its labeling config generated from the type), each imported once."""
     batch_id = context.partition_key
-    rows = catalog.conquests.of_batch(batch_id)
+    rows = [r for r in catalog.conquests.of_batch(batch_id) if r["excluded_at"] is None]
     if not rows:
-        return _skipped("the batch has no conquests")
+        return _skipped("the batch has no conquests to curate (none made, or all excluded)")
     type_id = rows[0]["type"]
     conquest_type = _type(context, conquest_types, type_id)
     if isinstance(conquest_type, dg.MaterializeResult):
@@ -164,6 +165,12 @@ def label_studio_tasks(
         ) from None
     except LabelStudioError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
+    except Exception as exc:  # noqa: BLE001 - a bug or bad data: retrying cannot help
+        raise dg.Failure(
+            description=f"Exporting to Label Studio failed: {type(exc).__name__}: "
+            f"{str(exc)[:500]}. Not retried; materialize this step again once it is fixed.",
+            allow_retries=False,
+        ) from exc
     context.log.info(
         f"{batch_id}: {export.imported} tasks imported into project {export.project_id}, "
         f"{export.already} already there, {export.recovered} found again"

@@ -108,7 +108,10 @@ def check_min_examples(build: DatasetBuild, needed: int) -> dg.AssetCheckResult:
     if total < needed:
         problems.append(f"{total} examples, fewer than {needed}")
     if needed and not build.eval:
-        problems.append("none held out for eval: raise eval_fraction (VBS_DATASET_EVAL_FRACTION)")
+        problems.append(
+            "none held out for eval: a dataset needs two prompts or more, and an eval_fraction "
+            "above 0 (VBS_DATASET_EVAL_FRACTION)"
+        )
     return dg.AssetCheckResult(
         check_name="min_examples",
         passed=not problems,
@@ -146,7 +149,13 @@ def check_leakage(lines: dict[str, list[bytes]]) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         check_name="no_eval_leakage",
         passed=not any(leaked.values()),
-        metadata={"eval_prompts": len(evals), "leaked": dg.MetadataValue.json(leaked)},
+        metadata={
+            "eval_prompts": len(evals),
+            "leaked": dg.MetadataValue.json(leaked),
+            "problems": dg.MetadataValue.json(
+                [f"{n} eval prompts also in {name}" for name, n in leaked.items() if n]
+            ),
+        },
     )
 
 
@@ -178,7 +187,7 @@ def curated_dataset(
     eval_fraction = curation.eval_fraction if config.eval_fraction is None else config.eval_fraction
     gold = catalog_frame(catalog, gold_query(type_id, min_rating))
     context.log.info(f"{type_id}: {gold.height} gold conquests (rating >= {min_rating} or star)")
-    build = build_dataset(conquest_type, gold, eval_fraction)
+    build = build_dataset(conquest_type, gold, eval_fraction, catalog.datasets.sides(type_id))
     for problem in build.skipped[:20]:
         context.log.warning(f"skipped {problem}")
     for reason in build.excluded[:20]:
@@ -186,11 +195,18 @@ def curated_dataset(
     options = {"min_rating": min_rating, "eval_fraction": eval_fraction}
     version = build.version
     written = write_dataset(bucket, build, options)
-    catalog.datasets.record(build.catalog_row(options, context.run_id))
+    lines = _lines(bucket, version)
+    min_examples = curation.min_examples if config.min_examples is None else config.min_examples
+    checks = [
+        check_min_examples(build, min_examples),
+        check_chat_format(lines),
+        check_leakage(lines),
+    ]
+    outcome = {c.check_name: {"passed": c.passed, "problems": _problems(c)} for c in checks}
+    catalog.datasets.record(build.catalog_row(options, context.run_id), outcome, build.sides)
     # The version can be trained on: fine_tuned_adapter is partitioned by dataset version.
     if not context.instance.has_dynamic_partition(L.DATASET_VERSION_PARTITIONS, version):
         context.instance.add_dynamic_partitions(L.DATASET_VERSION_PARTITIONS, [version])
-    lines = _lines(bucket, version)
     context.log.info(
         f"{version}: {len(build.train)} train, {len(build.eval)} eval, "
         + ("written" if written else "already there, nothing written")
@@ -216,11 +232,17 @@ def curated_dataset(
             "dagster/row_count": len(build.train) + len(build.eval),
         },
         data_version=dg.DataVersion(version),
-        check_results=[
-            check_min_examples(
-                build, curation.min_examples if config.min_examples is None else config.min_examples
-            ),
-            check_chat_format(lines),
-            check_leakage(lines),
-        ],
+        check_results=checks,
     )
+
+
+def _problems(check: dg.AssetCheckResult) -> list[str]:
+    """What a check's metadata says went wrong, for the catalog's record of the build."""
+    if check.passed:
+        return []
+    metadata = check.metadata or {}
+    found = metadata.get("problems") or metadata.get("problem")
+    value = getattr(found, "value", found)
+    if isinstance(value, list):
+        return [str(p)[:300] for p in value[:20]]
+    return [str(value)[:300]] if value else [f"{check.check_name} failed"]

@@ -12,17 +12,34 @@ from vbs_assets.partitions import (
     dataset_version_partitions,
 )
 from vbs_assets.training import adapter_eval, deployed_model, fine_tuned_adapter
-from vbs_resources.layout import BATCH_JOB, DATASET_JOB, DEPLOY_JOB, FINE_TUNING_JOB, TRAINING_JOB
+from vbs_resources.layout import (
+    BATCH_JOB,
+    CURATION_JOB,
+    DATASET_JOB,
+    DEPLOY_JOB,
+    FINE_TUNING_JOB,
+    TRAINING_JOB,
+)
 
 # One process per run: the vLLM engine is loaded once, in the step that uses it, and a kill of
 # the run's process is a kill of the whole run, which the daemon then retries.
 batch_job = dg.define_asset_job(
     BATCH_JOB,
-    selection=dg.AssetSelection.assets(batch_input, batch_output, conquests, label_studio_tasks),
+    selection=dg.AssetSelection.assets(batch_input, batch_output),
     partitions_def=batch_partitions,
     executor_def=dg.in_process_executor,
-    description="Validate a batch file, run it through the engine, check the results, and "
-    "make a typed batch's results conquests.",
+    description="Validate a batch file, run it through the engine and check the results.",
+)
+
+# A run of its own, after the batch's (the ``typed_batch_curation`` sensor launches it): it
+# holds no gpu pool, so curation waiting on Label Studio never holds up inference or training,
+# and its failure never fails the batch.
+curation_job = dg.define_asset_job(
+    CURATION_JOB,
+    selection=dg.AssetSelection.assets(conquests, label_studio_tasks),
+    partitions_def=batch_partitions,
+    executor_def=dg.in_process_executor,
+    description="Make a typed batch's results conquests and send them to Label Studio.",
 )
 
 dataset_job = dg.define_asset_job(

@@ -28,13 +28,15 @@ from pydantic import Field
 
 from vbs_assets.datasets import curated_dataset
 from vbs_assets.partitions import dataset_version_partitions
-from vbs_resources import Bucket, Catalog, InferenceEngine
+from vbs_resources import Bucket, Catalog, InferenceEngine, Webhooks
 from vbs_resources import layout as L
+from vbs_resources.curation.datasets import failed_checks
 from vbs_resources.engine import EngineRequest
 from vbs_resources.registry import ModelRegistry, RegistryError, ServedModel, ServedModels
 from vbs_resources.training import Trainer, TrainingJob, TrainingStopped, TrainLog
 from vbs_resources.training import evaluation as ev
 from vbs_resources.training.jobs import JobError, create_job, resolve_hyperparameters
+from vbs_resources.training.lifecycle import FineTuningLifecycle, evaluation_refusal
 
 
 class FineTuneConfig(dg.Config):
@@ -65,6 +67,9 @@ class AdapterEvalConfig(dg.Config):
 
 class DeployConfig(dg.Config):
     job_id: str | None = Field(default=None, description="The job; the partition's latest.")
+    deployment_id: str | None = Field(
+        default=None, description="The API's deployment; one is made when unset."
+    )
     force: bool = Field(
         default=False, description="Deploy although beats_base failed (recorded in lineage)."
     )
@@ -75,6 +80,12 @@ def _dataset(context: dg.AssetExecutionContext, catalog: Catalog) -> dict[str, A
     row = catalog.datasets.get(version)
     if row is None:
         raise dg.Failure(description=f"No dataset version {version} is recorded.")
+    failed = failed_checks(row)
+    if failed:
+        raise dg.Failure(
+            description=f"{version} failed its blocking checks ({'; '.join(failed)}): it is not "
+            "trained on."
+        )
     return row
 
 
@@ -89,20 +100,23 @@ def _base(engine: InferenceEngine, catalog: Catalog, name: str | None) -> dict[s
 
 
 def _job(
-    context: dg.AssetExecutionContext, catalog: Catalog, job_id: str | None, *, evaluated: bool
+    context: dg.AssetExecutionContext, catalog: Catalog, job_id: str | None, *, trained: bool
 ) -> dict[str, Any]:
-    """The configured job, or the partition's latest that succeeded (and was evaluated)."""
+    """The configured job; else the one this run trained; else the partition's latest with a
+    trained adapter (``trained``) or that succeeded."""
     if job_id:
         job = catalog.fine_tuning.get(job_id)
         if job is None or job["dataset_version"] != context.partition_key:
             raise dg.Failure(f"No fine-tuning job {job_id} trained on {context.partition_key}.")
         return job
-    for job in catalog.fine_tuning.list(
-        limit=50, dataset_version=context.partition_key, status="succeeded"
-    ):
-        if not evaluated or job["evaluation"]:
+    jobs = catalog.fine_tuning.list(limit=50, dataset_version=context.partition_key)
+    for job in jobs:
+        if job["run_id"] == context.run_id and job["adapter_path"]:
             return job
-    what = "evaluated adapter" if evaluated else "trained adapter"
+    for job in jobs:
+        if job["status"] == "succeeded" or (trained and job["adapter_path"]):
+            return job
+    what = "trained adapter" if trained else "evaluated adapter"
     raise dg.Failure(f"{context.partition_key} has no {what}: materialize the one upstream.")
 
 
@@ -134,27 +148,30 @@ def loss_plot(logs: list[TrainLog]) -> str:
 def _job_for_run(
     context: dg.AssetExecutionContext,
     config: FineTuneConfig,
-    catalog: Catalog,
+    lifecycle: FineTuningLifecycle,
     engine: InferenceEngine,
     trainer: Trainer,
     dataset: dict[str, Any],
+    max_lora_rank: int,
 ) -> dict[str, Any]:
     if config.job_id:
-        return _job(context, catalog, config.job_id, evaluated=False)
+        return _job(context, lifecycle.catalog, config.job_id, trained=False)
     overrides = {
         k: v
         for k, v in config.model_dump().items()
         if v is not None and k not in ("job_id", "model", "backend", "suffix", "seed")
     }
     try:
-        base = _base(engine, catalog, config.model)
+        base = _base(engine, lifecycle.catalog, config.model)
         return create_job(
-            catalog,
+            lifecycle,
             model=base["name"],
             dataset_version=dataset["version"],
             training_file=dataset["version"],
             backend=config.backend or trainer.backend,
-            hyperparameters=resolve_hyperparameters(overrides, seed=config.seed),
+            hyperparameters=resolve_hyperparameters(
+                overrides, seed=config.seed, max_lora_rank=max_lora_rank
+            ),
             suffix=config.suffix or dataset["type"],
             metadata={"started_by": context.run.tags.get("dagster/sensor_name", "dagster")},
         )
@@ -178,31 +195,26 @@ def fine_tuned_adapter(
     catalog: Catalog,
     engine: InferenceEngine,
     trainer: Trainer,
+    webhooks: Webhooks,
 ) -> dg.MaterializeResult:
     """A LoRA adapter trained on the partition's dataset version, in ``adapters/<job id>/``
-    (PEFT format); the data version is the job id."""
+    (PEFT format); the data version is the job id. The job stays ``running`` until
+    ``adapter_eval`` has evaluated the adapter."""
+    lifecycle = FineTuningLifecycle(catalog, webhooks)
     dataset = _dataset(context, catalog)
-    job = _job_for_run(context, config, catalog, engine, trainer, dataset)
+    job = _job_for_run(context, config, lifecycle, engine, trainer, dataset, trainer.max_lora_rank)
     job_id = job["id"]
-    # The retry of a run that died (killed, out of memory) takes its job back and starts clean.
-    if catalog.fine_tuning.reopen(job_id, context.run_id):
-        context.log.warning(f"{job_id}: its previous run died; training again from the start")
-        job = catalog.fine_tuning.get(job_id)
-    if job["status"] in ("cancelled", "failed") or job["cancel_requested"]:
-        catalog.fine_tuning.update(job_id, status="cancelled", finished_at=int(time.time()))
-        raise dg.Failure(f"{job_id} is {job['status']}; create another job to train again.")
     if not bucket.is_local:
+        lifecycle.fail(job_id, "training_failed", "Training needs a local bucket folder.")
         raise dg.Failure("Training needs a local bucket folder (VBS_BUCKET_URL).")
     base = _base(engine, catalog, job["model"])
     output = bucket.path(L.adapter_folder(job_id))
     hyperparameters = resolve_hyperparameters(job["hyperparameters"])
-    started = int(time.time())
-    catalog.fine_tuning.update(
-        job_id, status="running", run_id=context.run_id, started_at=started, error=None
-    )
-    catalog.fine_tuning.add_event(
-        job_id, f"Training {base['name']} on {dataset['version']} with {job['backend']}"
-    )
+    # The retry of a run that died (killed, out of memory) takes its job over and starts clean.
+    what = f"Training {base['name']} on {dataset['version']} with {job['backend']}"
+    if not lifecycle.start(job_id, context.run_id, what):
+        status = (catalog.fine_tuning.get(job_id) or {}).get("status")
+        raise dg.Failure(f"{job_id} is {status}; create another job to train again.")
     context.log.info(
         f"{job_id}: {job['backend']} on {dataset['version']} "
         f"({dataset['train_count']} train, {dataset['eval_count']} eval)"
@@ -221,7 +233,7 @@ def fine_tuned_adapter(
             "valid_loss": log.eval_loss,
             "learning_rate": log.learning_rate,
         }
-        catalog.fine_tuning.add_event(job_id, message, kind="metrics", data=data)
+        lifecycle.progress(job_id, message, data)
 
     def should_stop() -> bool:
         row = catalog.fine_tuning.get(job_id)
@@ -241,31 +253,16 @@ def fine_tuned_adapter(
     try:
         outcome = trainer.train(train_job, backend=job["backend"])
     except TrainingStopped as exc:
-        catalog.fine_tuning.update(job_id, status="cancelled", finished_at=int(time.time()))
-        catalog.fine_tuning.add_event(job_id, str(exc), level="warn")
+        lifecycle.cancel(job_id, str(exc), expect_run=context.run_id)
         raise dg.Failure(description=f"{job_id} was cancelled: {exc}") from None
     except Exception as exc:
-        message = f"{type(exc).__name__}: {str(exc)[:500]}"
-        catalog.fine_tuning.update(
-            job_id,
-            status="failed",
-            finished_at=int(time.time()),
-            error={"code": "training_failed", "message": message, "param": None},
-        )
-        catalog.fine_tuning.add_event(job_id, f"Training failed: {message}", level="error")
+        message = f"Training failed: {type(exc).__name__}: {str(exc)[:500]}"
+        lifecycle.fail(job_id, "training_failed", message, expect_run=context.run_id)
         raise
     name = L.fine_tuned_model_name(base["name"], job["suffix"], job_id)
     result = {**outcome.summary(), "adapter_path": output}
-    if not catalog.fine_tuning.update(
-        job_id,
-        status="succeeded",
-        finished_at=int(time.time()),
-        adapter_path=output,
-        fine_tuned_model=name,
-        result=result,
-    ):
+    if not lifecycle.trained(job_id, context.run_id, output, name, result):
         raise dg.Failure(f"{job_id} was cancelled as it finished; its adapter is not kept.")
-    catalog.fine_tuning.add_event(job_id, f"The job has successfully completed: {name}")
     return dg.MaterializeResult(
         metadata={
             "job_id": job_id,
@@ -330,14 +327,67 @@ def adapter_eval(
     bucket: Bucket,
     catalog: Catalog,
     engine: InferenceEngine,
+    webhooks: Webhooks,
 ) -> dg.MaterializeResult:
-    """The base model and the adapter through vLLM on the eval split, scored side by side."""
-    job = _job(context, catalog, config.job_id, evaluated=False)
+    """The base model and the adapter through vLLM on the eval split, scored side by side; the
+    job succeeds once this evaluation (or the reason there is none) is recorded."""
+    lifecycle = FineTuningLifecycle(catalog, webhooks)
+    job = _job(context, catalog, config.job_id, trained=True)
+    job_id = job["id"]
+    if not job["adapter_path"] or job["status"] not in ("running", "succeeded"):
+        raise dg.Failure(f"{job_id} is {job['status']} with no trained adapter to evaluate.")
+    why = f"Run {job['run_id']} died; run {context.run_id} evaluates the adapter"
+    if job["status"] == "running" and not lifecycle.adopt(job_id, context.run_id, why):
+        raise dg.Failure(f"{job_id} ended while its adapter waited for its evaluation.")
     dataset = _dataset(context, catalog)
     with bucket.open(L.dataset_file(dataset["version"], L.EVAL), "rb") as fh:
         examples = ev.eval_examples(fh.read().decode("utf-8").splitlines())[: config.limit]
     if not examples:
-        raise dg.Failure(f"{dataset['version']} holds no eval examples to score.")
+        return _not_evaluated(
+            context, lifecycle, job_id, f"{dataset['version']} holds no eval examples to score"
+        )
+    try:
+        return _evaluate(context, config, catalog, engine, lifecycle, job, examples)
+    except Exception as exc:
+        if not isinstance(exc, dg.Failure):
+            message = f"Evaluation failed: {type(exc).__name__}: {str(exc)[:500]}"
+            lifecycle.fail(job_id, "evaluation_failed", message, expect_run=context.run_id)
+        raise
+
+
+def _not_evaluated(
+    context: dg.AssetExecutionContext, lifecycle: FineTuningLifecycle, job_id: str, reason: str
+) -> dg.MaterializeResult:
+    """The job succeeds with the reason it was not evaluated, which deploy then names."""
+    evaluation = {
+        "passed": False,
+        "skipped": reason,
+        "examples": 0,
+        "run_id": context.run_id,
+        "evaluated_at": int(time.time()),
+    }
+    lifecycle.succeed(job_id, evaluation, f"Not evaluated: {reason}.")
+    context.log.warning(f"{job_id}: not evaluated: {reason}")
+    return dg.MaterializeResult(
+        metadata={"job_id": job_id, "examples": 0, "skipped": reason},
+        data_version=dg.DataVersion(job_id),
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="beats_base", passed=False, metadata={"verdict": f"skipped: {reason}"}
+            )
+        ],
+    )
+
+
+def _evaluate(
+    context: dg.AssetExecutionContext,
+    config: AdapterEvalConfig,
+    catalog: Catalog,
+    engine: InferenceEngine,
+    lifecycle: FineTuningLifecycle,
+    job: dict[str, Any],
+    examples: list[ev.EvalExample],
+) -> dg.MaterializeResult:
     registry = ModelRegistry(catalog)
     registry.register_configured(engine.configured_models())
     served = registry.snapshot()
@@ -390,8 +440,8 @@ def adapter_eval(
         "run_id": context.run_id,
         "evaluated_at": int(time.time()),
     }
-    catalog.fine_tuning.annotate(job["id"], evaluation=evaluation)
-    catalog.fine_tuning.add_event(job["id"], verdict.describe(), kind="metrics", data=evaluation)
+    if not lifecycle.succeed(job["id"], evaluation, verdict.describe()):
+        raise dg.Failure(f"{job['id']} ended while its adapter was evaluated.")
     return dg.MaterializeResult(
         metadata={
             "job_id": job["id"],
@@ -428,33 +478,67 @@ def adapter_eval(
     group_name=L.TRAINING_GROUP,
 )
 def deployed_model(
-    context: dg.AssetExecutionContext, config: DeployConfig, catalog: Catalog
+    context: dg.AssetExecutionContext,
+    config: DeployConfig,
+    catalog: Catalog,
+    trainer: Trainer,
+    webhooks: Webhooks,
 ) -> dg.MaterializeResult:
     """The evaluated adapter in the model registry as ``ft:<base>:<suffix>:<id>``, with its
-    lineage; the next batch naming it is answered by it."""
-    job = _job(context, catalog, config.job_id, evaluated=not config.force)
+    lineage; the next batch naming it is answered by it. Each deployment is recorded with its
+    outcome in the job's events."""
+    lifecycle = FineTuningLifecycle(catalog, webhooks)
+    job = _job(context, catalog, config.job_id, trained=False)
     if job["status"] != "succeeded":
-        raise dg.Failure(f"{job['id']} is {job['status']}: only a trained adapter deploys.")
+        raise dg.Failure(f"{job['id']} is {job['status']}: only a trained, evaluated job deploys.")
+    deployment_id = config.deployment_id
+    if deployment_id is None:
+        deployment, created = lifecycle.create_deployment(job, config.force)
+        if not created:
+            raise dg.Failure(f"{job['id']} is being deployed already ({deployment['id']}).")
+        deployment_id = deployment["id"]
+    if not lifecycle.deployment_started(deployment_id, context.run_id):
+        raise dg.Failure(f"{deployment_id} is not queued: it ran already or ended.")
+    try:
+        return _deploy(context, config, catalog, trainer, lifecycle, job, deployment_id)
+    except dg.Failure as exc:
+        lifecycle.deployment_failed(deployment_id, "deployment_refused", exc.description or "")
+        raise
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {str(exc)[:500]}"
+        lifecycle.deployment_failed(deployment_id, "deployment_failed", message)
+        raise
+
+
+def _deploy(
+    context: dg.AssetExecutionContext,
+    config: DeployConfig,
+    catalog: Catalog,
+    trainer: Trainer,
+    lifecycle: FineTuningLifecycle,
+    job: dict[str, Any],
+    deployment_id: str,
+) -> dg.MaterializeResult:
     evaluation = job["evaluation"] or {}
     if not evaluation.get("passed") and not config.force:
-        reason = (
-            "it was not evaluated"
-            if not evaluation
-            else f"beats_base failed ({evaluation.get('metric')}: adapter "
-            f"{evaluation['adapter'].get(evaluation['metric'])} against base "
-            f"{evaluation['base'].get(evaluation['metric'])})"
-        )
         raise dg.Failure(
-            description=f"{job['id']} is not deployed: {reason}. Deploy with force to override."
+            description=f"{job['id']} is not deployed: {evaluation_refusal(evaluation)}. Deploy "
+            "with force to override."
         )
     dataset = catalog.datasets.get(job["dataset_version"]) or {}
     now = int(time.time())
-    deployment = {"at": now, "run_id": context.run_id, "forced": config.force}
+    deployment = {
+        "at": now,
+        "run_id": context.run_id,
+        "forced": config.force,
+        "deployment_id": deployment_id,
+    }
     lineage = {
         "job_id": job["id"],
         "dataset_version": job["dataset_version"],
         "dataset_type": dataset.get("type"),
         "base_model": job["model"],
+        "suffix": job["suffix"],
         "backend": job["backend"],
         "hyperparameters": job["hyperparameters"],
         "training_run_id": job["run_id"],
@@ -465,22 +549,19 @@ def deployed_model(
         "deployments": [deployment],
     }
     name = job["fine_tuned_model"]
-    prefix = name.rsplit(":", 1)[0] + ":"
     try:
-        row, retired = ModelRegistry(catalog).deploy(
-            name, job["adapter_path"], job["model"], lineage, replaces=prefix
+        row, retired = ModelRegistry(catalog, trainer.max_lora_rank).deploy(
+            name, job["adapter_path"], job["model"], lineage
         )
     except RegistryError as exc:
         raise dg.Failure(description=f"{name} is not deployed: {exc.message}") from None
-    word = (
-        "forced past a failed evaluation" if config.force and not evaluation.get("passed") else ""
-    )
-    catalog.fine_tuning.add_event(job["id"], f"Deployed as {name} {word}".strip())
+    lifecycle.deployment_succeeded(deployment_id, name, retired)
     context.log.info(f"{name} deployed{'; retired ' + ', '.join(retired) if retired else ''}")
     return dg.MaterializeResult(
         metadata={
             "model": name,
             "job_id": job["id"],
+            "deployment_id": deployment_id,
             "dataset_version": job["dataset_version"],
             "forced": config.force,
             "retired": dg.MetadataValue.json(retired),

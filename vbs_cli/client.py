@@ -4,6 +4,7 @@ official openai client."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -35,8 +36,20 @@ def add_commands(sub: Any) -> None:
     results.add_argument("batch_id")
     results.add_argument("--errors", action="store_true", help="print the error file instead")
     inbox = sub.add_parser("inbox", help="files in the inbox that cannot be taken, and why")
+    for parser in (batches, inbox):
+        add_json(parser)
     for parser in (submit, batches, results, inbox):
         add_api_url(parser)
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def print_json(value: Any) -> None:
+    """One JSON line of an API object (an openai type or a plain dict)."""
+    found = value.model_dump() if hasattr(value, "model_dump") else value
+    print(json.dumps(found, ensure_ascii=False, default=str), flush=True)
 
 
 def add_api_url(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +60,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     client = openai_client(args, settings)
     if args.command == "batches":
         for b in client.batches.list(limit=args.limit).data:
+            if args.json:
+                print_json(b)
+                continue
             counts = b.request_counts
             done = f"{counts.completed + counts.failed}/{counts.total}" if counts else "-"
             print(f"{b.id}  {b.status:<11}  {done:>11}  {b.endpoint}")
@@ -54,8 +70,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "inbox":
         problems = client.get("/inbox", cast_to=object)["data"]
         for problem in problems:
-            print(f"{problem['name']}: {problem['message']}")
-        if not problems:
+            if args.json:
+                print_json(problem)
+            else:
+                print(f"{problem['name']}: {problem['message']}")
+        if not problems and not args.json:
             print("the inbox has no problems")
         return 1 if problems else 0
     if args.command == "results":

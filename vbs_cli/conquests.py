@@ -10,19 +10,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vbs_cli.client import add_api_url, openai_client, wait_for
+from vbs_cli.client import add_api_url, openai_client, print_json, wait_for
 from vbs_resources import Settings
 from vbs_resources import layout as L
 from vbs_resources.curation import (
-    ConquestType,
     ConquestTypeFileError,
     ConquestTypes,
-    RecordError,
     TaskRegistry,
     load_type_file,
 )
+from vbs_resources.curation.records import check_records
 from vbs_resources.curation.registry import SHIPPED
-from vbs_resources.strict_json import JSONError, loads
 
 # Errors shown for a refused records file (all are counted).
 SHOWN_ERRORS = 20
@@ -37,6 +35,16 @@ def add_commands(sub: Any) -> None:
     types.add_argument(
         "path", nargs="?", help="a type file or folder (VBS_CONQUEST_TYPES_DIR if omitted)"
     )
+    types.add_argument("--json", action="store_true", help="one JSON object per line (default)")
+    for name, text in (
+        ("exclude", "keep a conquest out of every dataset and of Label Studio"),
+        ("include", "take an excluded conquest back"),
+    ):
+        change = conquests_sub.add_parser(name, help=text)
+        change.add_argument("conquest_id")
+        if name == "exclude":
+            change.add_argument("--reason", required=True, help="why (kept in its history)")
+        add_api_url(change)
     submit = conquests_sub.add_parser(
         "submit", help="check records of a type, render their prompts and create a batch"
     )
@@ -47,39 +55,6 @@ def add_commands(sub: Any) -> None:
     submit.add_argument("--temperature", type=float, help="sampling temperature (the model's)")
     submit.add_argument("--wait", action="store_true", help="show progress until it ends")
     add_api_url(submit)
-
-
-def check_records(
-    conquest_type: ConquestType, lines: Any
-) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
-    """(custom_id, data) for each good record of ``lines`` (bytes), and one message per bad
-    line, with its number and field. Blank lines are skipped."""
-    good: list[tuple[str, dict[str, Any]]] = []
-    errors: list[str] = []
-    seen: dict[str, int] = {}
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = loads(raw)
-            data = conquest_type.check_record(record)
-        except JSONError as exc:
-            where = f" (field {exc.path})" if exc.path else ""
-            errors.append(f"line {number}{where}: {exc}")
-            continue
-        except RecordError as exc:
-            where = f" (field {exc.field})" if exc.field else ""
-            errors.append(f"line {number}{where}: {exc}")
-            continue
-        custom_id = record.get("custom_id") or f"{conquest_type.id}-{number}"
-        if custom_id in seen:
-            errors.append(
-                f"line {number} (field custom_id): {custom_id[:64]!r} is also line {seen[custom_id]}"
-            )
-            continue
-        seen[custom_id] = number
-        good.append((custom_id, data))
-    return good, errors
 
 
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
@@ -113,7 +88,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         sampling["temperature"] = args.temperature
     model = args.model or settings.served_model_name
     batch_lines, record_lines = io.BytesIO(), io.BytesIO()
-    for custom_id, data in good:
+    for custom_id, data, _ in good:
         body = {"model": model, "messages": conquest_type.prompt(data), **sampling}
         line = {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions"}
         batch_lines.write(json.dumps({**line, "body": body}, ensure_ascii=False).encode() + b"\n")
@@ -146,6 +121,14 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.conquests_command == "submit":
         return _submit(args, settings)
+    if args.conquests_command in ("exclude", "include"):
+        from urllib.parse import quote
+
+        client = openai_client(args, settings)
+        body = {"reason": args.reason} if args.conquests_command == "exclude" else {}
+        path = f"/conquests/{quote(args.conquest_id, safe='')}/{args.conquests_command}"
+        print_json(client.post(path, body=body, cast_to=object))
+        return 0
     path = Path(args.path or settings.conquest_types_dir or SHIPPED)
     try:
         if path.is_dir():

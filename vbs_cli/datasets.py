@@ -12,6 +12,7 @@ from typing import Any
 
 from vbs_resources import Settings, build_resources
 from vbs_resources import layout as L
+from vbs_resources.curation.datasets import failed_checks
 
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
 
@@ -31,6 +32,7 @@ def add_commands(sub: Any) -> None:
     build.add_argument("--dagster-url", help="the Dagster webserver (VBS_DAGSTER_URL)")
     build.add_argument("--timeout", type=float, default=600, help="seconds to wait (600)")
     listing = datasets_sub.add_parser("list", help="dataset versions, the latest build first")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line (default)")
     listing.add_argument("--type", dest="type_id", help="one conquest type's")
     listing.add_argument("--limit", type=int, default=20)
 
@@ -46,6 +48,7 @@ def summary(row: dict[str, Any]) -> dict[str, Any]:
         "icl": row["icl_count"],
         "path": row["path"],
         "run_id": row["run_id"],
+        "checks_passed": not failed_checks(row),
     }
 
 
@@ -76,14 +79,34 @@ def _build(args: argparse.Namespace, settings: Settings, catalog: Any, type_id: 
     except (LaunchFailed, LaunchUnavailable) as exc:
         print(f"vbs: {exc}", file=sys.stderr)
         return 1
-    built = [r for r in catalog.datasets.list(type_id=type_id, limit=50) if r["run_id"] == run_id]
-    line: dict[str, Any] = summary(built[0]) if built else {"type": type_id, "run_id": run_id}
-    print(json.dumps({**line, "run_status": status}, ensure_ascii=False), flush=True)
-    if status != "SUCCESS":
-        why = "a blocking check failed" if built else "the build failed"
+    # This run's own build (another build of the same data may have run alongside).
+    build = catalog.datasets.build_of_run(run_id)
+    row = catalog.datasets.get(build["version"]) if build else None
+    line: dict[str, Any] = summary(row) if row else {"type": type_id}
+    line = {**line, "run_id": run_id, "run_status": status}
+    if build:
+        line["checks"] = {name: check["passed"] for name, check in build["checks"].items()}
+    print(json.dumps(line, ensure_ascii=False), flush=True)
+    if status != "SUCCESS" or (build and not build["passed"]):
+        if build and not build["passed"]:
+            failed = failed_checks({"checks": build["checks"]})
+            why = "blocking checks failed: " + "; ".join(failed)
+        else:
+            why = "the build failed"
         print(f"vbs: {type_id}: {why}; see run {run_id} in the Dagster UI", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> str | None:
+    """What is wrong with the build's options, before anything is launched."""
+    if args.eval_fraction is not None and not 0 <= args.eval_fraction < 1:
+        return f"--eval-fraction must be at least 0 and below 1, not {args.eval_fraction}"
+    if args.min_rating is not None and not 1 <= args.min_rating <= 5:
+        return f"--min-rating must be 1 to 5, not {args.min_rating}"
+    if args.min_examples is not None and not 0 <= args.min_examples <= 1_000_000:
+        return f"--min-examples must be 0 to 1000000, not {args.min_examples}"
+    return None
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -95,6 +118,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     from vbs_resources.curation import ConquestTypeFileError
 
+    problem = _check_options(args)
+    if problem:
+        print(f"vbs: {problem}", file=sys.stderr)
+        return 2
     try:
         known = [t.id for t in resources["conquest_types"].registry().all()]
     except ConquestTypeFileError as exc:

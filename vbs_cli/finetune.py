@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vbs_cli.client import add_api_url, openai_client
+from vbs_cli.client import add_api_url, add_json, openai_client, print_json
 from vbs_resources import Settings
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -54,6 +54,8 @@ def add_commands(sub: Any) -> None:
         add_api_url(parser)
     for name in ("cancel", "wait"):
         add_api_url(actions.choices[name])
+    add_json(listing)
+    add_json(actions.choices["events"])
     lineage = sub.add_parser("lineage", help="where a model came from, down to input hashes")
     lineage.add_argument("model")
     lineage.add_argument("--json", action="store_true", help="the whole chain as JSON")
@@ -61,7 +63,7 @@ def add_commands(sub: Any) -> None:
 
 
 def _print_job(job: Any) -> None:
-    print(json.dumps(job.model_dump() if hasattr(job, "model_dump") else job, default=str))
+    print_json(job)
 
 
 def follow(client: Any, job_id: str, poll: float = 1.0) -> Any:
@@ -101,7 +103,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return _create(client, args)
     if action == "list":
         for job in client.fine_tuning.jobs.list(limit=args.limit).data:
-            print(f"{job.id}  {job.status:<16}  {job.model}  {job.fine_tuned_model or '-'}")
+            if args.json:
+                print_json(job)
+            else:
+                print(f"{job.id}  {job.status:<16}  {job.model}  {job.fine_tuned_model or '-'}")
         return 0
     if action == "show":
         _print_job(client.fine_tuning.jobs.retrieve(args.job_id))
@@ -109,7 +114,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if action == "events":
         events = client.fine_tuning.jobs.list_events(args.job_id, limit=1000).data
         for event in reversed(events):
-            print(f"{event.created_at}  {event.level:<5}  {event.message}")
+            if args.json:
+                print_json(event)
+            else:
+                print(f"{event.created_at}  {event.level:<5}  {event.message}")
         return 0
     if action == "cancel":
         _print_job(client.fine_tuning.jobs.cancel(args.job_id))
@@ -159,16 +167,21 @@ def _create(client: Any, args: argparse.Namespace) -> int:
 def _deploy(client: Any, args: argparse.Namespace) -> int:
     body = {"force": True} if args.force else {}
     found = client.post(f"/fine_tuning/jobs/{args.job_id}/deploy", body=body, cast_to=object)
+    deployment = {k: v for k, v in found.items() if k != "job"}
     if args.wait:
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if any(m.id == found["model"] for m in client.models.list().data):
-                break
+        while deployment["status"] in ("queued", "running"):
+            if time.monotonic() > deadline:
+                print(f"vbs: {deployment['id']} is still {deployment['status']}", file=sys.stderr)
+                return 1
             time.sleep(1)
-        else:
-            print(f"vbs: {found['model']} was not served within 600 s", file=sys.stderr)
-            return 1
-    print(json.dumps({"model": found["model"], "run_id": found["run_id"], "force": args.force}))
+            job = client.get(f"/fine_tuning/jobs/{args.job_id}", cast_to=object)
+            deployment = job.get("deployment") or deployment
+    print_json(deployment)
+    if deployment["status"] == "failed":
+        error = deployment.get("error") or {}
+        print(f"vbs: {deployment['id']} failed: {error.get('message')}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,11 +8,12 @@ import sys
 
 from vbs_cli import client, conquests, datasets, engine, finetune, models, query
 from vbs_resources import load_settings
-from vbs_resources.settings import SettingsError
+from vbs_resources.settings import Settings, SettingsError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vbs", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"vbs {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     model = sub.add_parser("model", help="manage local model folders")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -44,6 +45,43 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"vbs: {exc}", file=sys.stderr)
         return 2
+    try:
+        return _dispatch(args, settings)
+    except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback
+        import openai
+
+        if isinstance(exc, openai.APIConnectionError):
+            url = getattr(args, "api_url", None) or settings.api_url
+            print(f"vbs: the vbs API at {url} cannot be reached "
+                  "(is `vbs serve` running? --api-url / VBS_API_URL)", file=sys.stderr)  # fmt: skip
+            return 3
+        if isinstance(exc, openai.APIStatusError):
+            print(f"vbs: HTTP {exc.status_code}: {_message(exc)}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vbs")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _message(exc: Exception) -> str:
+    """The API's own error message (OpenAI's error shape), or the client's."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        found = body.get("error", body)
+        if isinstance(found, dict) and found.get("message"):
+            param = f" ({found['param']})" if found.get("param") else ""
+            return f"{found['message']}{param}"
+    return str(exc)
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command in client.COMMANDS:
         return client.run(args, settings)
     if args.command == "models":

@@ -15,7 +15,8 @@ from vbs_resources.registry import ModelRegistry, RegistryError
 def add_commands(sub: Any) -> None:
     models = sub.add_parser("models", help="the model registry: list, add an adapter, retire")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    listing = models_sub.add_parser("list", help="the registered models")
+    listing = models_sub.add_parser("list", help="the registered models (JSON lines)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line (default)")
     listing.add_argument("--all", action="store_true", help="retired ones too")
     add = models_sub.add_parser("add", help="register a LoRA adapter (PEFT folder or bucket URL)")
     add.add_argument("name", help="the name requests will use as their model")

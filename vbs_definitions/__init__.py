@@ -10,7 +10,14 @@ from vbs_assets.curation import conquests, label_studio_tasks
 from vbs_assets.datasets import curated_dataset
 from vbs_assets.inference import batch_output, error_rate, output_complete
 from vbs_assets.ingest import batch_input
-from vbs_assets.jobs import batch_job, dataset_job, deploy_job, fine_tuning_job, training_job
+from vbs_assets.jobs import (
+    batch_job,
+    curation_job,
+    dataset_job,
+    deploy_job,
+    fine_tuning_job,
+    training_job,
+)
 from vbs_assets.training import adapter_eval, deployed_model, fine_tuned_adapter
 from vbs_resources import build_resources, load_settings
 from vbs_sensors import all_sensors
@@ -30,7 +37,7 @@ defs = dg.Definitions(
         deployed_model,
     ],
     asset_checks=[output_complete, error_rate],
-    jobs=[batch_job, dataset_job, fine_tuning_job, training_job, deploy_job],
+    jobs=[batch_job, curation_job, dataset_job, fine_tuning_job, training_job, deploy_job],
     sensors=all_sensors,
     schedules=[
         retraining_schedule(

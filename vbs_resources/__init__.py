@@ -123,7 +123,11 @@ def build_resources(settings: Settings, for_dagster: bool = False) -> dict[str, 
             eval_fraction=settings.dataset_eval_fraction,
             min_examples=settings.dataset_min_examples,
         ),
-        "trainer": Trainer(backend=settings.trainer_backend, threads=settings.trainer_threads),
+        "trainer": Trainer(
+            backend=settings.trainer_backend,
+            threads=settings.trainer_threads,
+            max_lora_rank=settings.max_lora_rank,
+        ),
         "label_studio": LabelStudio(
             url=settings.resolved_label_studio_url,
             token=_secret(settings, "label_studio_token", for_dagster),

@@ -214,7 +214,7 @@ def annotations_query() -> sa.Select:
 
 def gold_query(type_id: str, min_rating: int) -> sa.Select:
     """A type's gold conquests (a gold star, or a rating of ``min_rating`` or more, on a
-    completed answer) with their newest annotation."""
+    completed answer that no operator excluded) with their newest annotation."""
     fields = ("is_gold_star", "rating", "feedback", "improvement_notes", "answers")
     return (
         sa.select(
@@ -230,6 +230,7 @@ def gold_query(type_id: str, min_rating: int) -> sa.Select:
         .where(
             conquests.c.type == type_id,
             conquests.c.status == "COMPLETED",
+            conquests.c.excluded_at.is_(None),
             annotations.c.is_gold_star.is_(True) | (annotations.c.rating >= min_rating),
         )
     )

@@ -58,6 +58,10 @@ def content_batch_id(sha256: str) -> str:
     return f"batch_{sha256[:32]}"
 
 
+def is_file_id(value: str) -> bool:
+    return bool(_FILE_ID.fullmatch(value))
+
+
 def new_file_id() -> str:
     return f"file-{uuid.uuid4().hex}"
 
@@ -98,6 +102,8 @@ LABEL_STUDIO_SYNC = "label_studio_sync"
 CURATION_GROUP = "curation"
 CURATED_DATASET = "curated_dataset"
 DATASET_JOB = "dataset_job"
+CURATION_JOB = "curation_job"  # a typed batch's conquests and their Label Studio tasks
+CURATION_SENSOR = "typed_batch_curation"
 CONQUEST_TYPE_PARTITIONS = "conquest_types"
 CONQUEST_TYPE_SENSOR = "conquest_type_partitions"
 # Batch metadata keys: the conquest type a batch's results are curated as, and the uploaded
@@ -251,6 +257,7 @@ DATASET_VERSION_PARTITIONS = "dataset_versions"
 RETRAIN_SCHEDULE = "retraining_schedule"
 RETRAIN_SENSOR = "retrain_on_new_dataset"
 TAG_FINE_TUNING_JOB = "vbs/fine_tuning_job"
+TAG_DEPLOYMENT = "vbs/deployment"
 TAG_RETRAIN = "vbs/retrain"
 # A training file uploaded through the API becomes a dataset of this pseudo-type.
 UPLOADED_DATASET_TYPE = "upload"
@@ -279,3 +286,16 @@ def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
     reused; the suffix is the client's, reduced to what a model name may hold."""
     clean = re.sub(r"[^A-Za-z0-9._-]+", "-", suffix or "").strip("-")[:40] or "vbs"
     return f"ft:{base}:{clean}:{job_id.removeprefix('ftjob-')[:12]}"
+
+
+DEPLOYMENT_ID_PATTERN = r"^ftdeploy-[A-Za-z0-9]{8,64}$"
+_DEPLOYMENT_ID = re.compile(DEPLOYMENT_ID_PATTERN)
+FINE_TUNING_SENSOR = "fine_tuning_reconciler"
+
+
+def new_deployment_id() -> str:
+    return f"ftdeploy-{uuid.uuid4().hex[:24]}"
+
+
+def is_deployment_id(value: str) -> bool:
+    return bool(_DEPLOYMENT_ID.fullmatch(value))

@@ -53,6 +53,35 @@ EVENTS = {
 MAX_ERRORS = 1000
 
 
+class EventSender:
+    """Delivers an event the outbox has just recorded: on a thread (``in_background``: the API,
+    which must answer at once) or before returning (runs and sensors). Either way an event whose
+    delivery is cut short stays in the outbox for the reconciler to deliver."""
+
+    def __init__(
+        self, catalog: Catalog, webhooks: Webhooks | None, in_background: bool = False
+    ) -> None:
+        self.catalog, self.webhooks, self.in_background = catalog, webhooks, in_background
+
+    def send(self, event_id: str) -> None:
+        webhooks = self.webhooks
+        if webhooks is None or not webhooks.urls:
+            self.catalog.events.finish(event_id, delivered=True)  # nothing to deliver to
+            return
+        if self.in_background:
+            threading.Thread(target=self._deliver, args=(webhooks, event_id), daemon=True).start()
+        else:
+            self._deliver(webhooks, event_id)
+
+    def _deliver(self, webhooks: Webhooks, event_id: str) -> None:
+        # A delivery problem never undoes the status change it announces; the event stays in
+        # the outbox and the reconciler tries again.
+        try:
+            webhooks.deliver(self.catalog, event_id)
+        except Exception:  # noqa: BLE001
+            log.exception("delivering event %s failed; it stays in the outbox", event_id)
+
+
 class BatchLifecycle:
     """Status changes of batches, with their events.
 
@@ -68,7 +97,7 @@ class BatchLifecycle:
         deliver_in_background: bool = False,
     ) -> None:
         self.catalog, self.webhooks = catalog, webhooks
-        self.deliver_in_background = deliver_in_background
+        self.sender = EventSender(catalog, webhooks, deliver_in_background)
 
     # ---- creation ----------------------------------------------------------------------------
 
@@ -149,25 +178,5 @@ class BatchLifecycle:
             batch_id, to, ALLOWED_FROM[to], event=event, **fields
         )
         if changed and event is not None:
-            self._deliver(event[0])
+            self.sender.send(event[0])
         return changed
-
-    def _deliver(self, event_id: str) -> None:
-        webhooks = self.webhooks
-        if webhooks is None or not webhooks.urls:
-            self.catalog.events.finish(event_id, delivered=True)  # nothing to deliver to
-            return
-        if self.deliver_in_background:
-            threading.Thread(
-                target=self._deliver_safely, args=(webhooks, event_id), daemon=True
-            ).start()
-        else:
-            self._deliver_safely(webhooks, event_id)
-
-    def _deliver_safely(self, webhooks: Webhooks, event_id: str) -> None:
-        # A delivery problem never undoes the status change it announces; the event stays in
-        # the outbox and the reconciler tries again.
-        try:
-            webhooks.deliver(self.catalog, event_id)
-        except Exception:  # noqa: BLE001
-            log.exception("delivering event %s failed; it stays in the outbox", event_id)

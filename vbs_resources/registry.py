@@ -24,6 +24,7 @@ from typing import Any
 
 import fsspec
 
+from vbs_resources import layout as L
 from vbs_resources.catalog import Catalog
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,255}$")
@@ -144,6 +145,25 @@ def _same_model(trained_on: str, base: dict[str, Any]) -> bool:
     return last in names
 
 
+def _same_lineage(row: dict[str, Any], lineage: dict[str, Any]) -> bool:
+    """Whether ``row`` was deployed from a fine-tuning job of the same base model and suffix."""
+    theirs = row["lineage"] or {}
+    return (
+        row["kind"] == "adapter"
+        and bool(theirs.get("job_id"))
+        and bool(theirs.get("deployments"))
+        and theirs.get("base_model") == lineage.get("base_model")
+        and row["name"].rsplit(":", 1)[0] == _deployed_prefix(lineage)
+    )
+
+
+def _deployed_prefix(lineage: dict[str, Any]) -> str:
+    """``ft:<base>:<suffix>`` of the model a lineage deploys."""
+    return L.fine_tuned_model_name(
+        lineage.get("base_model") or "", lineage.get("suffix"), "ftjob-x"
+    ).rsplit(":", 1)[0]
+
+
 class ModelRegistry:
     """Registrations over the catalog's ``models`` table."""
 
@@ -239,12 +259,13 @@ class ModelRegistry:
         return self.get(name)
 
     def deploy(
-        self, name: str, path: str, base: str, lineage: dict[str, Any], replaces: str | None = None
+        self, name: str, path: str, base: str, lineage: dict[str, Any]
     ) -> tuple[dict[str, Any], list[str]]:
         """Serve a fine-tuned adapter as ``name``: registered (and checked) the first time, made
-        available again when it was retired (a rollback). The other available models whose
-        names start with ``replaces`` (the same base and suffix) are retired, so one version of
-        a fine-tuned model answers at a time. Returns the row and the names retired."""
+        available again when it was retired (a rollback). The other available models that a
+        deployment of the same lineage made (the same base model and suffix, by a fine-tuning
+        job) are retired, so one version of a fine-tuned model answers at a time; a model
+        registered by hand is never retired here. Returns the row and the names retired."""
         existing = self.catalog.models.get(name)
         if existing is None:
             row = self.add_adapter(name, path, base=base, lineage=lineage)
@@ -257,11 +278,10 @@ class ModelRegistry:
             )
             row = self.get(name)
         retired = []
-        if replaces:
-            for other in self.catalog.models.list():
-                if other["name"] != name and other["name"].startswith(replaces):
-                    self.catalog.models.retire(other["name"])
-                    retired.append(other["name"])
+        for other in self.catalog.models.list():
+            if other["name"] != name and _same_lineage(other, lineage):
+                self.catalog.models.retire(other["name"])
+                retired.append(other["name"])
         return row, retired
 
     def retire(self, name: str) -> dict[str, Any]:

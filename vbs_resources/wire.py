@@ -292,6 +292,17 @@ class AnnotationObject(BaseModel):
     edited_at: float | None = None
 
 
+class ConquestChange(BaseModel):
+    """One change of a conquest's status, result or exclusion, as its lifecycle made it."""
+
+    field: str
+    before: str | None = None
+    after: str | None = None
+    source: str
+    note: str | None = None
+    at: float
+
+
 class ConquestObject(BaseModel):
     """One conquest, as ``/v1/conquests`` answers it."""
 
@@ -309,8 +320,11 @@ class ConquestObject(BaseModel):
     batch_id: str
     custom_id: str
     created_at: int
+    excluded_at: float | None = None
+    excluded_reason: str | None = None
     annotation: AnnotationObject | None = None
     annotation_history: list[AnnotationObject] | None = None
+    history: list[ConquestChange] | None = None
 
 
 class DatasetCounts(BaseModel):

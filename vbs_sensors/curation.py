@@ -1,10 +1,12 @@
-"""``label_studio_sync``: annotations made in Label Studio, pulled into the catalog;
+"""``typed_batch_curation``: each typed batch's conquests made, once it has ended;
+``label_studio_sync``: annotations made in Label Studio, pulled into the catalog;
 ``conquest_type_partitions``: a partition per conquest type, for its curated dataset."""
 
 import json
 
 import dagster as dg
 
+from vbs_assets.jobs import curation_job
 from vbs_assets.partitions import conquest_type_partitions
 from vbs_resources import Catalog
 from vbs_resources import layout as L
@@ -68,3 +70,38 @@ def conquest_type_partition_sensor(
         dynamic_partitions_requests=[conquest_type_partitions.build_add_request(new)],
         skip_reason=f"added partitions for {', '.join(new)}",
     )
+
+
+# Batches whose results can be judged: what a completed, cancelled or expired batch finished.
+CURATED_STATUSES = ("completed", "cancelled", "expired")
+
+
+@dg.sensor(
+    name=L.CURATION_SENSOR,
+    job=curation_job,
+    minimum_interval_seconds=5,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Launches curation_job (conquests, then Label Studio tasks) for each typed batch "
+    "once it has ended, in a run of its own that holds no gpu pool.",
+)
+def typed_batch_curation(
+    context: dg.SensorEvaluationContext, catalog: Catalog
+) -> dg.SensorResult | dg.SkipReason:
+    """Run keys are the batch's id: each batch's conquests are made once this way (again by a
+    re-materialization in the UI, which finds the same rows)."""
+    since = float(context.cursor) if context.cursor else 0.0
+    rows = catalog.batches.ended_since(since)
+    requests = [
+        dg.RunRequest(run_key=f"{row['id']}:curation", partition_key=row["id"])
+        for row in rows
+        if row["status"] in CURATED_STATUSES
+        and (row["batch_metadata"] or {}).get(L.META_CONQUEST_TYPE)
+    ]
+    # The newest change seen, less a second: a batch ended in the same instant as the last one
+    # seen is looked at again (its run key makes a second request a no-op).
+    cursor = str(max((r["updated_at"] for r in rows), default=since + 1) - 1)
+    if not requests:
+        return dg.SensorResult(
+            skip_reason="no typed batch ended since the last tick", cursor=cursor
+        )
+    return dg.SensorResult(run_requests=requests, cursor=cursor)

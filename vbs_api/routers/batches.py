@@ -6,46 +6,19 @@ from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
+from vbs_api.body import json_model
 from vbs_api.errors import APIError
 from vbs_api.routers import list_page
 from vbs_api.state import state
 from vbs_resources.catalog import batch_object
-from vbs_resources.strict_json import JSONError
-from vbs_resources.strict_json import loads as strict_loads
 from vbs_resources.wire import CreateBatchRequest
 
 router = APIRouter(prefix="/v1/batches")
 Model = TypeVar("Model", bound=BaseModel)
-
-
-async def json_body(request: Request) -> object:
-    """The request's JSON, parsed strictly (the body is already capped by ``BodyLimit``)."""
-    try:
-        return strict_loads(await request.body())
-    except JSONError as exc:
-        raise APIError(
-            400,
-            f"The request body is not valid JSON: {exc.message}.",
-            code="invalid_json",
-            param=exc.path[:80] if exc.path else None,
-        ) from None
-
-
-async def json_model(request: Request, model: type[Model]) -> Model:
-    """The request's JSON as ``model``; a 400 naming the first field at fault otherwise."""
-    body = await json_body(request)
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])[:80] or None
-        raise APIError(
-            400, f"Invalid value for '{param}': {first['msg'][:200]}", param=param
-        ) from None
 
 
 @router.post("")

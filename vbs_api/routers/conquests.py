@@ -9,19 +9,16 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from vbs_api.body import json_model, json_object
 from vbs_api.errors import APIError
 from vbs_api.routers import list_page
-from vbs_api.routers.batches import json_model
 from vbs_api.state import state
-from vbs_resources.curation.annotations import (
-    AnnotateBody,
-    AnnotationError,
-    from_api,
-    result_of,
-)
-from vbs_resources.wire import AnnotationObject, ConquestObject
+from vbs_resources.curation.annotations import AnnotateBody, AnnotationError, from_api
+from vbs_resources.curation.lifecycle import MAX_REASON, ConquestLifecycle, ConquestRefused
+from vbs_resources.wire import AnnotationObject, ConquestChange, ConquestObject
 
 router = APIRouter(prefix="/v1/conquests")
 
@@ -52,11 +49,22 @@ def _one(request: Request, conquest_id: str) -> ConquestObject:
         raise APIError(404, f"No such conquest: {conquest_id[:100]}", param="conquest_id")
     current = catalog.conquests.annotation_of(conquest_id) or {}
     history = [_annotation(h) for h in catalog.conquests.annotation_history_of(conquest_id)]
+    changes = [ConquestChange(**h) for h in catalog.conquests.history_of(conquest_id)]
     return ConquestObject(
         **{k: row[k] for k in ConquestObject.model_fields if k in row},
         annotation=_annotation(current),
         annotation_history=[h for h in history if h is not None],
+        history=changes,
     )
+
+
+def _lifecycle(request: Request) -> ConquestLifecycle:
+    vbs = state(request)
+    return ConquestLifecycle(vbs.catalog, vbs.settings.gold_min_rating)
+
+
+def _refused(exc: ConquestRefused) -> APIError:
+    return APIError(exc.status, exc.message, param=exc.field)
 
 
 @router.get("")
@@ -67,13 +75,14 @@ async def list_conquests(
     result: Literal["VICTORY", "DEFEAT"] | None = None,
     gold: bool | None = None,
     min_rating: Annotated[int | None, Query(ge=1, le=5)] = None,
+    excluded: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(max_length=100)] = None,
 ) -> JSONResponse:
     vbs = state(request)
     rows = vbs.catalog.conquests.list(
         type_id=type, status=status, result=result, gold=gold, min_rating=min_rating,
-        limit=limit, after=after, conn=vbs.reads,
+        excluded=excluded, limit=limit, after=after, conn=vbs.reads,
     )  # fmt: skip
     return list_page(rows, limit, conquest_object)
 
@@ -101,10 +110,48 @@ async def annotate_conquest(request: Request, conquest_id: str) -> JSONResponse:
             ) from None
         try:
             values = from_api(conquest_type, body, time.time())
+            _lifecycle(request).annotate(conquest_id, values, "api")
         except AnnotationError as exc:
             raise APIError(400, str(exc), param=exc.field) from None
-        result = result_of(values, vbs.settings.gold_min_rating)
-        vbs.catalog.conquests.record_annotation(conquest_id, values, result)
+        except ConquestRefused as exc:
+            raise _refused(exc) from None
         return _one(request, conquest_id)
 
     return JSONResponse((await run_in_threadpool(annotate)).model_dump())
+
+
+class ExcludeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=MAX_REASON, pattern=r"\S")
+
+
+@router.post("/{conquest_id}/exclude")
+async def exclude_conquest(request: Request, conquest_id: str) -> JSONResponse:
+    """Keep a conquest out of every dataset and of Label Studio, with the reason in its
+    history (an operator's call: a leaked secret, a forged record, a bad label)."""
+    body = await json_model(request, ExcludeBody)
+
+    def exclude() -> ConquestObject:
+        try:
+            _lifecycle(request).exclude(conquest_id, body.reason, "api")
+        except ConquestRefused as exc:
+            raise _refused(exc) from None
+        return _one(request, conquest_id)
+
+    return JSONResponse((await run_in_threadpool(exclude)).model_dump())
+
+
+@router.post("/{conquest_id}/include")
+async def include_conquest(request: Request, conquest_id: str) -> JSONResponse:
+    """Take an excluded conquest back."""
+    await json_object(request, empty_ok=True)
+
+    def include() -> ConquestObject:
+        try:
+            _lifecycle(request).include(conquest_id, "api")
+        except ConquestRefused as exc:
+            raise _refused(exc) from None
+        return _one(request, conquest_id)
+
+    return JSONResponse((await run_in_threadpool(include)).model_dump())

@@ -7,7 +7,7 @@ opening the catalog upgrades an older one first.
 
 One store per entity, over the catalog's one engine: ``catalog.batches``, ``.files``,
 ``.events`` (the outbox), ``.inbox``, ``.models``, ``.conquests``, ``.label_studio``,
-``.datasets`` and ``.fine_tuning``. Status changes of stateful entities go through their
+``.datasets``, ``.fine_tuning`` and ``.deployments``. Status changes of stateful entities go through their
 lifecycles, never through the stores' callers.
 """
 
@@ -26,7 +26,7 @@ from vbs_resources.catalog.batches import BatchStore, InboxStore, batch_object
 from vbs_resources.catalog.curation import ConquestStore, LabelStudioStore
 from vbs_resources.catalog.datasets import DatasetStore
 from vbs_resources.catalog.files import FileStore, file_object
-from vbs_resources.catalog.fine_tuning import FineTuningStore
+from vbs_resources.catalog.fine_tuning import DeploymentStore, FineTuningStore
 from vbs_resources.catalog.models import ModelStore
 from vbs_resources.catalog.outbox import EventStore
 from vbs_resources.catalog.schema import (
@@ -37,10 +37,12 @@ from vbs_resources.catalog.schema import (
     events,
     metadata_obj,
 )
+from vbs_resources.catalog.store import UnknownCursor
 
 __all__ = [
     "ANNOTATION_FIELDS",
     "Catalog",
+    "UnknownCursor",
     "annotations",
     "events",
     "batch_object",
@@ -138,3 +140,7 @@ class Catalog(dg.ConfigurableResource):
     @cached_property
     def fine_tuning(self) -> FineTuningStore:
         return FineTuningStore(self)
+
+    @cached_property
+    def deployments(self) -> DeploymentStore:
+        return DeploymentStore(self)

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from vbs_resources.catalog.outbox import EventStore
 from vbs_resources.catalog.schema import batches, inbox_problems
-from vbs_resources.catalog.store import Store
+from vbs_resources.catalog.store import Store, UnknownCursor
 from vbs_resources.wire import (
     BATCH_STATUSES,
     TERMINAL_STATUSES,
@@ -90,7 +90,7 @@ class BatchStore(Store):
                     sa.select(batches.c.created_at, batches.c.id).where(batches.c.id == after)
                 ).first()
                 if anchor is None:
-                    return []
+                    raise UnknownCursor("batch", after)
                 query = query.where(
                     sa.or_(
                         batches.c.created_at < anchor.created_at,
@@ -104,6 +104,19 @@ class BatchStore(Store):
     def unfinished(self) -> list[dict[str, Any]]:
         """Batches not yet in a terminal status, oldest first."""
         return self._all(sa.select(batches).where(_NOT_TERMINAL).order_by(batches.c.created_at))
+
+    def ended_since(self, updated_after: float, limit: int = 500) -> list[dict[str, Any]]:
+        """Batches in a terminal status, last changed at or after ``updated_after``, the oldest
+        change first (id, status, metadata and when they changed)."""
+        query = (
+            sa.select(
+                batches.c.id, batches.c.status, batches.c.batch_metadata, batches.c.updated_at
+            )
+            .where(~_NOT_TERMINAL, batches.c.updated_at >= updated_after)
+            .order_by(batches.c.updated_at, batches.c.id)
+            .limit(limit)
+        )
+        return self._all(query)
 
     def transition(
         self,

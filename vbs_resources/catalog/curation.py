@@ -12,11 +12,20 @@ from vbs_resources.catalog.schema import (
     ANNOTATION_FIELDS,
     annotation_history,
     annotations,
+    conquest_history,
     conquests,
     label_studio_projects,
     label_studio_tasks,
 )
-from vbs_resources.catalog.store import Store
+from vbs_resources.catalog.store import Store, UnknownCursor
+
+
+def _is(column: sa.Column, value: str | None) -> sa.ColumnElement:
+    return column.is_(None) if value is None else column == value
+
+
+def _shown(value: str | None) -> str | None:
+    return None if value is None else str(value)[:16]
 
 
 class ConquestStore(Store):
@@ -46,12 +55,19 @@ class ConquestStore(Store):
         return self._all(query.order_by(conquests.c.id))
 
     def record_annotation(
-        self, conquest_id: str, values: dict[str, Any], result: str | None
+        self,
+        conquest_id: str,
+        values: dict[str, Any],
+        result: str | None,
+        results_on: tuple[str, ...],
+        source: str,
     ) -> str:
         """Record an edit (``ANNOTATION_FIELDS``). The newest edit (by ``edited_at``) is the
-        conquest's annotation and sets its ``result``; every edit it replaces, and an edit older
-        than the current one, goes to the history. Returns ``new``, ``updated``, ``older`` (kept
-        in the history only) or ``unchanged`` (the same edit seen again)."""
+        conquest's annotation and sets its ``result`` when its status is one of ``results_on``
+        (a change written to ``conquest_history`` in the same transaction); every edit it
+        replaces, and an edit older than the current one, goes to the annotation history.
+        Returns ``new``, ``updated``, ``older`` (kept in the history only) or ``unchanged``
+        (the same edit seen again). Only the conquest lifecycle calls this."""
         now = time.time()
         row = {name: values.get(name) for name in ANNOTATION_FIELDS}
         with self.engine.begin() as conn:
@@ -85,12 +101,105 @@ class ConquestStore(Store):
                 conn.execute(
                     annotations.insert().values(conquest_id=conquest_id, recorded_at=now, **row)
                 )
-            conn.execute(
-                conquests.update()
-                .where(conquests.c.id == conquest_id)
-                .values(result=result, updated_at=now)
-            )
+            self._change(conn, conquest_id, "result", result, {"status": results_on}, source, None)
         return "new" if current is None else "updated"
+
+    @staticmethod
+    def _change(
+        conn: sa.Connection,
+        conquest_id: str,
+        column: str,
+        to: str | None,
+        where: dict[str, tuple[str | None, ...]],
+        source: str,
+        note: str | None,
+        **fields: Any,
+    ) -> bool:
+        """One conditional update of ``column`` (and ``fields``) where each column of ``where``
+        holds one of its values and ``column`` is not ``to`` already, with its history row."""
+        before = conn.execute(
+            sa.select(conquests.c[column]).where(conquests.c.id == conquest_id)
+        ).scalar()
+        conditions = [conquests.c.id == conquest_id, _is(conquests.c[column], before)]
+        for name, allowed in where.items():
+            conditions.append(sa.or_(*(_is(conquests.c[name], value) for value in allowed)))
+        if before == to:
+            return False
+        changed = conn.execute(
+            conquests.update()
+            .where(*conditions)
+            .values({column: to, "updated_at": time.time(), **fields})
+        ).rowcount
+        if changed:
+            conn.execute(
+                conquest_history.insert().values(
+                    conquest_id=conquest_id,
+                    field=column,
+                    before=_shown(before),
+                    after=_shown(to),
+                    source=source,
+                    note=note,
+                    at=time.time(),
+                )
+            )
+        return bool(changed)
+
+    def transition(
+        self,
+        conquest_id: str,
+        column: str,
+        to: str | None,
+        allowed_from: tuple[str | None, ...],
+        *,
+        source: str,
+        note: str | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Change a conquest's ``column`` (``status``, ``result``) to ``to`` if it holds one of
+        ``allowed_from``, with its history row, in one transaction. Only the conquest lifecycle
+        calls this."""
+        with self.engine.begin() as conn:
+            return self._change(
+                conn, conquest_id, column, to, {column: allowed_from}, source, note, **fields
+            )
+
+    def set_excluded(self, conquest_id: str, reason: str | None, source: str) -> bool:
+        """Exclude a conquest (with its ``reason``) or take it back (None), with its history row;
+        False when it already is as asked. Only the conquest lifecycle calls this."""
+        excluding = reason is not None
+        now = time.time()
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                conquests.update()
+                .where(
+                    conquests.c.id == conquest_id,
+                    conquests.c.excluded_at.is_(None)
+                    if excluding
+                    else conquests.c.excluded_at.is_not(None),
+                )
+                .values(
+                    excluded_at=now if excluding else None,
+                    excluded_reason=reason,
+                    updated_at=now,
+                )
+            ).rowcount
+            if changed:
+                conn.execute(
+                    conquest_history.insert().values(
+                        conquest_id=conquest_id,
+                        field="excluded",
+                        before="no" if excluding else "yes",
+                        after="yes" if excluding else "no",
+                        source=source,
+                        note=reason,
+                        at=now,
+                    )
+                )
+        return bool(changed)
+
+    def history_of(self, conquest_id: str) -> list[dict[str, Any]]:
+        query = sa.select(conquest_history).where(conquest_history.c.conquest_id == conquest_id)
+        return self._all(query.order_by(conquest_history.c.id))
 
     def annotation_of(self, conquest_id: str) -> dict[str, Any] | None:
         rows = self._all(sa.select(annotations).where(annotations.c.conquest_id == conquest_id))
@@ -107,6 +216,7 @@ class ConquestStore(Store):
         result: str | None = None,
         gold: bool | None = None,
         min_rating: int | None = None,
+        excluded: bool | None = None,
         limit: int = 100,
         after: str | None = None,
         conn: sa.Connection | None = None,
@@ -129,11 +239,17 @@ class ConquestStore(Store):
             query = query.where(annotations.c.is_gold_star.is_not(True))
         if min_rating is not None:
             query = query.where(annotations.c.rating >= min_rating)
+        if excluded is True:
+            query = query.where(conquests.c.excluded_at.is_not(None))
+        elif excluded is False:
+            query = query.where(conquests.c.excluded_at.is_(None))
         if after is not None:
-            anchor = sa.select(conquests.c.created_at).where(conquests.c.id == after)
+            anchor = self.get(after, conn)
+            if anchor is None:
+                raise UnknownCursor("conquest", after)
             query = query.where(
                 sa.tuple_(conquests.c.created_at, conquests.c.id)
-                > sa.tuple_(anchor.scalar_subquery(), sa.literal(after))
+                > sa.tuple_(sa.literal(anchor["created_at"]), sa.literal(after))
             )
         query = query.order_by(conquests.c.created_at, conquests.c.id).limit(limit + 1)
         return self._all(query, conn)
@@ -194,6 +310,15 @@ class LabelStudioStore(Store):
             )
             query = sa.select(label_studio_tasks.c.conquest_id, label_studio_tasks.c.task_id)
             return {row.conquest_id: row.task_id for row in conn.execute(query.where(mine))}
+
+    def task_of(self, url: str, conquest_id: str) -> tuple[int, int | None] | None:
+        """The (project id, task id) vbs recorded for a conquest in the Label Studio at ``url``."""
+        query = sa.select(label_studio_tasks.c.project_id, label_studio_tasks.c.task_id).where(
+            label_studio_tasks.c.url == url, label_studio_tasks.c.conquest_id == conquest_id
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return (row.project_id, row.task_id) if row else None
 
     def start_tasks(self, url: str, project_id: int, conquest_ids: list[str]) -> None:
         now = int(time.time())

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from vbs_resources.catalog.schema import files
-from vbs_resources.catalog.store import Store
+from vbs_resources.catalog.store import Store, UnknownCursor
 from vbs_resources.wire import FileObject
 
 _FILE_BY_ID = sa.select(files).where(files.c.id == sa.bindparam("id"), files.c.deleted.is_(False))
@@ -67,7 +67,7 @@ class FileStore(Store):
             if after is not None:
                 anchor = conn.execute(sa.select(*keys).where(files.c.id == after)).first()
                 if anchor is None:
-                    return []
+                    raise UnknownCursor("file", after)
                 beyond = (
                     sa.tuple_(*keys) < tuple(anchor) if desc else sa.tuple_(*keys) > tuple(anchor)
                 )

@@ -32,3 +32,11 @@ class Store:
     def _first(self, query: sa.Select, conn: sa.Connection | None = None) -> dict[str, Any] | None:
         rows = self._all(query.limit(1), conn)
         return rows[0] if rows else None
+
+
+class UnknownCursor(LookupError):
+    """A list's ``after`` names nothing it lists: the API answers 400, naming ``after``."""
+
+    def __init__(self, what: str, cursor: str) -> None:
+        super().__init__(f"No {what} {cursor[:100]!r} to list after.")
+        self.message = str(self)

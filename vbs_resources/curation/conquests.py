@@ -12,6 +12,7 @@ from typing import Any
 from vbs_resources import layout as L
 from vbs_resources.bucket import Bucket
 from vbs_resources.catalog import Catalog
+from vbs_resources.curation.records import check_records, matches_request
 from vbs_resources.curation.types import ConquestType
 from vbs_resources.lake import batch_answers
 
@@ -24,24 +25,20 @@ class ConquestSourceError(ValueError):
     """A typed batch whose conquests cannot be made (its records file is gone, say)."""
 
 
-def records_of(bucket: Bucket, catalog: Catalog, file_id: str) -> dict[str, dict[str, Any]]:
-    """The records file a submit uploaded (purpose ``user_data``): each record by custom_id."""
+def records_of(
+    bucket: Bucket, catalog: Catalog, file_id: str, conquest_type: ConquestType
+) -> dict[str, dict[str, Any]]:
+    """The records file a submit uploaded (purpose ``user_data``): each record by custom_id,
+    read by strict JSON and checked against the type (``ConquestSourceError`` naming the line
+    otherwise)."""
     row = catalog.files.get(file_id)
     if row is None:
         raise ConquestSourceError(f"the records file {file_id} is gone")
-    records: dict[str, dict[str, Any]] = {}
     with bucket.open(row["path"], "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except ValueError as exc:
-                raise ConquestSourceError(f"{file_id} line {number}: {exc}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("custom_id"), str):
-                raise ConquestSourceError(f"{file_id} line {number}: a record names its custom_id")
-            records[record.pop("custom_id")] = record
-    return records
+        good, errors = check_records(conquest_type, fh)
+    if errors:
+        raise ConquestSourceError(f"{file_id} {errors[0]}")
+    return {custom_id: data for custom_id, data, _ in good}
 
 
 def _error(answer: dict[str, Any]) -> dict[str, Any]:
@@ -77,8 +74,9 @@ def build_conquests(
         # An answer without text (no choices, only tool calls) has nothing to judge.
         completed = answer["status"] == "completed" and answer["text"] is not None
         prompt = body.get("messages", body.get("prompt"))
-        if records is not None and custom_id in records:
-            input_data = records[custom_id]
+        record = (records or {}).get(custom_id)
+        if record is not None and matches_request(conquest_type, record, prompt):
+            input_data = record
         elif "messages" in body:
             input_data = {"messages": body["messages"]}
         else:

@@ -4,8 +4,10 @@ A gold conquest (a gold star, or a rating at or above the policy's threshold, on
 answer) is rendered through its type's export templates into ``{"messages": [...]}`` (system,
 user, assistant), OpenAI's fine-tuning chat format. Examples are de-duplicated and split into
 train and eval by the hash of their prompt (its user turns), so a prompt is on one side only
-and stays on its side in every later version. ``icl.jsonl`` holds the train examples as few-shot demonstrations:
-the type's ``finetuningFormat`` input and output fields, and the user and assistant turns.
+and stays on its side in every later version (the sides are recorded in the catalog), while
+at least ``max(1, round(fraction x prompts))`` prompts are held out. ``icl.jsonl`` holds the
+train examples as few-shot demonstrations: the type's ``finetuningFormat`` input and output
+fields, and the user and assistant turns.
 
 The version is the hash of the three files' content and of the conquests each split was made
 of, so building again with nothing new gives the same version, and any change to what a file
@@ -119,6 +121,7 @@ class DatasetBuild:
     duplicates: int  # examples dropped as repeats of another
     skipped: list[str] = field(default_factory=list)  # conquests that could not be rendered
     excluded: list[str] = field(default_factory=list)  # kept out by an excludeIf answer
+    sides: dict[str, str] = field(default_factory=dict)  # new prompts' sides, to record
     files: dict[str, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -237,20 +240,48 @@ def _example(conquest_type: ConquestType, row: dict[str, Any]) -> _Example:
     return _Example(row["id"], turns, icl)
 
 
-def _split(examples: list[_Example], eval_fraction: float) -> tuple[list, list]:
-    """Train and eval by prompt hash alone, so a prompt's side never depends on the others:
-    it keeps it in every later version (a tiny dataset may hold none out; min_examples says
-    so)."""
+def held_out(prompts: int, eval_fraction: float) -> int:
+    """How many prompts a split holds out at least: ``max(1, round(fraction x prompts))`` once
+    there are two prompts or more (one to train on), none with a fraction of 0."""
+    if eval_fraction <= 0 or prompts < 2:
+        return 0
+    return min(max(1, round(eval_fraction * prompts)), prompts - 1)
+
+
+def _split(
+    examples: list[_Example], eval_fraction: float, sides: dict[str, str] | None = None
+) -> tuple[list[_Example], list[_Example], dict[str, str]]:
+    """Train and eval by prompt, deterministically. A prompt seen before (``sides``: the side
+    each prompt of the type was first given) keeps its side for good; a new one is held out when
+    its hash falls under ``eval_fraction``, and when that holds out fewer than ``held_out``
+    prompts, the new prompts with the lowest hashes are held out too. Returns the splits and the
+    sides given now to new prompts."""
+    sides = sides or {}
     threshold = eval_fraction * 2**64
-    train = [e for e in examples if int(e.prompt[:16], 16) >= threshold]
-    evals = [e for e in examples if int(e.prompt[:16], 16) < threshold]
-    return train, evals
+    rank = {e.prompt: int(e.prompt[:16], 16) for e in examples}
+    side = {
+        key: sides.get(key) or ("eval" if value < threshold else "train")
+        for key, value in rank.items()
+    }
+    missing = held_out(len(side), eval_fraction) - sum(s == "eval" for s in side.values())
+    for key in sorted((k for k in side if k not in sides and side[k] == "train"), key=rank.get):
+        if missing <= 0:
+            break
+        side[key] = "eval"
+        missing -= 1
+    train = [e for e in examples if side[e.prompt] == "train"]
+    evals = [e for e in examples if side[e.prompt] == "eval"]
+    return train, evals, {k: s for k, s in side.items() if k not in sides}
 
 
 def build_dataset(
-    conquest_type: ConquestType, gold: pl.DataFrame, eval_fraction: float
+    conquest_type: ConquestType,
+    gold: pl.DataFrame,
+    eval_fraction: float,
+    sides: dict[str, str] | None = None,
 ) -> DatasetBuild:
-    """The dataset of ``gold`` (the type's gold conquests, with their annotations)."""
+    """The dataset of ``gold`` (the type's gold conquests, with their annotations); ``sides``
+    are the sides the type's prompts were given before (``DatasetStore.sides``)."""
     seen: dict[str, _Example] = {}
     skipped: list[str] = []
     excluded: list[str] = []
@@ -277,7 +308,7 @@ def build_dataset(
         seen[example.key] = example
     # Files in the order of the examples' hashes: stable, and unrelated to when they came.
     examples = sorted(seen.values(), key=lambda e: e.key)
-    train, evals = _split(examples, eval_fraction)
+    train, evals, new_sides = _split(examples, eval_fraction, sides)
     return DatasetBuild(
         type_id=conquest_type.id,
         type_version=conquest_type.version,
@@ -287,6 +318,7 @@ def build_dataset(
         duplicates=duplicates,
         skipped=skipped,
         excluded=excluded,
+        sides=new_sides,
     )
 
 
@@ -337,6 +369,7 @@ def build_uploaded_dataset(
     training: tuple[str, list[bytes]],
     validation: tuple[str, list[bytes]] | None,
     eval_fraction: float,
+    sides: dict[str, str] | None = None,
 ) -> DatasetBuild:
     """A dataset version of uploaded fine-tuning files (OpenAI's chat format, a file id and its
     lines each): de-duplicated like a curated one; the validation file is the eval split, or,
@@ -355,12 +388,13 @@ def build_uploaded_dataset(
 
     before = len(train) + len(evals)
     train = unique(train)
+    new_sides: dict[str, str] = {}
     if validation:
         held = {e.prompt for e in unique(evals)}
         evals = unique(evals)
         train = [e for e in train if e.prompt not in held]
     else:
-        train, evals = _split(train, eval_fraction)
+        train, evals, new_sides = _split(train, eval_fraction, sides)
     return DatasetBuild(
         type_id=L.UPLOADED_DATASET_TYPE,
         type_version="1",
@@ -370,4 +404,16 @@ def build_uploaded_dataset(
         duplicates=before - len(train) - len(evals),
         skipped=[],
         excluded=[],
+        sides=new_sides,
     )
+
+
+def failed_checks(row: dict[str, Any]) -> list[str]:
+    """The blocking checks a dataset version's latest build failed, each with its problems
+    (none for a version built before checks were recorded, or uploaded)."""
+    failed = []
+    for name, check in (row.get("checks") or {}).items():
+        if not check.get("passed"):
+            problems = "; ".join(str(p) for p in check.get("problems") or []) or "failed"
+            failed.append(f"{name}: {problems}")
+    return failed

@@ -13,8 +13,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from vbs_resources.catalog import Catalog
-from vbs_resources.curation.annotations import AnnotationError, from_label_studio, result_of
+from vbs_resources.curation.annotations import AnnotationError, from_label_studio
 from vbs_resources.curation.label_studio import LabelStudio
+from vbs_resources.curation.lifecycle import ConquestLifecycle, ConquestRefused
 from vbs_resources.curation.registry import TaskRegistry
 
 # Tasks are fetched again from a little before the newest one seen: an edit committed a moment
@@ -53,6 +54,7 @@ def sync_annotations(
     """Record what changed in every project of this Label Studio; the report and the new
     cursor (project id -> the ``updated_after`` of the next sync)."""
     report = SyncReport()
+    lifecycle = ConquestLifecycle(catalog, gold_rating)
     url = label_studio.url.rstrip("/")
     cursor = dict(cursor)
     for project in catalog.label_studio.projects_at(url):
@@ -69,20 +71,21 @@ def sync_annotations(
             stamp = _parse(task["updated_at"]) if task.get("updated_at") else None
             if stamp is not None and (newest is None or stamp > newest):
                 newest = stamp
-            _record_task(catalog, conquest_type, project_id, task, report, gold_rating)
+            _record_task(lifecycle, url, conquest_type, project_id, task, report)
         if newest is not None:
             cursor[key] = _format(newest - OVERLAP)
     return report, cursor
 
 
 def _record_task(
-    catalog: Catalog,
+    lifecycle: ConquestLifecycle,
+    url: str,
     conquest_type: Any,
     project_id: int,
     task: dict[str, Any],
     report: SyncReport,
-    gold_rating: int,
 ) -> None:
+    catalog = lifecycle.catalog
     made = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
     if not made:
         return
@@ -90,6 +93,13 @@ def _record_task(
     where = f"task {task.get('id')} of project {project_id}"
     if not isinstance(conquest_id, str) or catalog.conquests.get(conquest_id) is None:
         report.problems.append(f"{where}: no conquest {str(conquest_id)[:80]!r}")
+        return
+    # Only the task vbs made for the conquest speaks for it: a task imported by hand that names
+    # another conquest's id is not that conquest's.
+    recorded = catalog.label_studio.task_of(url, conquest_id)
+    if recorded != (project_id, task.get("id")):
+        sent = f"task {recorded[1]} of project {recorded[0]}" if recorded else "no task"
+        report.problems.append(f"{where}: names conquest {conquest_id}, sent as {sent}; skipped")
         return
     made.sort(key=lambda a: a.get("updated_at") or a.get("created_at") or "")
     for annotation in made:
@@ -103,7 +113,9 @@ def _record_task(
                 + f": {exc}"
             )
             continue
-        outcome = catalog.conquests.record_annotation(
-            conquest_id, values, result_of(values, gold_rating)
-        )
+        try:
+            outcome = lifecycle.annotate(conquest_id, values, "label_studio")
+        except ConquestRefused as exc:
+            report.problems.append(f"{where}, annotation {annotation.get('id')}: {exc.message}")
+            continue
         report.counts[outcome] = report.counts.get(outcome, 0) + 1

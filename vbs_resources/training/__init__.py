@@ -42,16 +42,16 @@ class Hyperparameters(BaseModel):
 
     lora_r: int = Field(default=16, ge=1, le=512)
     lora_alpha: int = Field(default=32, ge=1, le=4096)
-    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
-    learning_rate: float = Field(default=DEFAULT_LEARNING_RATE, gt=0, le=1)
-    num_train_epochs: float = Field(default=1, gt=0, le=1000)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1, allow_inf_nan=False)
+    learning_rate: float = Field(default=DEFAULT_LEARNING_RATE, gt=0, le=1, allow_inf_nan=False)
+    num_train_epochs: float = Field(default=1, gt=0, le=1000, allow_inf_nan=False)
     max_steps: int = Field(default=-1, ge=-1, le=1_000_000)
     batch_size: int = Field(default=8, ge=1, le=4096)
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=4096)
     max_seq_length: int = Field(default=1024, ge=16, le=131072)
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR), min_length=1)
     warmup_steps: int = Field(default=0, ge=0)
-    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
     seed: int = Field(default=3407, ge=0, le=2**32 - 1)
 
 
@@ -185,10 +185,13 @@ def folder_bytes(path: str) -> int:
 
 class Trainer(dg.ConfigurableResource):
     """Runs a training job with a backend: the job's, or ``backend``. ``threads`` caps torch's
-    CPU threads (0: torch's own choice)."""
+    CPU threads (0: torch's own choice); ``max_lora_rank`` is the engine's limit
+    (``VBS_MAX_LORA_RANK``): a job asking for more is refused, as its adapter could not be
+    served."""
 
     backend: str = "unsloth"
     threads: int = 0
+    max_lora_rank: int = 64
 
     def train(self, job: TrainingJob, backend: str | None = None) -> TrainingOutcome:
         name = backend or self.backend

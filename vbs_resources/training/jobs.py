@@ -9,14 +9,13 @@ OpenAI's form (``n_epochs``, ``batch_size``, ``learning_rate_multiplier``, each 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from pydantic import ValidationError
 
 from vbs_resources import layout as L
-from vbs_resources.catalog import Catalog
 from vbs_resources.training import DEFAULT_LEARNING_RATE, Hyperparameters, backend_names
+from vbs_resources.training.lifecycle import FineTuningLifecycle
 
 STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -32,10 +31,14 @@ class JobError(ValueError):
 
 
 def resolve_hyperparameters(
-    raw: dict[str, Any] | None, seed: int | None = None, max_steps: int | None = None
+    raw: dict[str, Any] | None,
+    seed: int | None = None,
+    max_steps: int | None = None,
+    max_lora_rank: int | None = None,
 ) -> Hyperparameters:
     """OpenAI's or the seed's hyperparameters as the trainer's; an unknown name or a value out
-    of range is a ``JobError`` naming ``hyperparameters.<name>``."""
+    of range is a ``JobError`` naming ``hyperparameters.<name>``. With ``max_lora_rank`` (the
+    engine's ``VBS_MAX_LORA_RANK``) a rank the engine could never serve is refused too."""
     if raw is not None and not isinstance(raw, dict):
         raise JobError("hyperparameters must be an object.", "hyperparameters")
     values: dict[str, Any] = {}
@@ -56,13 +59,20 @@ def resolve_hyperparameters(
     if max_steps is not None:
         values["max_steps"] = max_steps
     try:
-        return Hyperparameters(**values)
+        resolved = Hyperparameters(**values)
     except ValidationError as exc:
         first = exc.errors()[0]
         name = ".".join(str(p) for p in first["loc"]) or "hyperparameters"
         shown = {v: k for k, v in OPENAI_NAMES.items()}.get(name, name)
         message = "is not a hyperparameter" if first["type"] == "extra_forbidden" else first["msg"]
         raise JobError(f"hyperparameters.{shown}: {message}.", f"hyperparameters.{shown}") from None
+    if max_lora_rank is not None and resolved.lora_r > max_lora_rank:
+        raise JobError(
+            f"hyperparameters.lora_r: {resolved.lora_r} is above the engine's LoRA rank limit "
+            f"{max_lora_rank} (VBS_MAX_LORA_RANK): the adapter could never be served.",
+            "hyperparameters.lora_r",
+        )
+    return resolved
 
 
 def check_backend(backend: str) -> str:
@@ -75,7 +85,7 @@ def check_backend(backend: str) -> str:
 
 
 def create_job(
-    catalog: Catalog,
+    lifecycle: FineTuningLifecycle,
     *,
     model: str,
     dataset_version: str,
@@ -85,10 +95,10 @@ def create_job(
     suffix: str | None = None,
     validation_file: str | None = None,
     metadata: dict[str, Any] | None = None,
-    status: str = "queued",
 ) -> dict[str, Any]:
+    """A new job in ``validating_files``, through the lifecycle."""
     check_backend(backend)
-    return catalog.fine_tuning.insert(
+    return lifecycle.create(
         {
             "id": L.new_job_id(),
             "model": model,
@@ -99,15 +109,46 @@ def create_job(
             "hyperparameters": hyperparameters.model_dump(),
             "suffix": suffix,
             "seed": hyperparameters.seed,
-            "status": status,
             "job_metadata": metadata,
-            "created_at": int(time.time()),
         }
     )
 
 
-def job_object(row: dict[str, Any]) -> dict[str, Any]:
-    """A job row as OpenAI's ``fine_tuning.job`` object, with vbs's fields beside it."""
+def training_run_config(job_id: str) -> dict[str, Any]:
+    """``training_job``'s run config for a job."""
+    config = {"job_id": job_id}
+    return {"ops": {L.FINE_TUNED_ADAPTER: {"config": config}, L.ADAPTER_EVAL: {"config": config}}}
+
+
+def deploy_run_config(job_id: str, deployment_id: str, force: bool) -> dict[str, Any]:
+    """``deploy_job``'s run config for a deployment."""
+    config = {"job_id": job_id, "deployment_id": deployment_id, "force": force}
+    return {"ops": {L.DEPLOYED_MODEL: {"config": config}}}
+
+
+def deployment_object(row: dict[str, Any], job: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A deployment as the API answers it (with its job when given)."""
+    found = {
+        "id": row["id"],
+        "object": "fine_tuning.job.deployment",
+        "job_id": row["job_id"],
+        "model": row["model"],
+        "status": row["status"],
+        "force": row["forced"],
+        "run_id": row["run_id"],
+        "retired": row["retired"] or [],
+        "error": row["error"],
+        "created_at": row["created_at"],
+        "finished_at": row["finished_at"],
+    }
+    if job is not None:
+        found["job"] = job_object(job)
+    return found
+
+
+def job_object(row: dict[str, Any], deployment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A job row as OpenAI's ``fine_tuning.job`` object, with vbs's fields beside it (its
+    latest deployment among them, when given)."""
     hp = row["hyperparameters"] or {}
     result = row["result"] or {}
     return {
@@ -142,6 +183,7 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         "result": result or None,
         "evaluation": row["evaluation"],
         "started_at": row["started_at"],
+        "deployment": deployment_object(deployment) if deployment else None,
     }
 
 
