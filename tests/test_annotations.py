@@ -9,11 +9,14 @@ import time
 import pytest
 
 from vbs_resources import Catalog
+from vbs_resources.catalog import UnknownCursor
 from vbs_resources.curation import ConquestTypes
 from vbs_resources.curation.annotations import AnnotationError, from_label_studio, result_of
 from vbs_resources.curation.handler import LabelStudioHandler
 from vbs_resources.curation.labeling import task_data
+from vbs_resources.curation.lifecycle import ConquestLifecycle, ConquestRefused
 from vbs_resources.curation.sync import sync_annotations
+from vbs_resources.lake import catalog_frame, gold_query
 
 REGISTRY = ConquestTypes().registry()
 SUPPORT = REGISTRY.get("support_reply")
@@ -93,15 +96,18 @@ def values(rating: int, edited_at: float, source: str = "api") -> dict:
 
 
 def test_the_newest_edit_wins_and_every_other_is_kept(catalog):
-    assert catalog.conquests.record_annotation("cq_annot_0", values(3, 100.0), None) == "new"
-    assert catalog.conquests.record_annotation("cq_annot_0", values(3, 100.0), None) == "unchanged"
-    assert (
-        catalog.conquests.record_annotation("cq_annot_0", values(5, 200.0), "VICTORY") == "updated"
-    )
+    lifecycle = ConquestLifecycle(catalog)
+    assert lifecycle.annotate("cq_annot_0", values(3, 100.0), "api") == "new"
+    assert lifecycle.annotate("cq_annot_0", values(3, 100.0), "api") == "unchanged"
+    assert lifecycle.annotate("cq_annot_0", values(5, 200.0), "api") == "updated"
     # An edit made before the current one (a sync that lagged) is history, not the current.
-    assert catalog.conquests.record_annotation("cq_annot_0", values(1, 150.0), "DEFEAT") == "older"
+    assert lifecycle.annotate("cq_annot_0", values(1, 150.0), "label_studio") == "older"
     assert catalog.conquests.annotation_of("cq_annot_0")["rating"] == 5
     assert catalog.conquests.get("cq_annot_0")["result"] == "VICTORY"
+    # The result changed once, through the lifecycle, with its history row.
+    changes = [(h["field"], h["before"], h["after"], h["source"])
+               for h in catalog.conquests.history_of("cq_annot_0")]  # fmt: skip
+    assert changes == [("result", None, "VICTORY", "api")]
     assert [h["rating"] for h in catalog.conquests.annotation_history_of("cq_annot_0")] == [3, 1]
     gold = catalog.conquests.list(type_id="support_reply", min_rating=4)
     assert [r["id"] for r in gold] == ["cq_annot_0"]
@@ -109,6 +115,32 @@ def test_the_newest_edit_wins_and_every_other_is_kept(catalog):
         "cq_annot_1",
         "cq_annot_2",
     ]  # limit + 1 rows: the caller tells has_more
+    with pytest.raises(UnknownCursor):
+        catalog.conquests.list(after="cq_nobody")
+
+
+def test_an_excluded_conquest_leaves_every_dataset_and_comes_back_with_its_history(catalog):
+    lifecycle = ConquestLifecycle(catalog)
+    for n in range(3):
+        lifecycle.annotate(f"cq_annot_{n}", {**values(5, 100.0), "is_gold_star": True}, "api")
+    gold = lambda: catalog_frame(catalog, gold_query("support_reply", 4))["id"].to_list()  # noqa: E731
+    assert sorted(gold()) == ["cq_annot_0", "cq_annot_1", "cq_annot_2"]
+    assert lifecycle.exclude("cq_annot_1", "a forged record", "cli")
+    assert not lifecycle.exclude("cq_annot_1", "again", "cli")  # already: nothing changes
+    assert sorted(gold()) == ["cq_annot_0", "cq_annot_2"]
+    assert [r["id"] for r in catalog.conquests.list(excluded=True)] == ["cq_annot_1"]
+    with pytest.raises(ConquestRefused):
+        lifecycle.exclude("cq_annot_0", "   ", "api")
+    with pytest.raises(ConquestRefused) as missing:
+        lifecycle.exclude("cq_nobody", "x", "api")
+    assert missing.value.status == 404
+    assert lifecycle.include("cq_annot_1", "api")
+    assert sorted(gold()) == ["cq_annot_0", "cq_annot_1", "cq_annot_2"]
+    changes = [(h["field"], h["after"], h["source"], h["note"])
+               for h in catalog.conquests.history_of("cq_annot_1")]  # fmt: skip
+    assert changes == [("result", "VICTORY", "api", None),
+                       ("excluded", "yes", "cli", "a forged record"),
+                       ("excluded", "no", "api", None)]  # fmt: skip
 
 
 def test_sync_pulls_new_and_edited_annotations_and_reports_what_it_skips(label_studio, catalog):
@@ -120,6 +152,10 @@ def test_sync_pulls_new_and_edited_annotations_and_reports_what_it_skips(label_s
     (stranger,) = client.import_tasks(
         export.project_id, [{"data": task_data(SUPPORT, {**conquest_row(9), "id": "cq_nobody"})}]
     )
+    # A task imported by hand naming another conquest's id: not that conquest's task.
+    (forger,) = client.import_tasks(
+        export.project_id, [{"data": task_data(SUPPORT, catalog.conquests.get("cq_annot_2"))}]
+    )
 
     def annotate(task_id: int, result: list) -> dict:
         return client._call("POST", f"/api/tasks/{task_id}/annotations", json={"result": result})
@@ -127,11 +163,14 @@ def test_sync_pulls_new_and_edited_annotations_and_reports_what_it_skips(label_s
     first = annotate(tasks["cq_annot_0"], GOOD)
     annotate(tasks["cq_annot_1"], [item("resolves_issue", "choices", {"choices": ["maybe"]})])
     annotate(stranger, [item("rating", "rating", {"rating": 3})])
+    annotate(forger, GOOD)
 
     report, cursor = sync_annotations(client, catalog, REGISTRY, {})
     assert report.counts == {"new": 1}
-    assert len(report.problems) == 2
+    assert len(report.problems) == 3
     assert any("cq_nobody" in p for p in report.problems)
+    assert any(f"task {forger} " in p and "cq_annot_2" in p for p in report.problems)
+    assert catalog.conquests.annotation_of("cq_annot_2") is None
     assert any("(answers.resolves_issue)" in p for p in report.problems)
     current = catalog.conquests.annotation_of("cq_annot_0")
     assert current["is_gold_star"] is True and current["source"] == "label_studio"

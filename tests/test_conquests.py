@@ -16,9 +16,9 @@ import pytest
 
 from tests.conftest import API_KEY, MODEL, chat_line, jsonl, wait_for
 from vbs_assets.curation import conquests
-from vbs_cli.conquests import check_records
 from vbs_resources import layout as L
 from vbs_resources.curation import ConquestTypes
+from vbs_resources.curation.records import check_records
 
 SUPPORT = ConquestTypes().registry().get("support_reply")
 
@@ -45,7 +45,10 @@ def test_records_are_checked_line_by_line():
         b"[1, 2]",
     ]
     good, errors = check_records(SUPPORT, lines)
-    assert [custom_id for custom_id, _ in good] == ["t-mug", "support_reply-7"]
+    assert [(custom_id, line) for custom_id, _, line in good] == [
+        ("t-mug", 1),
+        ("support_reply-7", 7),
+    ]
     assert good[0][1]["order_history"] == [{"id": 12, "item": "mug"}]
     assert "custom_id" not in good[0][1]
     assert [e.split(":")[0] for e in errors] == [
@@ -99,6 +102,41 @@ def test_the_api_refuses_an_unknown_type_and_a_records_file_that_is_not_one(plat
         assert caught.value.body["param"] == param
 
 
+def test_a_records_file_is_read_strictly_and_tied_to_the_requests_sent(platform):
+    """A records file reaches the catalog only as strict JSON of the type, each record the one
+    its request was rendered from: anything else is a 400 naming the line, and no batch."""
+    client = openai.OpenAI(base_url=platform.api_url, api_key=API_KEY)
+    good = {"custom_id": "t-1", "ticket_subject": "Mug", "ticket_body": "It broke."}
+    line = {"custom_id": "t-1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": SUPPORT.prompt({k: v for k, v in good.items()
+                                                                  if k != "custom_id"}),
+                     "max_tokens": 4}}  # fmt: skip
+    batch_file = client.files.create(file=("typed.jsonl", jsonl([line])), purpose="batch")
+    before = [b.id for b in client.batches.list(limit=100).data]
+    forged = {**good, "ticket_body": "Another question whose answer it is not."}
+    for records, where in (
+        (b'{"custom_id": "t-1", "ticket_subject": "a", "ticket_body": NaN}', "line 1"),
+        (b'{"custom_id": "t-1", "ticket_subject": "a", "ticket_body": 1e999}', "line 1"),
+        (b'{"custom_id": "t-1", "ticket_subject": "\\ud800", "ticket_body": "b"}', "line 1"),
+        (b'{"custom_id": "t-1", "ticket_subject": "a", "ticket_body": "b", "x": [' + b"[" * 100
+         + b"]" * 100 + b"]}", "line 1"),
+        (json.dumps(good).encode() + b"\n" + json.dumps(good).encode(), "line 2 (field custom_id)"),
+        (json.dumps({**good, "custom_id": "t-9"}).encode(), "line 1 (field custom_id)"),
+        (json.dumps(forged).encode(), "line 1: the prompt this record renders"),
+    ):  # fmt: skip
+        uploaded = client.files.create(file=("records.jsonl", records), purpose="user_data")
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.batches.create(
+                input_file_id=batch_file.id, endpoint="/v1/chat/completions",
+                completion_window="24h",
+                metadata={"conquest_type": "support_reply", "conquest_records_file": uploaded.id},
+            )  # fmt: skip
+        message = caught.value.body["message"]
+        assert where in message and caught.value.body["param"] == "metadata.conquest_records_file"
+        assert caught.value.body["code"] == "invalid_records", message
+    assert [b.id for b in client.batches.list(limit=100).data] == before
+
+
 def platform_label_studio(platform):
     from vbs_resources.curation.label_studio import LabelStudio
 
@@ -146,7 +184,8 @@ def test_submitted_records_become_conquests_once(platform, tmp_path):
     assert '"item": "mug"' in mug["prompt"][1]["content"]
     assert rows["support_reply-2"]["input_data"]["ticket_body"].endswith("help! 🙏")
 
-    # In the same run, each conquest became a task of the type's Label Studio project.
+    # In a run of its own after the batch's, each conquest became a task of the type's Label
+    # Studio project.
     ls = platform_label_studio(platform)
     tasks = wait_for(lambda: _tasks_of(ls, catalog, "support_reply", batch_id), 120, "the tasks")
     assert sorted(tasks) == sorted(r["id"] for r in rows.values())
@@ -186,6 +225,18 @@ def test_a_plain_batch_naming_a_type_is_curated_with_its_errors(platform):
     assert rows["ok"]["input_data"] == {"messages": lines[0]["body"]["messages"]}
     assert rows["bad"]["status"] == "FAILED" and rows["bad"]["prediction"] is None
     assert rows["bad"]["error"]["code"] == "model_not_found"
+    # A failed conquest has no answer to be gold: refused, and never listed as a VICTORY.
+    import httpx
+
+    api = httpx.Client(
+        base_url=platform.api_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
+    )
+    refused = api.post(f"/conquests/{rows['bad']['id']}/annotate", json={"isGoldStar": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "isGoldStar"
+    said = api.post(f"/conquests/{rows['bad']['id']}/annotate", json={"feedback": "no answer"})
+    assert said.status_code == 200 and said.json()["result"] is None
+    victories = api.get("/conquests", params={"result": "VICTORY", "limit": 1000}).json()
+    assert rows["bad"]["id"] not in [c["id"] for c in victories["data"]]
 
 
 def test_the_conquest_api_lists_annotates_and_meets_label_studio_edits(platform):
@@ -227,6 +278,29 @@ def test_the_conquest_api_lists_annotates_and_meets_label_studio_edits(platform)
     assert len(page["data"]) == 1 and page["has_more"] is True
     after = api.get("/conquests", params={"type": "support_reply", "after": page["last_id"]})
     assert page["last_id"] not in [c["id"] for c in after.json()["data"]]
+    unknown = api.get("/conquests", params={"after": "cq_nobody"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "after"
+    for body in (b"[1, 2]", b'"rating"', b"null", b"5"):
+        odd = api.post(f"/conquests/{ids['api-2']}/annotate", content=body)
+        message = odd.json()["error"]["message"]
+        assert odd.status_code == 400 and "JSON object" in message and "None" not in message
+
+    # An operator excludes a conquest (CLI), and takes it back (API): both in its history.
+    excluded = vbs(platform, "conquests", "exclude", ids["api-0"], "--reason", "leaked a name")
+    assert excluded.returncode == 0, excluded.stderr
+    assert json.loads(excluded.stdout)["excluded_reason"] == "leaked a name"
+    listed = api.get("/conquests", params={"excluded": "true", "limit": 1000}).json()["data"]
+    assert [c["id"] for c in listed if c["id"] in ids.values()] == [ids["api-0"]]
+    assert api.post(f"/conquests/{ids['api-0']}/exclude", json={"reason": ""}).status_code == 400
+    assert api.post("/conquests/cq_nope/exclude", json={"reason": "x"}).status_code == 404
+    back = api.post(f"/conquests/{ids['api-0']}/include")
+    assert back.status_code == 200 and back.json()["excluded_at"] is None
+    history = [(h["field"], h["after"], h["source"]) for h in back.json()["history"]]
+    assert history == [("result", "VICTORY", "api"), ("excluded", "yes", "api"),
+                       ("excluded", "no", "api")]  # fmt: skip
+    missing = vbs(platform, "conquests", "exclude", "cq_nope", "--reason", "x")
+    assert missing.returncode == 1 and "HTTP 404" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
     for bad, param in (
         ({"rating": 6}, "rating"),

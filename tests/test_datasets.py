@@ -5,6 +5,7 @@ Dagster materializations on the real catalog and bucket)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -12,13 +13,20 @@ import time
 
 import dagster as dg
 import pytest
+import sqlalchemy as sa
 
-from tests.conftest import resources_for
+from tests.conftest import MODEL, resources_for
 from vbs_assets.datasets import curated_dataset
 from vbs_resources import layout as L
 from vbs_resources.curation import ConquestTypes
-from vbs_resources.curation.annotations import result_of
-from vbs_resources.curation.datasets import build_dataset, check_example, prompt_key
+from vbs_resources.curation.datasets import (
+    build_dataset,
+    check_example,
+    failed_checks,
+    held_out,
+    prompt_key,
+)
+from vbs_resources.curation.lifecycle import ConquestLifecycle, ConquestRefused
 
 SUPPORT = ConquestTypes().registry().get("support_reply")
 TYPE = "support_reply"
@@ -52,7 +60,7 @@ def annotate(catalog, conquest_id: str, at: float | None = None, **fields) -> No
     values = {"is_gold_star": False, "rating": None, "feedback": None, "improvement_notes": None,
               "answers": {}, "source": "api", "source_ref": None,
               "edited_at": at or time.time(), **fields}  # fmt: skip
-    catalog.conquests.record_annotation(conquest_id, values, result_of(values))
+    ConquestLifecycle(catalog).annotate(conquest_id, values, "api")
 
 
 @pytest.fixture
@@ -101,7 +109,12 @@ def test_gold_conquests_become_chat_examples_split_without_leakage(curated):
         annotate(catalog, ids[n], rating=4, feedback="fine")  # gold by the rating threshold
     for n in range(10, 13):
         annotate(catalog, ids[n], rating=3)  # not gold
-    annotate(catalog, ids[14], is_gold_star=True)  # a failed request has nothing to learn from
+    # A failed request has no answer to be gold: refused, and it never becomes a VICTORY.
+    with pytest.raises(ConquestRefused, match="FAILED") as refused:
+        annotate(catalog, ids[14], is_gold_star=True)
+    assert refused.value.field == "isGoldStar"
+    annotate(catalog, ids[14], rating=1, feedback="no answer")  # said of it, no result
+    assert catalog.conquests.get(ids[14])["result"] is None
     annotate(catalog, ids[15], is_gold_star=True)  # the repeat
 
     metadata, result = build(resources, instance, eval_fraction=0.25)
@@ -227,14 +240,20 @@ def test_a_plain_batch_and_a_record_that_no_longer_fits_its_type(curated):
         system_only,
         stale,
         silent,
-        surrogate,
         *(conquest(n) for n in range(3, 9)),
     ]
+    # Text that is not Unicode never reaches the catalog: the write fails whole.
+    with pytest.raises(sa.exc.StatementError, match="unpaired surrogate"):
+        catalog.conquests.add([*rows, surrogate])
+    assert (
+        catalog.conquests.get(surrogate["id"]) is None
+        and catalog.conquests.get(plain["id"]) is None
+    )
     catalog.conquests.add(rows)
     for row in rows:
         annotate(catalog, row["id"], is_gold_star=True)
     metadata, result = build(resources, instance)
-    assert metadata["skipped"] == 4 and metadata["train"] + metadata["eval"] == 8
+    assert metadata["skipped"] == 3 and metadata["train"] + metadata["eval"] == 8
     assert checks_of(result)["chat_format_valid"] is True
     version = metadata["version"]
     examples = lines(resources["bucket"], version, L.TRAIN) + lines(
@@ -296,25 +315,73 @@ def test_every_conquest_type_that_loads_gets_a_partition(tmp_path):
         assert isinstance(skipped, dg.SkipReason) and "bad.yaml" in skipped.skip_message
 
 
+def _gold(n: int, batch: str = "batch_dataset000") -> dict:
+    row = conquest(n, batch=batch)
+    return {"id": row["id"], "created_at": row["created_at"],
+            "input_data": json.dumps(row["input_data"]), "prediction": row["prediction"],
+            "is_gold_star": True, "rating": None, "feedback": None,
+            "improvement_notes": None, "answers": None}  # fmt: skip
+
+
 def test_a_prompt_keeps_its_side_as_the_dataset_grows():
     import polars as pl
 
-    def gold(n: int) -> dict:
-        row = conquest(n)
-        return {"id": row["id"], "created_at": row["created_at"],
-                "input_data": json.dumps(row["input_data"]), "prediction": row["prediction"],
-                "is_gold_star": True, "rating": None, "feedback": None,
-                "improvement_notes": None, "answers": None}  # fmt: skip
+    known: dict[str, str] = {}
 
     def sides(count: int) -> dict[str, str]:
-        built = build_dataset(SUPPORT, pl.DataFrame([gold(n) for n in range(count)]), 0.2)
+        built = build_dataset(SUPPORT, pl.DataFrame([_gold(n) for n in range(count)]), 0.2, known)
+        known.update(built.sides)  # recorded, as the catalog records them
+        again = build_dataset(SUPPORT, pl.DataFrame([_gold(n) for n in range(count)]), 0.2, known)
+        assert again.version == built.version  # deterministic, given what was recorded
         return {e.conquest_id: split for split in ("train", "eval")
                 for e in getattr(built, split)}  # fmt: skip
 
-    for small, large in ((1, 40), (3, 40), (20, 60)):
-        before, after = sides(small), sides(large)
-        assert all(after[k] == side for k, side in before.items()), (small, large)
-    assert 0 < list(sides(60).values()).count("eval") < 30
+    seen: dict[str, str] = {}
+    for count in (1, 3, 20, 40, 60):
+        now = sides(count)
+        assert all(now[k] == side for k, side in seen.items()), count
+        seen.update(now)
+        # Held out at least max(1, round(fraction x prompts)) once there are two prompts.
+        assert list(now.values()).count("eval") >= (max(1, round(0.2 * count)) if count > 1 else 0)
+    assert list(seen.values()).count("eval") < 30
+
+
+def test_every_dataset_of_two_prompts_or_more_holds_some_out():
+    """The hash alone held out nothing 0.9^n of the time (12% at 20 prompts): now every set of
+    prompts holds out at least max(1, round(fraction x prompts)), whatever their hashes."""
+    import polars as pl
+
+    short = []
+    for trial in range(60):
+        count = 2 + trial % 25
+        batch = f"batch_split{trial:05d}"
+        built = build_dataset(SUPPORT, pl.DataFrame([_gold(n, batch) for n in range(count)]), 0.1)
+        needed = max(1, round(0.1 * count))
+        if not needed <= len(built.eval) < count:
+            short.append((count, len(built.eval)))
+    assert short == []
+    assert held_out(20, 0.1) == 2 and held_out(10, 0.1) == 1 and held_out(1, 0.1) == 0
+    assert held_out(2, 0.9) == 1 and held_out(50, 0.0) == 0  # always one left to train on
+
+
+def test_a_twenty_gold_dataset_builds_with_the_default_fraction(tmp_path, instance):
+    """20 gold conquests at the default eval_fraction (0.1) build: 2 held out, checks pass."""
+    resources = resources_for(tmp_path / "vbs")
+    catalog = resources["catalog"]
+    instance.add_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS, [TYPE])
+    rows = [conquest(n) for n in range(20)]
+    catalog.conquests.add(rows)
+    for row in rows:
+        annotate(catalog, row["id"], is_gold_star=True)
+    metadata, result = build(resources, instance)
+    assert metadata["eval"] >= 2 and metadata["train"] + metadata["eval"] == 20
+    assert all(checks_of(result).values()), checks_of(result)
+    row = catalog.datasets.get(metadata["version"])
+    assert failed_checks(row) == [] and set(row["checks"]) == set(checks_of(result))
+    # Built again with nothing new: the same version, each prompt on its recorded side.
+    again, _ = build(resources, instance)
+    assert again["version"] == metadata["version"]
+    assert len(catalog.datasets.sides(TYPE)) == 20
 
 
 @pytest.mark.parametrize(
@@ -431,9 +498,32 @@ def test_vbs_datasets_build_through_the_running_dagster_and_the_api(platform, tm
 
     # Three examples are fewer than the default bar of ten: the blocking check fails the run.
     refused = datasets("--eval-fraction", "0.5")
-    assert refused.returncode == 1 and "a blocking check failed" in refused.stderr
+    assert refused.returncode == 1 and "blocking checks failed: min_examples" in refused.stderr
     line = json.loads(refused.stdout)
     assert line["run_status"] == "FAILURE" and line["train"] + line["eval"] == 3
+    assert line["checks"]["min_examples"] is False
+    # A version that failed its blocking checks is not trained on: 400, the check named.
+    training = api.post(
+        "/fine_tuning/jobs", json={"model": MODEL, "training_file": line["version"]}
+    )
+    assert training.status_code == 400, training.text
+    assert "min_examples" in training.json()["error"]["message"]
+    assert training.json()["error"]["param"] == "training_file"
+    # Options out of range are refused before anything is launched.
+    runs_before = len(platform.instance.get_run_records())
+    for bad in (("--eval-fraction", "nan"), ("--eval-fraction", "2"), ("--eval-fraction", "-1"),
+                ("--min-rating", "99"), ("--min-examples", "-5")):  # fmt: skip
+        out = datasets(*bad)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, (bad, out.stderr)
+        assert bad[0] in out.stderr
+    assert len(platform.instance.get_run_records()) == runs_before
+    # Three builds of the same data at once: each reports its own run's build.
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        three = list(pool.map(lambda _: datasets("--min-examples", "3", "--eval-fraction", "0.5"),
+                              range(3)))  # fmt: skip
+    assert [b.returncode for b in three] == [0, 0, 0], [b.stderr for b in three]
+    outs = [json.loads(b.stdout) for b in three]
+    assert len({o["run_id"] for o in outs}) == 3 and len({o["version"] for o in outs}) == 1
     built = datasets("--min-examples", "3", "--eval-fraction", "0.5")
     assert built.returncode == 0, built.stderr
     (out,) = [json.loads(x) for x in built.stdout.splitlines()]

@@ -189,6 +189,25 @@ def test_label_studio_down_fails_the_step_for_a_retry_and_keeps_the_conquests(tm
     policy = label_studio_tasks.op.retry_policy
     assert policy.max_retries >= 3 and policy.delay >= 10
 
+    # What a retry cannot change (here a bug's UnicodeEncodeError) fails at once, unretried:
+    # it once held the run for 20 minutes of retries.
+    class BrokenLabelStudio(LabelStudio):
+        """A test double: a Label Studio client whose every call raises a non-transient error."""
+
+        def _call(self, method, path, **kwargs):
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+
+    broken = BrokenLabelStudio(url="http://127.0.0.1:9", token="t", timeout_s=2)
+    with pytest.raises(dg.Failure) as caught:
+        label_studio_tasks(
+            context,
+            catalog=catalog,
+            conquest_types=resources["conquest_types"],
+            label_studio=broken,
+        )
+    assert not caught.value.allow_retries
+    assert "UnicodeEncodeError" in caught.value.description
+
 
 def test_markup_in_a_type_stays_text_in_its_config(label_studio, catalog):
     questions = [

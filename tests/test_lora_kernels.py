@@ -148,3 +148,25 @@ def test_a_mixed_batch_is_answered_as_each_model_answers_alone(home, model_dir, 
     assert {v for k, v in mixed.items() if k[0] == "ad-a"} != {
         v for k, v in mixed.items() if k[0] == MODEL
     }
+
+    # An adapter that passed registration but whose weights went bad on disk since: only its
+    # own lines fail (the base's and the other adapter's are answered as before).
+    rotten = make_adapter(tmp_path / "ad-rot", model_dir, seed=9)
+    registry.add_adapter("ad-rot", str(rotten))
+    weights = rotten / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    engine.start("/v1/chat/completions", registry.snapshot())
+    requests = [
+        EngineRequest(f"{m}/0", chat_line(f"{m}/0", prompts[0], model=m, temperature=0,
+                                          max_tokens=12)["body"])
+        for m in (MODEL, "ad-rot", "ad-a")
+    ]  # fmt: skip
+    results = {r.custom_id: r for r in engine.run("/v1/chat/completions", requests)}
+    assert results[f"{MODEL}/0"].ok and results["ad-a/0"].ok
+    rot = results["ad-rot/0"]
+    assert not rot.ok and rot.status_code == 503
+    assert (
+        rot.body["error"]["code"] == "model_unavailable"
+        and "ad-rot" in rot.body["error"]["message"]
+    )
+    assert results["ad-a/0"].body["choices"][0]["message"]["content"] == mixed[("ad-a", "ad-a/0")]

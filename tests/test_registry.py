@@ -121,6 +121,84 @@ def test_missing_files_names_and_bases_are_refused(registry, model_dir, tmp_path
     assert registry.add_adapter("from-hub-id", str(hub))["base"] == MODEL
 
 
+def _rewrite_tensors(folder, change) -> None:
+    """Write the adapter's tensors again, each as ``change(name, tensor)`` makes it (None drops
+    it)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    tensors = {}
+    for name, tensor in load_file(str(path)).items():
+        changed = change(name, tensor)
+        if changed is not None:
+            tensors[name] = changed
+    save_file(tensors, str(path))
+
+
+def test_the_weights_are_read_at_registration_and_named_when_they_cannot_serve(
+    registry, model_dir, tmp_path
+):
+    import torch
+
+    def adapter(name, change=None, raw=None, **config):
+        folder = make_adapter(tmp_path / name, model_dir, **config)
+        if change is not None:
+            _rewrite_tensors(folder, change)
+        if raw is not None:
+            weights = folder / "adapter_model.safetensors"
+            weights.write_bytes(raw(weights.read_bytes()))
+        return str(folder)
+
+    first = "base_model.model.model.layers.0.self_attn.q_proj"
+    cases = {
+        "garbage": adapter("garbage", raw=lambda b: bytes(range(256)) * 64),
+        "truncated": adapter("truncated", raw=lambda b: b[: len(b) // 2]),
+        "header-lies": adapter("header-lies", raw=lambda b: b[:8] + b"]" + b[9:]),
+        "narrow": adapter(
+            "narrow", lambda n, t: t[:, :100].contiguous() if n == f"{first}.lora_A.weight" else t
+        ),
+        "rank": adapter("rank", lambda n, t: torch.zeros(4, t.shape[1]) if ".lora_A." in n else t),
+        "half": adapter("half", lambda n, t: None if n == f"{first}.lora_B.weight" else t),
+        "untargeted": adapter(
+            "untargeted", targets=("q_proj", "k_proj"), target_modules=["q_proj"]
+        ),  # fmt: skip
+        "deep": adapter("deep"),
+        "empty": adapter("empty", lambda n, t: None),
+    }
+    # A layer the base does not have.
+    _rewrite_tensors(
+        tmp_path / "deep",
+        lambda n, t: t if ".layers.0." not in n else None,
+    )
+    from safetensors.torch import load_file, save_file
+
+    deep = tmp_path / "deep" / "adapter_model.safetensors"
+    tensors = load_file(str(deep))
+    tensors["base_model.model.model.layers.99.self_attn.q_proj.lora_A.weight"] = torch.zeros(8, 576)
+    save_file(tensors, str(deep))
+    expected = {
+        "garbage": "not safetensors",
+        "truncated": "outside the file's data",
+        "header-lies": "not JSON",
+        "narrow": "needs [8, 576]",
+        "rank": "rank 4",
+        "half": "has no lora_B",
+        "untargeted": "target_modules does not name",
+        "deep": "layer 99",
+        "empty": "no LoRA tensors",
+    }
+    for name, path in cases.items():
+        with pytest.raises(RegistryError) as info:
+            registry.add_adapter(name, path)
+        assert expected[name] in info.value.message, (name, info.value.message)
+        assert info.value.message.startswith("adapter_model.safetensors: "), name
+        assert registry.catalog.models.get(name) is None
+    # The tensor at fault is named as the field.
+    with pytest.raises(RegistryError) as info:
+        registry.add_adapter("narrow", cases["narrow"])
+    assert info.value.field == f"{first}.lora_A.weight"
+
+
 def test_the_api_lists_available_models_with_parent_and_root(home, model_dir, tmp_path):
     from fastapi.testclient import TestClient
     from openai import NotFoundError, OpenAI

@@ -162,41 +162,110 @@ def test_a_backend_the_platform_does_not_know_is_refused_by_name(tmp_path):
         Trainer(backend="hf").train(job)
 
 
-class RunStateDouble:
-    """Stands in for the webserver's answer about one run: Dagster writes a killed run's
-    FAILURE before its ``dagster/will_retry`` tag, a window real runs hit only by chance."""
+def test_the_fine_tuning_reconciler_ends_a_job_only_once_dagster_decided(tmp_path):
+    """The sensor, not a read, ends a job whose run ended without ending it. Runs are made in a
+    real Dagster instance and ended as Dagster ends them (``report_run_failed`` /
+    ``report_run_canceled``); the retry decision's tag is set as the daemon sets it."""
+    from dagster._core.utils import make_new_run_id
 
-    def __init__(self, state) -> None:
-        self.state = state
-
-    def run_state(self, run_id: str):
-        return self.state
-
-
-def test_a_failed_run_ends_its_job_only_once_dagster_decided_on_no_retry(tmp_path):
-    from vbs_api.fine_tuning import RETRY_DECISION_GRACE_S, FineTuningService
-    from vbs_api.launch import RunState
     from vbs_resources.training.jobs import create_job
+    from vbs_resources.training.lifecycle import FineTuningLifecycle
+    from vbs_sensors.fine_tuning import RETRY_DECISION_GRACE_S, reconcile_fine_tuning
 
     resources = resources_for(tmp_path / "vbs")
     catalog = resources["catalog"]
+    lifecycle = FineTuningLifecycle(catalog)
 
-    def job_whose_run(state) -> str:
-        job = create_job(catalog, model=MODEL, dataset_version="upload-0", training_file="f",
-                         backend="hf", hyperparameters=Hyperparameters())  # fmt: skip
-        catalog.fine_tuning.update(job["id"], status="running", run_id="run-1")
-        service = FineTuningService(resources["bucket"], catalog, RunStateDouble(state), "hf", 0.1)
-        return service.get(job["id"])["status"]
+    with dg.instance_for_test() as instance:
 
-    now = time.time()
-    assert job_whose_run(RunState("FAILURE", {}, now - 1)) == "running"  # not decided yet
-    assert job_whose_run(RunState("FAILURE", {"dagster/will_retry": "true"}, now)) == "running"
-    assert job_whose_run(RunState("FAILURE", {"dagster/will_retry": "false"}, now)) == "failed"
-    # Retries switched off: no tag ever comes, and the job ends after the grace.
-    assert job_whose_run(RunState("FAILURE", {}, now - RETRY_DECISION_GRACE_S - 1)) == "failed"
-    assert job_whose_run(RunState("FAILURE", {}, None)) == "failed"  # not a fresh failure
-    assert job_whose_run(RunState("CANCELED", {}, now)) == "cancelled"
-    assert job_whose_run(RunState("STARTED", {}, None)) == "running"
+        def run(status=None, **tags: str) -> dg.DagsterRun:
+            return instance.add_run(
+                dg.DagsterRun(
+                    job_name=L.TRAINING_JOB,
+                    run_id=make_new_run_id(),
+                    tags=tags,
+                    status=status or dg.DagsterRunStatus.STARTED,
+                )  # fmt: skip
+            )
+
+        def job_whose_run(end: str | None, later: float = 1, trained: bool = False, **tags):
+            job = create_job(lifecycle, model=MODEL, dataset_version="upload-0",
+                             training_file="f", backend="hf", hyperparameters=Hyperparameters())  # fmt: skip
+            first = run(dg.DagsterRunStatus.SUCCESS if end == "success" else None)
+            assert lifecycle.queued(job["id"], first.run_id)
+            assert lifecycle.start(job["id"], first.run_id, "Training")
+            if trained:
+                lifecycle.trained(job["id"], first.run_id, "/adapters/x", "ft:m:s:x", {})
+            if end == "failure":
+                instance.report_run_failed(first)
+            elif end == "canceled":
+                instance.report_run_canceled(first)
+            if tags:
+                instance.add_run_tags(first.run_id, tags)
+            reconcile_fine_tuning(instance, catalog, resources["webhooks"], time.time() + later)
+            return catalog.fine_tuning.get(job["id"]), first
+
+        assert job_whose_run("failure")[0]["status"] == "running"  # not decided yet
+        assert job_whose_run("failure", **{"dagster/will_retry": "true"})[0]["status"] == "running"
+        failed, _ = job_whose_run("failure", **{"dagster/will_retry": "false"})
+        assert failed["status"] == "failed" and failed["error"]["code"] == "run_failed"
+        # Retries switched off: no tag ever comes, and the job ends after the grace.
+        late = RETRY_DECISION_GRACE_S + 1
+        assert job_whose_run("failure", later=late)[0]["status"] == "failed"
+        assert job_whose_run("canceled")[0]["status"] == "cancelled"
+        assert job_whose_run(None)[0]["status"] == "running"
+        # A materialization of fine_tuned_adapter alone: trained, succeeded, not evaluated.
+        done, _ = job_whose_run("success", trained=True)
+        assert done["status"] == "succeeded" and "without adapter_eval" in (
+            done["evaluation"]["skipped"])  # fmt: skip
+        assert job_whose_run("success")[0]["status"] == "failed"  # its run never trained it
+        # The retry of a killed run takes the job over: the sensor follows it.
+        job, first = job_whose_run("failure", **{"dagster/will_retry": "true"})
+        retry = run(**{"dagster/parent_run_id": first.run_id})
+        reconcile_fine_tuning(instance, catalog, resources["webhooks"])
+        assert catalog.fine_tuning.get(job["id"])["run_id"] == retry.run_id
+        # Each ending has its webhook event in the outbox, once; a read changes nothing.
+        events = [e["type"] for e in catalog.events.of_subject(failed["id"])]
+        assert events == ["fine_tuning.job.failed"]
+        reconcile_fine_tuning(instance, catalog, resources["webhooks"], time.time() + late)
+        assert [e["type"] for e in catalog.events.of_subject(failed["id"])] == events
+
+
+def test_the_fine_tuning_lifecycle_refuses_every_change_after_an_ending(tmp_path):
+    from vbs_resources.training.jobs import create_job
+    from vbs_resources.training.lifecycle import FineTuningLifecycle
+
+    catalog = resources_for(tmp_path / "vbs")["catalog"]
+    lifecycle = FineTuningLifecycle(catalog)
+    job = create_job(lifecycle, model=MODEL, dataset_version="upload-0", training_file="f",
+                     backend="hf", hyperparameters=Hyperparameters())  # fmt: skip
+    job_id = job["id"]
+    assert job["status"] == "validating_files"
+    assert not lifecycle.succeed(job_id, {"passed": True}, "")  # never trained
+    assert lifecycle.queued(job_id, "run-1") and not lifecycle.queued(job_id, "run-2")
+    assert lifecycle.start(job_id, "run-1", "Training")
+    # Trained by another run than the one holding it: refused.
+    assert not lifecycle.trained(job_id, "run-9", "/a", "ft:x", {})
+    assert lifecycle.trained(job_id, "run-1", "/a", "ft:x", {"steps": 2})
+    assert catalog.fine_tuning.get(job_id)["status"] == "running"  # until evaluated
+    assert lifecycle.succeed(job_id, {"passed": True, "metric": "rouge_l"}, "beats base")
+    for change in (
+        lambda: lifecycle.fail(job_id, "x", "late"),
+        lambda: lifecycle.cancel(job_id, "late"),
+        lambda: lifecycle.start(job_id, "run-2", "again"),
+        lambda: lifecycle.queued(job_id, "run-3"),
+        lambda: catalog.fine_tuning.update_unfinished(job_id, run_id="run-4"),
+    ):
+        assert not change()
+    row = catalog.fine_tuning.get(job_id)
+    assert (row["status"], row["run_id"], row["error"]) == ("succeeded", "run-1", None)
+    assert [e["type"] for e in catalog.events.of_subject(job_id)] == ["fine_tuning.job.succeeded"]
+    messages = [e["message"] for e in catalog.fine_tuning.events(job_id, 50)]
+    assert messages[0].startswith("The job has successfully completed: ft:x") and (
+        messages[-1] == f"Created fine-tuning job {job_id}")  # fmt: skip
+    # Evaluating its adapter again replaces the evaluation, and says so.
+    assert lifecycle.succeed(job_id, {"passed": False, "metric": "rouge_l"}, "worse now")
+    assert catalog.fine_tuning.get(job_id)["evaluation"]["passed"] is False
 
 
 def test_a_training_stopped_between_steps_saves_nothing(tmp_path, model_dir):
@@ -266,7 +335,8 @@ def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(
     [event] = result.get_asset_materialization_events()
     meta = {k: v.value for k, v in event.materialization.metadata.items()}
     job = catalog.fine_tuning.get(meta["job_id"])
-    assert job["status"] == "succeeded" and job["backend"] == "hf"
+    # Trained, not yet evaluated: not succeeded (a deploy would find no evaluation).
+    assert job["status"] == "running" and job["backend"] == "hf" and job["adapter_path"]
     assert meta["dataset_version"] == version and meta["backend"] == "hf"
     assert meta["train_loss"] < 0.5 and meta["eval_loss"] < 1.0 and meta["steps"] == 12
     assert meta["loss_curve"].startswith("![loss curve](data:image/png;base64,")
@@ -291,10 +361,15 @@ def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(
     [check] = failing.get_asset_check_evaluations()
     assert check.check_name == "beats_base" and not check.passed
     assert catalog.models.get(name) is None
+    # Evaluated: the job succeeds now, its evaluation (that failed) recorded with it.
+    job = catalog.fine_tuning.get(job["id"])
+    assert job["status"] == "succeeded" and job["evaluation"]["passed"] is False
     # Deploying it alone later is refused too, unless forced; the force is recorded.
     refused = dg.materialize([deployed_model], partition_key=version, instance=instance,
                              resources=resources, raise_on_error=False)  # fmt: skip
     assert not refused.success and catalog.models.get(name) is None
+    [deployment] = catalog.deployments.of_job(job["id"])
+    assert deployment["status"] == "failed" and "did not beat" in deployment["error"]["message"]
     forced = dg.materialize(
         [deployed_model], partition_key=version, instance=instance, resources=resources,
         run_config=dg.RunConfig(ops={L.DEPLOYED_MODEL: {"config": {"force": True}}}),
@@ -321,10 +396,15 @@ def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(
 
     prefix = name.rsplit(":", 1)[0] + ":"
     lora_id = model["lora_id"]
+    # A model a user registered by hand under the same prefix is never retired by a deploy.
+    ModelRegistry(catalog).add_adapter(prefix + "byhand", job["adapter_path"], MODEL)
+    lineage = {"job_id": "ftjob-other0000", "base_model": MODEL, "suffix": "zebra",
+               "deployments": [{"at": 1}]}  # fmt: skip
     _, retired = ModelRegistry(catalog).deploy(
-        prefix + "000000000000", job["adapter_path"], MODEL, {"deployments": []}, replaces=prefix
+        prefix + "000000000000", job["adapter_path"], MODEL, lineage
     )
     assert retired == [name] and catalog.models.get(name)["status"] == "retired"
+    assert catalog.models.get(prefix + "byhand")["status"] == "available"
     assert Path(job["adapter_path"], "adapter_model.safetensors").exists()
     rolled = dg.materialize([deployed_model], partition_key=version, instance=instance,
                             resources=resources)  # fmt: skip
@@ -333,6 +413,12 @@ def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(
     model = catalog.models.get(name)
     assert model["status"] == "available" and model["lora_id"] == lora_id
     assert len(model["lineage"]["deployments"]) == 3
+    assert catalog.models.get(prefix + "byhand")["status"] == "available"
+    # Every deployment is recorded with its outcome in the job's events.
+    outcomes = sorted(d["status"] for d in catalog.deployments.of_job(job["id"]))
+    assert outcomes == ["failed", "succeeded", "succeeded", "succeeded"]
+    messages = [e["message"] for e in catalog.fine_tuning.events(job["id"], 200)]
+    assert sum(m.startswith(f"Deployed as {name}") for m in messages) == 3
 
     # A batch naming it is answered by the adapter; the base model's answers lack the marker.
     prompts = [
@@ -432,6 +518,7 @@ def test_the_schedule_retrains_a_type_only_with_enough_new_gold(tmp_path, instan
 
 def test_a_job_cancelled_before_its_run_starts_never_trains(tmp_path, instance):
     from vbs_resources.training.jobs import create_job
+    from vbs_resources.training.lifecycle import FineTuningLifecycle
 
     resources = resources_for(tmp_path / "vbs", VBS_DATASET_MIN_EXAMPLES="0")
     catalog = resources["catalog"]
@@ -442,9 +529,11 @@ def test_a_job_cancelled_before_its_run_starts_never_trains(tmp_path, instance):
     instance.add_dynamic_partitions(L.CONQUEST_TYPE_PARTITIONS, [TYPE])
     dg.materialize([curated_dataset], partition_key=TYPE, instance=instance, resources=resources)
     version = catalog.datasets.list(type_id=TYPE)[0]["version"]
-    job = create_job(catalog, model=MODEL, dataset_version=version, training_file=version,
+    lifecycle = FineTuningLifecycle(catalog)
+    job = create_job(lifecycle, model=MODEL, dataset_version=version, training_file=version,
                      backend="hf", hyperparameters=Hyperparameters())  # fmt: skip
-    catalog.fine_tuning.update(job["id"], cancel_requested=True)
+    assert lifecycle.queued(job["id"], "run-queued")
+    catalog.fine_tuning.update_unfinished(job["id"], cancel_requested=True)
     result = dg.materialize(
         [fine_tuned_adapter], partition_key=version, instance=instance, resources=resources,
         run_config=dg.RunConfig(ops={L.FINE_TUNED_ADAPTER: {"config": {"job_id": job["id"]}}}),

@@ -8,13 +8,13 @@ files: a retired name is never reused, and a request naming it gets ``model_not_
 
 Registering an adapter checks it first, so that a bad one is refused at the door with the field
 named, rather than failing every request that names it: a PEFT ``adapter_config.json`` of a LoRA
-adapter, its weights beside it, a rank within the engine's limit, and a base model that is the
+adapter, its weights beside it (read: every tensor's shape fits the rank, the target modules and
+the base model's sizes), a rank within the engine's limit, and a base model that is the
 registered base (by folder or by name).
 """
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 import time
@@ -25,7 +25,9 @@ from typing import Any
 import fsspec
 
 from vbs_resources import layout as L
+from vbs_resources import strict_json
 from vbs_resources.catalog import Catalog
+from vbs_resources.lora_weights import WeightsError, check_lora_weights, safetensors_shapes
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,255}$")
 # The LoRA ranks vLLM can be started with (``max_lora_rank``).
@@ -125,7 +127,21 @@ def _is_url(path: str) -> bool:
 
 def _read_json(path: str) -> Any:
     with fsspec.open(path, "rb") as fh:
-        return json.loads(fh.read(1 << 20))
+        return strict_json.loads(fh.read(1 << 20))
+
+
+def _torch_shapes(path: str) -> dict[str, list[int]]:
+    """Tensor name -> shape of a PyTorch weights file, read as data only (no code runs)."""
+    import torch
+
+    try:
+        with fsspec.open(path, "rb") as fh:
+            tensors = torch.load(fh, map_location="meta", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever a corrupt pickle raises
+        raise WeightsError(f"the weights do not load: {type(exc).__name__}") from None
+    if not isinstance(tensors, dict):
+        raise WeightsError("the weights are not a table of tensors")
+    return {str(k): list(v.shape) for k, v in tensors.items() if hasattr(v, "shape")}
 
 
 def _exists(path: str) -> bool:
@@ -237,6 +253,7 @@ class ModelRegistry:
         path = path if _is_url(path) else str(Path(path).expanduser().resolve())
         config = self._adapter_config(path)
         base_row = self._base_for(base, config)
+        self._check_weights(path, config, base_row)
         rank = config["r"]
         options = ServedModel(
             name,
@@ -353,6 +370,27 @@ class ModelRegistry:
                 f"The adapter has no weights ({' or '.join(WEIGHT_FILES)}).", "weights"
             )
         return config
+
+    @staticmethod
+    def _check_weights(path: str, config: dict[str, Any], base: dict[str, Any]) -> None:
+        """The weights read (not loaded): their tensors match the config's rank and target
+        modules and the base model's layers and sizes, so vLLM can load them for that base."""
+        try:
+            base_config = _read_json(posixpath.join(base["path"], "config.json"))
+        except (OSError, ValueError):
+            base_config = None  # a base whose folder vLLM reads another way: sizes unchecked
+        weights = posixpath.join(path, WEIGHT_FILES[0])
+        try:
+            if _exists(weights):
+                shapes = safetensors_shapes(weights)
+            else:
+                shapes = _torch_shapes(posixpath.join(path, WEIGHT_FILES[1]))
+            check_lora_weights(shapes, config, base_config)
+        except WeightsError as exc:
+            name = weights if _exists(weights) else WEIGHT_FILES[1]
+            raise RegistryError(
+                f"{posixpath.basename(name)}: {exc.message}", exc.tensor or "weights"
+            ) from None
 
     def _base_for(self, base: str | None, config: dict[str, Any]) -> dict[str, Any]:
         bases = [m for m in self.catalog.models.list() if m["kind"] == "base"]

@@ -114,7 +114,7 @@ def _reconcile_job(
         return
     run = record.dagster_run
     expect = job["run_id"]
-    if run.status in ACTIVE_RUN_STATUSES or run.is_complete_and_waiting_to_retry:
+    if run.status in ACTIVE_RUN_STATUSES:
         return
     if run.status == dg.DagsterRunStatus.CANCELED:
         message = f"Dagster run {run.run_id} was terminated"
@@ -174,7 +174,7 @@ def _reconcile_deployment(
         result.actions.append(f"{deployment_id}: run requested")
         return
     run = record.dagster_run
-    if run.status in ACTIVE_RUN_STATUSES or run.is_complete_and_waiting_to_retry:
+    if run.status in ACTIVE_RUN_STATUSES:
         return
     if run.status == dg.DagsterRunStatus.FAILURE:
         verdict = _failure_verdict(instance, record, now)

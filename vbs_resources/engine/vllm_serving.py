@@ -381,6 +381,9 @@ class ServingLayer:
             self.client, self.models, online_renderer=self._renderer(Parsers()), request_logger=None
         )
         self._chats: dict[Parsers, Any] = {}
+        # Adapters loaded once already (name, folder), and why the others could not be.
+        self._loaded: set[tuple[str, str]] = set()
+        self._broken: dict[tuple[str, str], str] = {}
 
     def _renderer(self, parsers: Parsers) -> Any:
         from vllm.renderers.online_renderer import OnlineRenderer
@@ -430,15 +433,53 @@ class ServingLayer:
             if name not in known or known[name].lora_path != path:
                 known[name] = LoRARequest(name, self.models.lora_id_counter.inc(1), path)
 
+    def _unloadable(self, requests: list[EngineRequest]) -> dict[str, str]:
+        """The adapters these requests name that vLLM cannot load (their weights unreadable,
+        or not of this base), each with why: loaded here one at a time, before the chunk, so
+        that one broken adapter fails only its own lines, never the chunk."""
+        known = self.models.lora_requests
+        broken: dict[str, str] = {}
+        for name in sorted({r.body.get("model") for r in requests} & set(known)):
+            lora = known[name]
+            key = (name, lora.lora_path)
+            if key in self._loaded:
+                continue
+            if key not in self._broken:
+                try:
+                    self.client.engine.add_lora(lora)
+                    self._loaded.add(key)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - whatever vLLM raises for bad weights
+                    log.warning("adapter %s at %s does not load: %r", name, lora.lora_path, exc)
+                    self._broken[key] = f"{type(exc).__name__}: {cut(str(exc), 300)}"
+            broken[name] = self._broken[key]
+        return broken
+
     def run(
         self, endpoint: str, requests: list[EngineRequest], parsers: dict[str, Parsers]
     ) -> list[EngineResult]:
         """One result per request, in order; ``parsers`` maps each servable model name to its
-        parsers."""
+        parsers. A request naming an adapter that does not load gets an error line of its own."""
         chat = endpoint == "/v1/chat/completions"
-        return run_chunk(
-            self.client, self.loop, requests, lambda r: self._one(r, chat, parsers), chat
+        broken = self._unloadable(requests)
+        runnable = [r for r in requests if r.body.get("model") not in broken]
+        done = iter(
+            run_chunk(self.client, self.loop, runnable, lambda r: self._one(r, chat, parsers), chat)
+            if runnable
+            else []
         )
+        return [
+            error_result(
+                r.custom_id,
+                503,
+                "model_unavailable",
+                f"The adapter {r.body['model']!r} could not be loaded: {broken[r.body['model']]}",
+                "model",
+            )
+            if r.body.get("model") in broken
+            else next(done)
+            for r in requests
+        ]
 
     async def _one(
         self, request: EngineRequest, chat: bool, parsers: dict[str, Parsers]
