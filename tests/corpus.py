@@ -121,3 +121,34 @@ def param_matches(expected: str | None, got: str | None) -> bool:
     if expected.endswith("*"):
         return got is not None and got.startswith(expected[:-1])
     return got == expected
+
+
+# ---- every other surface that reads JSON ------------------------------------------------------
+
+# JSON values no field of vbs accepts, as the raw text a client sends in place of a value: not
+# JSON at all, JSON that Python reads into something no store can write back (NaN, a lone
+# surrogate), or that breaks a reader (nesting, digits). Each surface below puts them where a
+# value goes and must answer 400 (or an error line) naming where, storing nothing.
+HOSTILE_VALUES: dict[str, bytes] = {
+    "nan": b"NaN",
+    "infinity": b"-Infinity",
+    "float-overflow": b"1e999",
+    "integer-past-int64": str(2**70).encode(),
+    "integer-of-5000-digits": b"1" + b"0" * 5000,
+    "lone-surrogate": b'"a\\ud800b"',
+    "surrogate-key": b'{"\\udc00": 1}',
+    "duplicate-key": b'{"a": 1, "a": 2}',
+    "deep-nesting-100k": b"[" * 100_000 + b"]" * 100_000,
+    "deep-nesting-200": b"[" * 200 + b"]" * 200,
+    "bare-word": b"undefined",
+}
+
+
+def body_with(template: str, value: bytes) -> bytes:
+    """``template`` (JSON text with one ``$V``) with a hostile value put in place of ``$V``."""
+    head, tail = template.encode().split(b"$V")
+    return head + value + tail
+
+
+# Cursors a list endpoint must refuse with 400 (never a 500, never an empty 200).
+HOSTILE_CURSORS = ("nobody-00000000", "x" * 90, "\u0663\u0661", "../../etc", "a b", "\u00e9")

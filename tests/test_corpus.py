@@ -7,11 +7,20 @@ changes. Lines that only look hostile run to completion."""
 import json
 import time
 
+import openai
 import pytest
 from openai import OpenAI
 
 from tests.conftest import API_KEY, wait_for
-from tests.corpus import BAD_LINES, ODD_BUT_VALID, bad_file, param_matches
+from tests.corpus import (
+    BAD_LINES,
+    HOSTILE_CURSORS,
+    HOSTILE_VALUES,
+    ODD_BUT_VALID,
+    bad_file,
+    body_with,
+    param_matches,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -128,3 +137,110 @@ def test_odd_but_valid_lines_run_to_completion(platform, client):
     }
     output = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
     assert "unicode-custom-id-\u00e9\u4e2d" in {line["custom_id"] for line in output}
+
+
+# ---- every other surface that reads JSON ------------------------------------------------------
+
+SURFACES = (
+    ("POST", "/fine_tuning/jobs",
+     '{"model": "SmolLM2-135M-Instruct", "training_file": "file-x0000000", "metadata": {"k": $V}}'),
+    ("POST", "/fine_tuning/jobs",
+     '{"model": "SmolLM2-135M-Instruct", "training_file": "file-x0000000", '
+     '"hyperparameters": {"n_epochs": $V}}'),
+    ("POST", "/fine_tuning/jobs", '{"model": $V, "training_file": "file-x0000000"}'),
+    ("POST", "/fine_tuning/jobs/ftjob-x0000000/deploy", '{"force": $V}'),
+    ("POST", "/conquests/cq_x/annotate", '{"feedback": $V}'),
+    ("POST", "/conquests/cq_x/annotate", '{"rating": $V}'),
+    ("POST", "/conquests/cq_x/annotate", '{"answers": {"resolves_issue": $V}}'),
+    ("POST", "/conquests/cq_x/exclude", '{"reason": $V}'),
+    ("POST", "/batches", '{"input_file_id": "file-x0000000", "endpoint": "/v1/chat/completions", '
+                         '"completion_window": "24h", "metadata": {"k": $V}}'),
+)  # fmt: skip
+LISTS = ("/batches", "/files", "/conquests", "/datasets", "/fine_tuning/jobs")
+
+
+def stored(platform) -> dict[str, int]:
+    catalog = platform.resources["catalog"]
+    return {
+        "jobs": len(catalog.fine_tuning.list(limit=10_000)),
+        "batches": len(catalog.batches.list(limit=10_000)),
+        "conquests": len(catalog.conquests.list(limit=100_000)),
+        "datasets": len(catalog.datasets.list(limit=10_000)),
+    }
+
+
+def test_every_json_body_refuses_the_hostile_values_and_stores_nothing(platform, client):
+    """Every JSON body of the API (fine-tuning, deploy, annotate, exclude, batches) with each
+    hostile value where a value goes: 400 in OpenAI's shape, nothing stored, every list still
+    readable."""
+    import httpx
+
+    api = httpx.Client(base_url=platform.api_url, timeout=60,
+                       headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+    before = stored(platform)
+    answered = []
+    for method, path, template in SURFACES:
+        for name, value in HOSTILE_VALUES.items():
+            got = api.request(method, path, content=body_with(template, value))
+            answered.append((path, name, got.status_code))
+            assert got.status_code == 400, (path, template, name, got.text[:300])
+            assert got.json()["error"]["type"] == "invalid_request_error"
+            assert len(got.json()["error"]["message"]) < 1200, (path, name)
+    assert stored(platform) == before
+    for path in LISTS:
+        assert api.get(path).status_code == 200, path
+    # A cursor that names nothing: 400 naming after, on every list and on a job's events.
+    job = platform.resources["catalog"].fine_tuning.list(limit=1)
+    events = [f"/fine_tuning/jobs/{job[0]['id']}/events"] if job else []
+    for path in (*LISTS, *events):
+        for cursor in HOSTILE_CURSORS:
+            got = api.get(path, params={"after": cursor})
+            assert got.status_code == 400, (path, cursor, got.text[:200])
+            assert got.json()["error"]["param"] == "after", (path, cursor)
+    raw = api.get("/conquests?after=%ED%A0%80")  # a lone surrogate, as UTF-8 bytes
+    assert raw.status_code == 400, raw.text[:200]
+    print(f"{len(answered)} hostile bodies answered 400")
+
+
+def test_a_records_file_of_hostile_values_is_refused_by_line(platform, client):
+    line = {"custom_id": "t-1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "SmolLM2-135M-Instruct", "max_tokens": 4,
+                     "messages": [{"role": "user", "content": "hi"}]}}  # fmt: skip
+    batch_file = client.files.create(file=("typed.jsonl", json.dumps(line).encode()),
+                                     purpose="batch")  # fmt: skip
+    before = stored(platform)
+    template = '{"custom_id": "t-1", "ticket_subject": $V, "ticket_body": "b"}'
+    for name, value in HOSTILE_VALUES.items():
+        records = b'{"custom_id": "t-0", "ticket_subject": "a", "ticket_body": "b"}\n'
+        records += body_with(template, value) + b"\n"
+        uploaded = client.files.create(file=("records.jsonl", records), purpose="user_data")
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.batches.create(
+                input_file_id=batch_file.id, endpoint="/v1/chat/completions",
+                completion_window="24h",
+                metadata={"conquest_type": "support_reply", "conquest_records_file": uploaded.id},
+            )  # fmt: skip
+        assert "line 2" in caught.value.body["message"], (name, caught.value.body)
+    assert stored(platform) == before
+
+
+def test_adapter_configs_of_hostile_values_are_refused_at_registration(tmp_path, model_dir):
+    from tests.adapters import make_adapter
+    from tests.conftest import resources_for
+    from vbs_resources.registry import ModelRegistry, RegistryError
+
+    resources = resources_for(tmp_path / "vbs", model_dir)
+    registry = ModelRegistry(resources["catalog"])
+    registry.register_configured(resources["engine"].configured_models())
+    folder = make_adapter(tmp_path / "hostile", model_dir)
+    config = (folder / "adapter_config.json").read_text()
+    for field in ('"r": 8', '"lora_alpha": 8', '"peft_type": "LORA"'):
+        for name, value in HOSTILE_VALUES.items():
+            key = field.split(":")[0]
+            (folder / "adapter_config.json").write_bytes(
+                config.replace(field, f"{key}: $V").encode().replace(b"$V", value)
+            )
+            with pytest.raises(RegistryError) as caught:
+                registry.add_adapter(f"hostile-{name}", str(folder))
+            assert caught.value.field in ("adapter_config.json", "r", "peft_type"), (field, name)
+    assert [m["name"] for m in registry.list() if m["kind"] == "adapter"] == []

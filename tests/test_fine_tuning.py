@@ -173,7 +173,9 @@ def trained(platform):
 def steps(client, job_id: str) -> list[dict]:
     events = client.fine_tuning.jobs.list_events(job_id, limit=1000).data
     return [
-        e.data for e in reversed(events) if e.type == "metrics" and "train_loss" in (e.data or {})
+        e.data
+        for e in reversed(events)
+        if e.type == "metrics" and (e.data or {}).get("train_loss") is not None
     ]
 
 
@@ -234,7 +236,9 @@ def test_succeeded_means_evaluated_and_a_deploy_is_accepted_at_once(
 def test_the_cli_lists_follows_and_waits(platform, trained):
     done = trained["done"]
     assert f"{done.id}  succeeded" in vbs(platform, "finetune", "list").stdout
-    listed = [json.loads(x) for x in vbs(platform, "finetune", "list", "--json").stdout.split()]
+    listed = [
+        json.loads(x) for x in vbs(platform, "finetune", "list", "--json").stdout.splitlines()
+    ]
     assert done.id in [j["id"] for j in listed]
     assert (
         "The job has successfully completed" in vbs(platform, "finetune", "events", done.id).stdout

@@ -78,7 +78,9 @@ def _metadata(body: dict[str, Any]) -> dict[str, str] | None:
         return None
     if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_KEYS:
         raise APIError(
-            400, f"metadata must be an object of at most {MAX_METADATA_KEYS} keys.", "metadata"
+            400,
+            f"metadata must be an object of at most {MAX_METADATA_KEYS} keys.",
+            param="metadata",
         )
     for key, value in metadata.items():
         if len(key) > 64 or not isinstance(value, str) or len(value) > MAX_METADATA_VALUE:
@@ -219,7 +221,7 @@ class FineTuningService:
                 400,
                 "The training data needs two distinct prompts or more (one held out for "
                 "evaluation), or a validation_file.",
-                param="training_file" if not build.train else "validation_file",
+                param="training_file",
             )
         version = build.version
         write_dataset(self.bucket, build, {"source": "upload", "eval_fraction": self.eval_fraction})

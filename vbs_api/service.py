@@ -145,7 +145,9 @@ class BatchService:
         row = self.catalog.files.get(records) if L.is_file_id(records) else None
         if row is None or row["purpose"] != "user_data":
             raise APIError(
-                400, f"{records[:100]} is not a file uploaded with purpose 'user_data'.", param
+                400,
+                f"{records[:100]} is not a file uploaded with purpose 'user_data'.",
+                param=param,
             )
         conquest_type = registry.get(type_id)
         with self.bucket.open(row["path"], "rb") as fh:
@@ -158,7 +160,7 @@ class BatchService:
             raise APIError(
                 400,
                 f"The records file {records} does not fit the {type_id} batch: {shown}",
-                param,
+                param=param,
                 code="invalid_records",
             )
 
