@@ -17,7 +17,7 @@ CONSTRAINTS := $(if $(filter cpu,$(EXTRA)),-c constraints/cpu.txt,)
 LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed-1.23.2
 
-.PHONY: setup model run test lint bench clean
+.PHONY: setup model run test lint bench screenshots clean
 
 $(STAMP): pyproject.toml Makefile constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,5 +60,17 @@ bench: model
 	$(BIN)/python bench/vs_run_batch.py
 	$(BIN)/python bench/engine_modes.py
 
+# The docs' screenshots (docs/images/), from a running platform in headless Chromium: Debian's
+# chromium and Playwright (in a venv of its own, .venv-docs; it never downloads a browser).
+DOCS_VENV ?= .venv-docs
+$(DOCS_VENV)/.installed-1: Makefile
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	test -x $(DOCS_VENV)/bin/python || $(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install --quiet playwright==1.64.1
+	touch $@
+
+screenshots: model $(LS_STAMP) $(DOCS_VENV)/.installed-1
+	$(BIN)/python scripts/screenshots.py
+
 clean:
-	rm -rf $(VENV) $(LS_VENV) .vbs
+	rm -rf $(VENV) $(LS_VENV) $(DOCS_VENV) .vbs
