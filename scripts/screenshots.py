@@ -55,10 +55,15 @@ def _up(url: str) -> bool:
 
 
 def run_platform(home: Path) -> tuple[subprocess.Popen, dict[str, int], dict[str, str]]:
+    from vbs_resources import load_settings
+    from vbs_resources.model_store import prepare_default_model
+
     ports = {"dagster": free_port(), "api": free_port(), "ls": free_port()}
     env = dict(
         os.environ,
         VBS_HOME=str(home),
+        # The model `make model` prepared, not another copy in this home.
+        VBS_MODEL=str(prepare_default_model(load_settings().home)),
         VBS_DTYPE="float32",
         VBS_LABEL_STUDIO_PORT=str(ports["ls"]),
         VBS_TRAINER_BACKEND="hf",
@@ -133,16 +138,29 @@ def main() -> int:
     try:
         ids = drive(home, ports, env)
         dagster = f"http://127.0.0.1:{ports['dagster']}"
+        # name -> (URL, the text to scroll to before the picture is taken)
         pages = {
-            "asset-graph": f"{dagster}/asset-groups",
-            "batch-partition": f"{dagster}/assets/batch_output?view=partitions"
-            f"&partition={ids['batch_id']}",
-            "loss-curve": f"{dagster}/assets/fine_tuned_adapter?view=partitions"
-            f"&partition={ids['version']}",
-            "adapter-eval": f"{dagster}/assets/adapter_eval?view=partitions"
-            f"&partition={ids['version']}",
-            "label-studio-task": f"{_ls(ports)}/projects/{ids['project_id']}/data"
-            f"?task={ids['task_id']}",
+            "asset-graph": (
+                f"{dagster}/assets/deployed_model?view=lineage&lineageScope=upstream"
+                "&lineageDepth=10",
+                None,
+            ),
+            "batch-partition": (
+                f"{dagster}/assets/batch_output?view=partitions&partition={ids['batch_id']}",
+                None,
+            ),
+            "loss-curve": (
+                f"{dagster}/assets/fine_tuned_adapter?view=partitions&partition={ids['version']}",
+                "loss_curve",
+            ),
+            "adapter-eval": (
+                f"{dagster}/assets/adapter_eval?view=partitions&partition={ids['version']}",
+                "comparison",
+            ),
+            "label-studio-task": (
+                f"{_ls(ports)}/projects/{ids['project_id']}/data?task={ids['task_id']}",
+                None,
+            ),
         }
         spec = {
             "pages": pages,

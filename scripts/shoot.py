@@ -1,7 +1,7 @@
 """Headless Chromium screenshots of the pages `scripts/screenshots.py` names (run in
 `.venv-docs`, which holds Playwright; Debian's Chromium, never a downloaded browser).
 
-Reads a JSON spec on stdin: ``pages`` (name -> URL), ``dagster`` (the webserver, whose
+Reads a JSON spec on stdin: ``pages`` (name -> [URL, the text to scroll to or null]), ``dagster`` (the webserver, whose
 first-visit popup is dismissed through its GraphQL API), ``label_studio`` (URL and the admin's
 credentials, to log in) and ``out`` (the folder the PNGs go to).
 """
@@ -49,10 +49,20 @@ def main() -> int:
         page.fill("input[name=password]", ls["password"])
         page.click("button[type=submit], input[type=submit]")
         page.wait_for_load_state("networkidle")
-        for name, url in spec["pages"].items():
+        for name, (url, focus) in spec["pages"].items():
             page.goto(url, wait_until="networkidle", timeout=120_000)
             page.wait_for_timeout(4000)  # the graph's layout, the metadata's images
-            page.screenshot(path=str(out / f"{name}.png"), full_page=name != "asset-graph")
+            if focus:
+                # The metadata scrolls inside its pane: bring the row to the top of the view.
+                row = page.get_by_text(focus, exact=True).first
+                row.evaluate("e => e.scrollIntoView({block: 'start'})")
+                page.wait_for_timeout(1500)
+                # A long Markdown value (the loss curve's picture) opens in a dialog.
+                more = page.locator("tr", has=row).get_by_text("[Show Markdown]")
+                if more.count():
+                    more.first.click()
+                    page.wait_for_timeout(2500)
+            page.screenshot(path=str(out / f"{name}.png"))
             print(f"{name}: {out / f'{name}.png'}", flush=True)
         browser.close()
     return 0
