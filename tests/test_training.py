@@ -224,6 +224,23 @@ def test_the_fine_tuning_reconciler_ends_a_job_only_once_dagster_decided(tmp_pat
         retry = run(**{"dagster/parent_run_id": first.run_id})
         reconcile_fine_tuning(instance, catalog, resources["webhooks"])
         assert catalog.fine_tuning.get(job["id"])["run_id"] == retry.run_id
+        # A job whose run was never launched (Dagster unreachable from the API): the sensor
+        # requests one, once (its run key), with the job's tag and run config.
+        orphan = create_job(lifecycle, model=MODEL, dataset_version="upload-1",
+                            training_file="f", backend="hf", hyperparameters=Hyperparameters())  # fmt: skip
+        found = reconcile_fine_tuning(instance, catalog, resources["webhooks"], time.time() + 20)
+        [request] = [r for r in found.run_requests if r.tags[L.TAG_FINE_TUNING_JOB] == orphan["id"]]
+        assert request.run_key == f"{orphan['id']}:launch" and request.job_name == L.TRAINING_JOB
+        assert request.partition_key == "upload-1" and "upload-1" in found.versions
+        assert request.run_config["ops"][L.FINE_TUNED_ADAPTER]["config"]["job_id"] == orphan["id"]
+        # So does a deployment recorded while Dagster was away.
+        deployed, _ = job_whose_run("success", trained=True)
+        deployment, created = lifecycle.create_deployment(deployed, forced=False)
+        assert created and lifecycle.create_deployment(deployed, forced=True) == (deployment, False)
+        found = reconcile_fine_tuning(instance, catalog, resources["webhooks"], time.time() + 20)
+        [request] = [r for r in found.run_requests if r.job_name == L.DEPLOY_JOB]
+        assert request.tags[L.TAG_DEPLOYMENT] == deployment["id"]
+        assert request.run_key == f"{deployment['id']}:launch"
         # Each ending has its webhook event in the outbox, once; a read changes nothing.
         events = [e["type"] for e in catalog.events.of_subject(failed["id"])]
         assert events == ["fine_tuning.job.failed"]
