@@ -357,3 +357,65 @@ def test_a_truncated_upload_is_refused_and_leaves_nothing(server):
     )
     assert answer.status_code == 400 and "closing boundary" in answer.json()["error"]["message"]
     assert not [n for n in server.stored_files() if n.startswith(".")]
+
+
+def test_every_get_route_only_reads(server):
+    """Each GET route of the app, called with ids of a real batch, file, conquest, dataset,
+    fine-tuning job (with events and a deployment) and model: the catalog's bytes are the same
+    after as before (a GET never writes, not even to follow a run)."""
+    from starlette.routing import Route
+
+    from vbs_api.app import create_app
+    from vbs_resources import load_settings
+    from vbs_resources.training import Hyperparameters
+    from vbs_resources.training.jobs import create_job
+    from vbs_resources.training.lifecycle import FineTuningLifecycle
+
+    catalog = server.catalog
+    file = server.client.files.create(file=("g.jsonl", jsonl([chat_line("g", "hi")])),
+                                      purpose="batch")  # fmt: skip
+    batch_id = "batch_getonly00001"
+    BatchLifecycle(catalog).create(batch_id, source="api", input_file_id=file.id)
+    conquest_id = "cq_getonly"
+    catalog.conquests.add([{
+        "id": conquest_id, "type": "support_reply", "type_version": "1", "status": "COMPLETED",
+        "result": None, "input_data": {"messages": []}, "prompt": [], "prediction": "p",
+        "error": None, "model": "m", "batch_id": batch_id, "custom_id": "c", "created_at": 1,
+        "updated_at": 1.0,
+    }])  # fmt: skip
+    version = "support_reply-0123456789abcdef"
+    catalog.datasets.record({
+        "version": version, "type": "support_reply", "type_version": "1", "path": "d",
+        "train_count": 1, "eval_count": 1, "icl_count": 0,
+        "conquest_ids": {"train": [], "eval": []}, "options": {}, "run_id": None,
+        "created_at": 1, "built_at": 1.0,
+    })  # fmt: skip
+    lifecycle = FineTuningLifecycle(catalog)
+    job = create_job(lifecycle, model="SmolLM2-135M-Instruct", dataset_version=version,
+                     training_file=version, backend="hf", hyperparameters=Hyperparameters())  # fmt: skip
+    lifecycle.queued(job["id"], "run-getonly")  # a run Dagster has never heard of
+    ids = {"batch_id": batch_id, "file_id": file.id, "conquest_id": conquest_id,
+           "version": version, "job_id": job["id"], "model_id": "SmolLM2-135M-Instruct"}  # fmt: skip
+    settings = load_settings({"VBS_HOME": str(server.home)})
+    app = create_app(settings)
+    paths = sorted(
+        route.path
+        for route in app.routes
+        if isinstance(route, Route) and "GET" in (route.methods or ()) and route.path != "/docs"
+    )
+    from fastapi.testclient import TestClient
+
+    db = server.home / "catalog.db"
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        for _ in range(2):
+            for path in paths:
+                url = path.replace("{model_id:path}", ids["model_id"])
+                for name, value in ids.items():
+                    url = url.replace("{" + name + "}", value)
+                before = "\n".join(sqlite3.connect(db).iterdump())
+                answer = client.get(url)
+                assert answer.status_code < 500, (url, answer.text[:200])
+                assert "\n".join(sqlite3.connect(db).iterdump()) == before, url
+    assert {p.split("{")[0] for p in paths} >= {"/v1/batches/", "/v1/fine_tuning/jobs/",
+                                               "/v1/conquests/", "/v1/datasets/", "/v1/files/"}  # fmt: skip
+    assert catalog.fine_tuning.get(job["id"])["status"] == "queued"  # not "followed" by a read
