@@ -566,3 +566,46 @@ def test_a_job_cancelled_before_its_run_starts_never_trains(tmp_path, instance):
         raise_on_error=False,
     )  # fmt: skip
     assert not other.success
+
+
+def test_a_cancel_racing_a_start_leaves_one_consistent_outcome(tmp_path):
+    """The API's cancel and the run's start, at once, many times: either the job is cancelled
+    and never starts, or it runs with the cancel requested (it stops at its next step); never
+    both, never neither, and an ending announced once."""
+    import threading
+
+    from vbs_resources.training.jobs import create_job
+    from vbs_resources.training.lifecycle import FineTuningLifecycle
+
+    catalog = resources_for(tmp_path / "vbs")["catalog"]
+    lifecycle = FineTuningLifecycle(catalog)
+    seen = set()
+    for trial in range(40):
+        job = create_job(lifecycle, model=MODEL, dataset_version="upload-0", training_file="f",
+                         backend="hf", hyperparameters=Hyperparameters())  # fmt: skip
+        lifecycle.queued(job["id"], f"run-{trial}")
+        outcome: dict = {}
+        gate = threading.Barrier(2)
+
+        def start(job_id=job["id"], run=f"run-{trial}", gate=gate, outcome=outcome):
+            gate.wait()
+            outcome["started"] = lifecycle.start(job_id, run, "Training")
+
+        def cancel(job_id=job["id"], gate=gate, outcome=outcome):
+            gate.wait()
+            outcome["after"] = lifecycle.request_cancel(job_id)["status"]
+
+        threads = [threading.Thread(target=start), threading.Thread(target=cancel)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        row = catalog.fine_tuning.get(job["id"])
+        assert row["cancel_requested"] is True
+        events = [e["type"] for e in catalog.events.of_subject(job["id"])]
+        if outcome["started"]:
+            assert row["status"] == "running" and events == [], (outcome, row["status"])
+        else:
+            assert row["status"] == "cancelled" and events == ["fine_tuning.job.cancelled"]
+        seen.add(row["status"])
+    assert seen <= {"running", "cancelled"}

@@ -183,12 +183,21 @@ class FineTuningLifecycle:
             finished_at=int(time.time()),
         )
 
-    def cancel(self, job_id: str, message: str, expect_run: str | None = None) -> bool:
+    def cancel(
+        self,
+        job_id: str,
+        message: str,
+        expect_run: str | None = None,
+        before_training: bool = False,
+    ) -> bool:
+        """``* -> cancelled``; with ``before_training`` only while the job is not running yet
+        (a run that has just started it stops at its next step instead)."""
         return self._move(
             job_id,
             "cancelled",
             message,
             level="warn",
+            allowed=("validating_files", "queued") if before_training else None,
             expect={"run_id": expect_run} if expect_run else None,
             finished_at=int(time.time()),
         )
@@ -198,9 +207,10 @@ class FineTuningLifecycle:
         its run); one training stops after its current step. Returns the job afterwards."""
         if self.catalog.fine_tuning.update_unfinished(job_id, cancel_requested=True):
             job = self.catalog.fine_tuning.get(job_id)
-            if job["status"] in ("validating_files", "queued"):
-                self.cancel(job_id, "Cancelled before training started")
-            else:
+            if job["status"] == "running" or not self.cancel(
+                job_id, "Cancelled before training started", before_training=True
+            ):
+                # Training (or it started just now): it stops after its current step.
                 self.catalog.fine_tuning.add_event(job_id, "Cancellation requested", "warn")
         return self.catalog.fine_tuning.get(job_id)
 
@@ -216,13 +226,16 @@ class FineTuningLifecycle:
         level: str = "info",
         data: dict[str, Any] | None = None,
         expect: dict[str, Any] | None = None,
+        allowed: tuple[str, ...] | None = None,
         **fields: Any,
     ) -> bool:
         webhook = (L.new_event_id(), EVENTS[to]) if to in EVENTS else None
+        if allowed is not None and not set(allowed) <= set(ALLOWED_FROM[to]):
+            raise ValueError(f"{allowed} is not within the transition table's {to}")
         changed = self.catalog.fine_tuning.transition(
             job_id,
             to,
-            ALLOWED_FROM[to],
+            allowed or ALLOWED_FROM[to],
             message=message,
             level=level,
             data=data,
