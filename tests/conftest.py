@@ -100,9 +100,19 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "vbs"
 
 
+# The tests' engines keep a 1 GiB KV cache (the default is 4 GiB): the small model's requests
+# here need far less, and two workers' engines, runs and training share 23 GiB.
+TEST_KVCACHE_GIB = "1"
+
+
 def settings_for(home: Path, model_dir: Path | None = None, **env: str):
     """Settings of a test's own VBS_HOME (nothing read from the process environment)."""
-    values = {"VBS_HOME": str(home), "VBS_DTYPE": TEST_DTYPE, **env}
+    values = {
+        "VBS_HOME": str(home),
+        "VBS_DTYPE": TEST_DTYPE,
+        "VBS_CPU_KVCACHE_GIB": TEST_KVCACHE_GIB,
+        **env,
+    }
     if model_dir is not None:
         values["VBS_MODEL"] = str(model_dir)
     return load_settings(values)
@@ -332,9 +342,10 @@ def start_platform(home: Path, model_dir: Path, **env: str) -> PlatformProcess:
         VBS_HOME=str(home),
         VBS_MODEL=str(model_dir),
         VBS_DTYPE=TEST_DTYPE,
+        VBS_CPU_KVCACHE_GIB=TEST_KVCACHE_GIB,
         VBS_LABEL_STUDIO_START="false",
-        **env,
     )
+    full_env.update(env)
     platform = PlatformProcess(home, full_env, free_port(), free_port())
     platform.start()
     return platform
