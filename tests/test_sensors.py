@@ -295,3 +295,66 @@ def test_an_unreadable_file_is_a_problem_and_the_others_are_still_taken(
     result, cursor = tick(instance, resources, cursor)
     assert [r.tags["vbs/source_file"] for r in result.run_requests] == ["b-fine.jsonl"]
     assert problems(resources)["a-locked.jsonl"]["kind"] == "unreadable"
+
+
+def test_a_fifo_and_a_socket_in_the_inbox_are_problems_never_opened(instance, resources):
+    """A FIFO blocked the hash for ever (each tick timed out, the code location died, and every
+    sensor stopped). Anything but a regular file is now a reported problem, never opened, and
+    the valid file beside them is taken on the same ticks."""
+    import socket
+    import threading
+
+    inbox = resources["bucket"].path("inbox")
+    os.makedirs(inbox, exist_ok=True)
+    os.mkfifo(f"{inbox}/x.jsonl")
+    os.mkfifo(f"{inbox}/y.metadata.json")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(f"{inbox}/s.jsonl")
+    drop(resources, "y.jsonl", jsonl([chat_line("a", "hi")]))
+    drop(resources, "valid.jsonl", jsonl([chat_line("v", "hi")]))
+    outcome: dict = {}
+
+    def evaluate() -> None:
+        outcome["result"] = ticks(instance, resources)[0]
+
+    worker = threading.Thread(target=evaluate, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "a tick blocked on a special file"
+    taken = {r.tags["vbs/source_file"] for r in outcome["result"].run_requests}
+    assert taken == {"valid.jsonl", "y.jsonl"}  # y's sidecar, a FIFO, is not read as its sidecar
+    found = {name: p["kind"] for name, p in problems(resources).items()}
+    assert found == {"x.jsonl": "not_a_regular_file", "s.jsonl": "not_a_regular_file",
+                     "y.metadata.json": "not_a_regular_file"}  # fmt: skip
+    assert "never opened" in problems(resources)["x.jsonl"]["message"]
+    server.close()
+
+
+def test_a_file_replaced_by_a_fifo_after_the_listing_is_not_opened(instance, resources):
+    from vbs_resources.lifecycle import BatchLifecycle
+    from vbs_sensors.inbox import InboxProblem, take
+
+    inbox = resources["bucket"].path("inbox")
+    os.makedirs(inbox, exist_ok=True)
+    os.mkfifo(f"{inbox}/late.jsonl")
+    with pytest.raises(InboxProblem) as caught:
+        take(resources["bucket"], BatchLifecycle(resources["catalog"]), "late.jsonl", None)
+    assert caught.value.kind == "not_a_regular_file"
+
+
+def test_a_tick_takes_files_for_a_bounded_time_and_leaves_the_rest(instance, resources):
+    from vbs_resources.lifecycle import BatchLifecycle
+    from vbs_sensors.inbox import evaluate
+
+    for n in range(3):
+        drop(resources, f"f{n}.jsonl", jsonl([chat_line(f"a{n}", "hi")]))
+    lifecycle = BatchLifecycle(resources["catalog"])
+    first = evaluate(resources["bucket"], lifecycle, {})
+    spent = evaluate(resources["bucket"], lifecycle, first.seen, budget_s=0)
+    assert spent.run_requests == [] and sorted(spent.waiting) == [
+        "f0.jsonl",
+        "f1.jsonl",
+        "f2.jsonl",
+    ]
+    later = evaluate(resources["bucket"], lifecycle, spent.seen)
+    assert len(later.run_requests) == 3

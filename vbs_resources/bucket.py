@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import posixpath
+import stat
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,13 +25,16 @@ from pydantic import PrivateAttr
 @dataclass(frozen=True)
 class BucketEntry:
     """An entry of a bucket folder, with what the inbox sensor needs to tell if it is still
-    growing (size, modification time) and what it must refuse (folders, symbolic links)."""
+    growing (size, modification time) and what it must refuse (folders, symbolic links, and
+    anything that is not a regular file: a FIFO, a socket, a device, which reading would block
+    on or misread)."""
 
     name: str
     size: int
     modified: str
     is_dir: bool = False
     is_link: bool = False
+    is_special: bool = False
 
 
 class Bucket(dg.ConfigurableResource):
@@ -116,20 +121,40 @@ class Bucket(dg.ConfigurableResource):
         entries = []
         for info in self.fs.ls(base, detail=True):
             modified = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+            kind = info.get("type")
             entries.append(
                 BucketEntry(
                     name=posixpath.basename(info["name"].rstrip("/")),
                     size=int(info.get("size") or 0),
                     modified=str(modified),
-                    is_dir=info.get("type") == "directory",
+                    is_dir=kind == "directory",
                     is_link=bool(info.get("islink")),
+                    # fsspec's local listing says "other" for FIFOs, sockets and devices.
+                    is_special=kind not in ("file", "directory"),
                 )
             )
         return sorted(entries, key=lambda e: e.name)
 
     def list_files(self, folder: str) -> list[BucketEntry]:
-        """Plain files directly inside ``folder`` (no folders, no links), sorted by name."""
-        return [e for e in self.list_entries(folder) if not e.is_dir and not e.is_link]
+        """Plain files directly inside ``folder`` (no folders, no links, nothing special),
+        sorted by name."""
+        return [
+            e
+            for e in self.list_entries(folder)
+            if not e.is_dir and not e.is_link and not e.is_special
+        ]
+
+    def is_regular_file(self, rel: str) -> bool:
+        """Whether ``rel`` is a regular file now (not a FIFO, a socket, a device, a link or a
+        folder): checked again right before a file is opened, since it may have been replaced
+        since it was listed. An object store holds nothing else."""
+        if not self.is_local:
+            return True
+        try:
+            mode = os.lstat(self.path(rel)).st_mode
+        except OSError:
+            return False
+        return stat.S_ISREG(mode)
 
     def sha256(self, rel: str, block: int = 1 << 20) -> str:
         digest = hashlib.sha256()

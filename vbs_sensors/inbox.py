@@ -14,7 +14,8 @@ a drop can never name, and so never take over, another batch. The file's own sha
 when it is taken, and ``batch_input`` refuses a file that changed since (an appending writer
 that kept its handle open).
 
-Whatever cannot be taken (an invalid sidecar, a sub-folder, a symbolic link, a file that cannot
+Whatever cannot be taken (an invalid sidecar, a sub-folder, a symbolic link, anything that is not
+a regular file, such as a FIFO, a socket or a device, which is never opened; a file that cannot
 be moved, a sidecar without its file) is a problem: shown in the tick, logged once when it
 appears or changes, kept in the catalog for ``GET /v1/inbox`` and ``vbs inbox``, and tried
 again on every tick, so fixing the cause is enough. The cursor (what each file looked like on
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import time
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -42,6 +44,8 @@ from vbs_resources.strict_json import loads as strict_loads
 from vbs_resources.wire import BatchOptions
 
 MAX_SIDECAR_BYTES = 64 * 1024
+# How long one tick takes files (hashing, moving) before it leaves the rest for the next one.
+TICK_BUDGET_S = 20.0
 
 
 class InboxProblem(Exception):
@@ -114,6 +118,10 @@ def take(
     and return (batch id, the run to request); None for a duplicate of an earlier batch.
     Raises ``InboxProblem`` when it cannot, leaving the files where they are."""
     rel = L.inbox_path(name)
+    for entry_name in (name, *([sidecar.name] if sidecar is not None else [])):
+        # Never opened unless it is a regular file now: a FIFO blocks a reader for ever.
+        if not bucket.is_regular_file(L.inbox_path(entry_name)):
+            raise InboxProblem("not_a_regular_file", _not_regular(entry_name))
     try:
         options, sidecar_bytes = _options(bucket, sidecar)
         input_sha, content_sha = _hashes(bucket, rel, sidecar_bytes)
@@ -176,6 +184,13 @@ def take(
     )
 
 
+def _not_regular(name: str) -> str:
+    return (
+        f"{name} is not a regular file (a FIFO, a socket or a device), which is never opened: "
+        "write the batch as a plain file"
+    )
+
+
 def _orphan_sidecar(catalog: Catalog, name: str) -> str:
     stem = L.batch_stem(name)
     message = (
@@ -197,14 +212,18 @@ def evaluate(
     lifecycle: BatchLifecycle,
     previous: dict[str, list[object]],
     log: dg.DagsterLogManager | None = None,
+    budget_s: float = TICK_BUDGET_S,
 ) -> Tick:
-    """One look at the inbox (the sensor's body, without Dagster's context)."""
+    """One look at the inbox (the sensor's body, without Dagster's context). Files are taken
+    for at most ``budget_s`` (a tick must end well within Dagster's sensor timeout); the rest
+    wait for the next tick."""
     tick = Tick()
+    deadline = time.monotonic() + budget_s
     entries = {e.name: e for e in bucket.list_entries(L.INBOX)}
     sidecars = {
         L.batch_stem(name).lower(): e
         for name, e in entries.items()
-        if L.is_sidecar_name(name) and not e.is_dir and not e.is_link
+        if L.is_sidecar_name(name) and not e.is_dir and not e.is_link and not e.is_special
     }
     batch_stems = {
         L.batch_stem(name).lower()
@@ -225,6 +244,9 @@ def evaluate(
                 "symlink",
                 f"{name} is a symbolic link, which is not followed: copy the file into inbox/",
             )
+            continue
+        if entry.is_special:
+            tick.problems[name] = ("not_a_regular_file", _not_regular(name))
             continue
         if L.is_sidecar_name(name):
             if L.batch_stem(name).lower() not in batch_stems:
@@ -247,6 +269,10 @@ def evaluate(
         signature = _signature(entry, sidecar)
         tick.seen[name] = signature
         if previous.get(name) != signature:
+            tick.waiting.append(name)
+            continue
+        if time.monotonic() > deadline:
+            # Time bounded: what is left is taken on the next tick (its signature is kept).
             tick.waiting.append(name)
             continue
         try:
