@@ -87,6 +87,7 @@ def test_assets_checks_jobs_and_sensors():
         "label_studio_sync",
         "retrain_on_new_dataset",
         "typed_batch_curation",
+        "webhook_delivery",
     ]
     assert defs.resolve_sensor_def("inbox_sensor").minimum_interval_seconds == 1
     assert defs.resolve_sensor_def("batch_reconciler").minimum_interval_seconds == 5

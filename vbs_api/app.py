@@ -21,7 +21,16 @@ from vbs_api import errors
 from vbs_api.fine_tuning import FineTuningService
 from vbs_api.launch import BatchLauncher
 from vbs_api.middleware import BearerAuth, BodyLimit, Latency
-from vbs_api.routers import batches, conquests, datasets, files, fine_tuning, models, service
+from vbs_api.routers import (
+    batches,
+    conquests,
+    datasets,
+    files,
+    fine_tuning,
+    models,
+    service,
+    webhooks,
+)
 from vbs_api.service import BatchService
 from vbs_api.state import APIState
 from vbs_resources import Settings, build_resources
@@ -95,7 +104,7 @@ def create_app(
     )
     errors.install(app)
     app.router.routes.insert(0, batches.retrieve_route)
-    routers = (files, batches, models, conquests, datasets, fine_tuning, service)
+    routers = (files, batches, models, conquests, datasets, fine_tuning, webhooks, service)
     for router in (r.router for r in routers):
         app.include_router(router)
 

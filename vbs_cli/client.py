@@ -13,7 +13,7 @@ from typing import Any
 from vbs_resources import Settings
 from vbs_resources.wire import TERMINAL_STATUSES
 
-COMMANDS = ("submit", "batches", "results", "inbox")
+COMMANDS = ("submit", "batches", "results", "inbox", "webhooks")
 
 
 def openai_client(args: argparse.Namespace, settings: Settings) -> Any:
@@ -36,9 +36,15 @@ def add_commands(sub: Any) -> None:
     results.add_argument("batch_id")
     results.add_argument("--errors", action="store_true", help="print the error file instead")
     inbox = sub.add_parser("inbox", help="files in the inbox that cannot be taken, and why")
-    for parser in (batches, inbox):
+    hooks = sub.add_parser("webhooks", help="webhook events: pending, delivered, given up")
+    hooks.add_argument(
+        "--status", choices=("pending", "delivered", "given_up"), help="only these events"
+    )
+    hooks.add_argument("--limit", type=int, default=50)
+    hooks.add_argument("--redeliver", metavar="EVENT_ID", help="send one again (not delivered)")
+    for parser in (batches, inbox, hooks):
         add_json(parser)
-    for parser in (submit, batches, results, inbox):
+    for parser in (submit, batches, results, inbox, hooks):
         add_api_url(parser)
 
 
@@ -77,6 +83,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if not problems and not args.json:
             print("the inbox has no problems")
         return 1 if problems else 0
+    if args.command == "webhooks":
+        return _webhooks(client, args)
     if args.command == "results":
         batch = client.batches.retrieve(args.batch_id)
         file_id = batch.error_file_id if args.errors else batch.output_file_id
@@ -102,6 +110,31 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not args.wait:
         return 0
     return 0 if wait_for(client, batch.id) == "completed" else 1
+
+
+def _webhooks(client: Any, args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    if args.redeliver:
+        again = client.post(
+            f"/webhooks/events/{quote(args.redeliver, safe='')}/redeliver", body={}, cast_to=object
+        )
+        print_json(again)
+        return 0
+    params = {"limit": args.limit, **({"status": args.status} if args.status else {})}
+    events = client.get("/webhooks/events", options={"params": params}, cast_to=object)["data"]
+    for event in events:
+        if args.json:
+            print_json(event)
+            continue
+        why = (
+            f"  {event['last_error']}"
+            if event["last_error"] and event["status"] != "delivered"
+            else ""
+        )
+        print(f"{event['id']}  {event['status']:<9}  {event['type']:<26}  {event['subject_id']}"
+              f"  rounds {event['rounds']}{why}")  # fmt: skip
+    return 0
 
 
 def wait_for(client: Any, batch_id: str) -> str:

@@ -291,6 +291,7 @@ def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
 DEPLOYMENT_ID_PATTERN = r"^ftdeploy-[A-Za-z0-9]{8,64}$"
 _DEPLOYMENT_ID = re.compile(DEPLOYMENT_ID_PATTERN)
 FINE_TUNING_SENSOR = "fine_tuning_reconciler"
+WEBHOOK_SENSOR = "webhook_delivery"
 
 
 def new_deployment_id() -> str:

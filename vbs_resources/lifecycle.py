@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from vbs_resources.catalog import Catalog
@@ -53,10 +54,26 @@ EVENTS = {
 MAX_ERRORS = 1000
 
 
+# The API's deliveries, a few at a time whatever happens to receivers (a receiver that hangs
+# once made one thread per event: 114 threads for 40 cancels).
+DELIVERY_THREADS = 4
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _delivery_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(DELIVERY_THREADS, thread_name_prefix="vbs-webhooks")
+        return _pool
+
+
 class EventSender:
-    """Delivers an event the outbox has just recorded: on a thread (``in_background``: the API,
-    which must answer at once) or before returning (runs and sensors). Either way an event whose
-    delivery is cut short stays in the outbox for the reconciler to deliver."""
+    """What happens to an event the outbox has just recorded. With no receivers it is done at
+    once. Otherwise, ``in_background`` (the API, which answers at once) sends it now from a
+    bounded pool of threads; else (runs) it is left in the outbox, where the
+    ``webhook_delivery`` sensor sends it within seconds: a run never waits for a receiver."""
 
     def __init__(
         self, catalog: Catalog, webhooks: Webhooks | None, in_background: bool = False
@@ -69,13 +86,11 @@ class EventSender:
             self.catalog.events.finish(event_id, delivered=True)  # nothing to deliver to
             return
         if self.in_background:
-            threading.Thread(target=self._deliver, args=(webhooks, event_id), daemon=True).start()
-        else:
-            self._deliver(webhooks, event_id)
+            _delivery_pool().submit(self._deliver, webhooks, event_id)
 
     def _deliver(self, webhooks: Webhooks, event_id: str) -> None:
         # A delivery problem never undoes the status change it announces; the event stays in
-        # the outbox and the reconciler tries again.
+        # the outbox and the delivery sensor tries again.
         try:
             webhooks.deliver(self.catalog, event_id)
         except Exception:  # noqa: BLE001
@@ -85,9 +100,8 @@ class EventSender:
 class BatchLifecycle:
     """Status changes of batches, with their events.
 
-    ``deliver_in_background``: deliver events on a thread (the API, which must answer at once)
-    rather than before returning (runs and sensors). Either way an event whose delivery is cut
-    short stays in the outbox for the reconciler to deliver.
+    ``deliver_in_background``: send events at once from a bounded pool of threads (the API,
+    sensors); without it (runs) they wait in the outbox for the ``webhook_delivery`` sensor.
     """
 
     def __init__(

@@ -266,6 +266,13 @@ class Settings(BaseSettings):
     # ---- webhooks -----------------------------------------------------------------------
     webhook_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_secret: SecretStr | None = None
+    webhook_retry_hours: float = Field(
+        default=72.0, gt=0, le=24 * 30, description="How long an event is retried (OpenAI: 72)."
+    )
+    webhook_max_backoff_s: float = Field(
+        default=3600.0, ge=1, le=24 * 3600, description="The longest wait between two rounds."
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120, description="One try's timeout.")
 
     @field_validator("api_keys", mode="before")
     @classmethod

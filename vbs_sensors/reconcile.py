@@ -14,7 +14,9 @@ run cannot say for itself, every few seconds:
 - **A batch with no run at all** (the process that recorded it died before its run was
   requested, or Dagster could not be reached from the API) gets one.
 - **A cancel or an expiry with no run to see it** ends the batch.
-- **Webhook events whose delivery was cut short** are delivered.
+
+Webhook events are delivered by the ``webhook_delivery`` sensor, never by this one: a receiver
+that hangs must not hold up a tick that resumes runs.
 
 Every action is idempotent and bounded (a batch gets at most ``MAX_RUNS`` runs), so a repeated
 tick, or one that dies half-way, changes nothing that the next would not.
@@ -259,9 +261,6 @@ def reconcile(
             result.actions.append(note)
         if request is not None:
             result.run_requests.append(request)
-    delivered = webhooks.deliver_pending(catalog)
-    if delivered:
-        result.actions.append(f"{delivered} webhook event(s) delivered late")
     return result
 
 

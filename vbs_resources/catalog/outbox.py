@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from vbs_resources.catalog.schema import event_deliveries, events
-from vbs_resources.catalog.store import Store
+from vbs_resources.catalog.store import Store, UnknownCursor
 
 
 class EventStore(Store):
@@ -37,24 +37,48 @@ class EventStore(Store):
             sa.select(events).where(events.c.subject_id == subject_id).order_by(events.c.created_at)
         )
 
-    def undelivered(self, older_than: float) -> list[dict[str, Any]]:
-        """Events nobody delivered or gave up on, created before ``older_than``, oldest first."""
+    def due(self, now: float, limit: int = 100) -> list[dict[str, Any]]:
+        """Events nobody delivered or gave up on whose next try is due (and nobody holds), the
+        longest waiting first."""
         query = (
             sa.select(events)
             .where(
                 events.c.delivered_at.is_(None),
                 events.c.gave_up_at.is_(None),
-                events.c.created_at < older_than,
-                sa.or_(
-                    events.c.claimed_until.is_(None),
-                    events.c.claimed_until < time.time(),
-                ),
+                sa.or_(events.c.next_attempt_at.is_(None), events.c.next_attempt_at <= now),
+                sa.or_(events.c.claimed_until.is_(None), events.c.claimed_until < now),
             )
-            .order_by(events.c.created_at)
-            .limit(100)
+            .order_by(sa.func.coalesce(events.c.next_attempt_at, events.c.created_at))
+            .limit(limit)
         )
-        with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(query).mappings()]
+        return self._all(query)
+
+    def listing(
+        self,
+        state: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+        conn: sa.Connection | None = None,
+    ) -> list[dict[str, Any]]:
+        """Events newest first (``state``: ``pending``, ``delivered`` or ``given_up``), after the
+        event ``after`` (``UnknownCursor`` if there is none); ``limit + 1`` at most."""
+        query = sa.select(events)
+        if state == "pending":
+            query = query.where(events.c.delivered_at.is_(None), events.c.gave_up_at.is_(None))
+        elif state == "delivered":
+            query = query.where(events.c.delivered_at.is_not(None))
+        elif state == "given_up":
+            query = query.where(events.c.gave_up_at.is_not(None))
+        if after is not None:
+            anchor = self._first(sa.select(events).where(events.c.id == after), conn)
+            if anchor is None:
+                raise UnknownCursor("event", after)
+            query = query.where(
+                sa.tuple_(events.c.created_at, events.c.id)
+                < sa.tuple_(sa.literal(anchor["created_at"]), sa.literal(after))
+            )
+        query = query.order_by(events.c.created_at.desc(), events.c.id.desc())
+        return self._all(query.limit(limit + 1), conn)
 
     def claim(self, event_id: str, seconds: float) -> bool:
         """Take the delivery of an event for ``seconds``; False when another process has it or
@@ -76,14 +100,46 @@ class EventStore(Store):
             ).rowcount
         return bool(changed)
 
-    def finish(self, event_id: str, delivered: bool) -> None:
+    def finish(self, event_id: str, delivered: bool, error: str | None = None) -> None:
+        """Delivered to every receiver, or given up (with the last ``error``)."""
         column = "delivered_at" if delivered else "gave_up_at"
+        values: dict[str, Any] = {column: time.time(), "claimed_until": None}
+        if error is not None:
+            values["last_error"] = error[:500]
+        with self.engine.begin() as conn:
+            conn.execute(events.update().where(events.c.id == event_id).values(values))
+
+    def retry_later(self, event_id: str, at: float, error: str) -> None:
+        """One more round failed: the next one is due at ``at``."""
         with self.engine.begin() as conn:
             conn.execute(
                 events.update()
                 .where(events.c.id == event_id)
-                .values({column: time.time(), "claimed_until": None})
+                .values(
+                    attempts=events.c.attempts + 1,
+                    next_attempt_at=at,
+                    last_error=error[:500],
+                    claimed_until=None,
+                )
             )
+
+    def redeliver(self, event_id: str) -> dict[str, Any] | None:
+        """Make an event that was given up, or not delivered yet, due again now, with a new
+        retry window; None for an unknown event. A delivered one stays delivered."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(
+                events.update()
+                .where(events.c.id == event_id, events.c.delivered_at.is_(None))
+                .values(
+                    gave_up_at=None,
+                    next_attempt_at=None,
+                    attempts=0,
+                    redelivered_at=now,
+                    claimed_until=None,
+                )
+            )
+        return self.get(event_id)
 
     def release(self, event_id: str) -> None:
         """Give an event's delivery back for a later try."""

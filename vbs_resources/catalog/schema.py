@@ -72,7 +72,13 @@ events = sa.Table(
     sa.Column("claimed_until", sa.Float),
     sa.Column("delivered_at", sa.Float),
     sa.Column("gave_up_at", sa.Float),
+    # Revision 10: retried for hours, in rounds (one try per receiver each), never inside a run.
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float),  # none: due now
+    sa.Column("last_error", sa.String(500)),
+    sa.Column("redelivered_at", sa.Float),  # sent again by hand: its retry window starts here
     sa.UniqueConstraint("subject_id", "type", name="uq_events_subject_type"),
+    sa.Index("ix_events_pending", "delivered_at", "gave_up_at", "next_attempt_at"),
 )
 
 # Every delivery attempt of an event to a receiver (never the secret).
