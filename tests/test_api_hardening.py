@@ -419,3 +419,38 @@ def test_every_get_route_only_reads(server):
     assert {p.split("{")[0] for p in paths} >= {"/v1/batches/", "/v1/fine_tuning/jobs/",
                                                "/v1/conquests/", "/v1/datasets/", "/v1/files/"}  # fmt: skip
     assert catalog.fine_tuning.get(job["id"])["status"] == "queued"  # not "followed" by a read
+
+
+def test_a_batch_created_while_its_file_is_deleted_is_a_404_leaving_nothing(server):
+    """40 creates, each racing the deletion of its fresh upload: every answer is a batch or a
+    404 naming the file (one was a 500 before, leaving an empty batches/<id>/ behind), and every
+    folder under batches/ belongs to a batch that exists."""
+    import concurrent.futures
+
+    client = httpx.Client(base_url=f"{server.base}/v1", timeout=60)
+    uploads = [
+        client.post("/files", files={"file": (f"r{n}.jsonl", jsonl([chat_line("a", "hi")]))},
+                    data={"purpose": "batch"}).json()["id"]
+        for n in range(40)
+    ]  # fmt: skip
+    body = {"endpoint": "/v1/chat/completions", "completion_window": "24h"}
+
+    def race(file_id: str) -> tuple[int, int]:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            created = pool.submit(client.post, "/batches", json={**body, "input_file_id": file_id})
+            deleted = pool.submit(client.delete, f"/files/{file_id}")
+            return created.result().status_code, deleted.result().status_code
+
+    answers = [race(file_id) for file_id in uploads]
+    assert {created for created, _ in answers} <= {200, 404}, answers
+    assert {deleted for _, deleted in answers} <= {200, 404}, answers
+    folders = {p.name for p in (server.home / "bucket" / "batches").iterdir()}
+    assert folders <= {b["id"] for b in server.catalog.batches.list(limit=1000)}
+    # Deterministically: the file's bytes gone between its lookup and the copy.
+    file_id = client.post("/files", files={"file": ("gone.jsonl", jsonl([chat_line("a", "hi")]))},
+                          data={"purpose": "batch"}).json()["id"]  # fmt: skip
+    (server.home / "bucket" / server.catalog.files.get(file_id)["path"]).unlink()
+    before = {p.name for p in (server.home / "bucket" / "batches").iterdir()}
+    gone = client.post("/batches", json={**body, "input_file_id": file_id})
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "input_file_id"
+    assert {p.name for p in (server.home / "bucket" / "batches").iterdir()} == before

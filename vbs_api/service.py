@@ -104,11 +104,21 @@ class BatchService:
         batch_id = L.new_batch_id()
         # Input and options first, then the record: a crash in between leaves an unknown folder,
         # never a batch without its input.
-        self.bucket.copy(source["path"], L.batch_file(batch_id, L.INPUT))
-        self.bucket.write_bytes(
-            L.batch_file(batch_id, L.SIDECAR),
-            json.dumps({**options.model_dump(exclude_none=True), "batch_id": batch_id}).encode(),
-        )
+        try:
+            self.bucket.copy(source["path"], L.batch_file(batch_id, L.INPUT))
+            self.bucket.write_bytes(
+                L.batch_file(batch_id, L.SIDECAR),
+                json.dumps({**options.model_dump(exclude_none=True), "batch_id": batch_id}).encode(),
+            )
+        except FileNotFoundError:
+            # The file was deleted while the batch was being made: nothing is left behind.
+            self.bucket.remove_tree(L.batch_folder(batch_id))
+            raise APIError(
+                404, f"No such File object: {source['id']}", param="input_file_id"
+            ) from None
+        except OSError:
+            self.bucket.remove_tree(L.batch_folder(batch_id))
+            raise
         self.lifecycle.create(
             batch_id,
             source="api",
