@@ -44,10 +44,11 @@ def run_for(instance, batch_id, status, **tags):
     )
 
 
-def tick(instance, resources, now=None):
+def tick(instance, resources, now=None, runless=()):
     return reconcile(
-        instance, resources["bucket"], resources["catalog"], resources["webhooks"], now=now
-    )
+        instance, resources["bucket"], resources["catalog"], resources["webhooks"], now=now,
+        runless=runless,
+    )  # fmt: skip
 
 
 def outputs(resources, batch_id):
@@ -116,7 +117,9 @@ def test_a_batch_without_a_run_gets_one_after_a_grace(instance, resources):
     batch_id, _ = take(resources["bucket"], lifecycle, "orphan.jsonl", sidecar)
     # The process that took it died before its run was requested.
     assert tick(instance, resources).run_requests == []  # within the grace
-    result = tick(instance, resources, now=time.time() + 60)
+    first = tick(instance, resources, now=time.time() + 60)
+    assert first.run_requests == [] and first.runless == [batch_id]  # seen once: maybe launching
+    result = tick(instance, resources, now=time.time() + 65, runless=first.runless)
     [request] = result.run_requests
     assert request.partition_key == batch_id
     assert request.run_config == {"ops": {"batch_output": {"config": {"chunk_size": 5}}}}
@@ -211,3 +214,33 @@ def test_a_validated_batch_from_before_the_upgrade_records_its_hash_and_resumes(
     assert catalog.batches.get(batch)["input_sha256"] == sha
     progress = Checkpoint(resources["bucket"], batch).read(sha)
     assert progress is not None and progress.done == {"q0"}
+
+
+def test_batches_waiting_for_the_daemon_to_launch_their_runs_get_no_second_run(instance, resources):
+    """300 files dropped at once took the daemon over 60 s to launch; the reconciler asked for a
+    second run for 178 of them. Here 300 batches, their runs launched a hundred a tick. While batches keep getting their runs, it waits; it steps in
+    only for batches still without one once launching has stopped."""
+    from vbs_resources.lifecycle import BatchLifecycle
+
+    lifecycle = BatchLifecycle(resources["catalog"])
+    ids = [f"batch_drop{n:06d}" for n in range(300)]
+    for batch_id in ids:
+        lifecycle.create(batch_id, source="inbox", input_file_id="file-x")
+        resources["bucket"].write_bytes(f"batches/{batch_id}/input.jsonl", b"{}\n")
+    later = time.time() + 60  # every batch past its grace
+    first = tick(instance, resources, now=later)
+    assert first.run_requests == [] and first.runless == sorted(ids)
+    # The daemon launches a hundred of them (a run not started yet is the batch's run).
+    for batch_id in ids[:100]:
+        run_for(instance, batch_id, dg.DagsterRunStatus.NOT_STARTED)
+    second = tick(instance, resources, now=later + 5, runless=first.runless)
+    assert second.run_requests == [] and second.runless == sorted(ids[100:])
+    # It launches a hundred more: still waiting.
+    for batch_id in ids[100:200]:
+        run_for(instance, batch_id, dg.DagsterRunStatus.NOT_STARTED)
+    third = tick(instance, resources, now=later + 10, runless=second.runless)
+    assert third.run_requests == [] and third.runless == sorted(ids[200:])
+    # Launching stopped with a hundred left: those, and only those, get a run now.
+    fourth = tick(instance, resources, now=later + 15, runless=third.runless)
+    assert sorted(r.partition_key for r in fourth.run_requests) == sorted(ids[200:])
+    assert {r.run_key for r in fourth.run_requests} == {f"{b}:reconcile:0" for b in ids[200:]}

@@ -108,7 +108,9 @@ class BatchService:
             self.bucket.copy(source["path"], L.batch_file(batch_id, L.INPUT))
             self.bucket.write_bytes(
                 L.batch_file(batch_id, L.SIDECAR),
-                json.dumps({**options.model_dump(exclude_none=True), "batch_id": batch_id}).encode(),
+                json.dumps(
+                    {**options.model_dump(exclude_none=True), "batch_id": batch_id}
+                ).encode(),
             )
         except FileNotFoundError:
             # The file was deleted while the batch was being made: nothing is left behind.

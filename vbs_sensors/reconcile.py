@@ -24,9 +24,11 @@ tick, or one that dies half-way, changes nothing that the next would not.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,12 +54,21 @@ MAX_RUNS = 10
 INTERRUPTED = "The run's processes are gone"
 
 _PID = re.compile(r"\(pid: (\d+)\)")
+# What ``reconcile_batch`` says of a batch past its grace that has no run at all.
+RUNLESS = "runless"
 
 
 @dataclass
 class Reconciliation:
     run_requests: list[dg.RunRequest] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
+    # Batches past their grace with no run at all, seen this pass (the next pass's ``runless``).
+    runless: list[str] = field(default_factory=list)
+
+
+# A batch without a run is one the daemon has not launched *yet* while it is still launching:
+# the sensor's run requests of a drop of several hundred files take it more than a minute.
+RUNLESS_KEPT = 5000
 
 
 # ---- runs whose process is gone --------------------------------------------------------------
@@ -237,7 +248,9 @@ def reconcile_batch(
             error = BatchErrorEntry(code="input_missing", message="The input file never arrived.")
             lifecycle.fail(batch_id, [error])
             return f"{batch_id}: failed, input missing", None
-    # No run yet, or the last one refused, was interrupted, or ran only part of the job.
+    if latest is None:
+        return RUNLESS, _request(row, 0)  # the caller decides: the daemon may be launching it
+    # The last run refused, was interrupted, or ran only part of the job.
     return f"{batch_id}: run requested", _request(row, len(runs))
 
 
@@ -247,20 +260,41 @@ def reconcile(
     catalog: Catalog,
     webhooks: Webhooks,
     now: float | None = None,
+    runless: Iterable[str] = (),
 ) -> Reconciliation:
-    """One pass over runs, batches and events (the sensor's body, without Dagster's context)."""
+    """One pass over runs and batches (the sensor's body, without Dagster's context).
+    ``runless``: the batches the previous pass found past their grace with no run. A batch with
+    none is given one only when it had none on the previous pass too, and that pass's others
+    did not get theirs meanwhile: while the daemon is still launching a drop's runs (batches
+    leave the set), the reconciler waits instead of asking for a second run of each."""
     now = time.time() if now is None else now
     # Deliveries on threads: a slow receiver never holds a tick past Dagster's sensor timeout
     # (an event whose delivery is cut short is swept up by a later tick).
     lifecycle = BatchLifecycle(catalog, webhooks, deliver_in_background=True)
     result = Reconciliation(actions=release_orphaned_runs(instance))
     inbox_names = {e.name for e in bucket.list_entries(L.INBOX)}
+    waiting: list[tuple[str, dg.RunRequest]] = []
     for row in catalog.batches.unfinished():
         note, request = reconcile_batch(instance, bucket, lifecycle, row, now, inbox_names)
+        if note == RUNLESS:
+            waiting.append((row["id"], request))
+            continue
         if note:
             result.actions.append(note)
         if request is not None:
             result.run_requests.append(request)
+    previous = set(runless)
+    now_runless = {batch_id for batch_id, _ in waiting}
+    launching = bool(previous - now_runless)
+    for batch_id, request in waiting:
+        if batch_id in previous and not launching:
+            result.run_requests.append(request)
+            result.actions.append(f"{batch_id}: run requested (none was launched)")
+    if launching and waiting:
+        result.actions.append(
+            f"{len(waiting)} batch(es) without a run yet, while runs are being launched: waiting"
+        )
+    result.runless = sorted(now_runless)[:RUNLESS_KEPT]
     return result
 
 
@@ -275,9 +309,12 @@ def reconcile(
 def batch_reconciler(
     context: dg.SensorEvaluationContext, bucket: Bucket, catalog: Catalog, webhooks: Webhooks
 ) -> dg.SensorResult | dg.SkipReason:
-    result = reconcile(context.instance, bucket, catalog, webhooks)
+    previous = json.loads(context.cursor).get("runless", []) if context.cursor else []
+    result = reconcile(context.instance, bucket, catalog, webhooks, runless=previous)
     for action in result.actions:
         context.log.info(action)
+    cursor = json.dumps({"runless": result.runless})
     if not result.run_requests:
+        context.update_cursor(cursor)
         return dg.SkipReason("; ".join(result.actions) or "every unfinished batch has its run")
-    return batch_runs(result.run_requests)
+    return batch_runs(result.run_requests, cursor)
