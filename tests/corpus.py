@@ -74,7 +74,6 @@ BAD_LINES: list[Bad] = [
     Bad("string-max-tokens", line(request(max_tokens="100")), "invalid_request",
         "body.max_tokens"),
     Bad("bool-n", line(request(n=True)), "invalid_request", "body.n"),
-    Bad("n-above-128", line(request(n=1000)), "invalid_request", "body.n"),
     Bad("string-temperature", line(request(temperature="0.5")), "invalid_request",
         "body.temperature"),
     Bad("list-stop-of-numbers", line(request(stop=[1, 2])), "invalid_request", "body.stop*"),
@@ -107,7 +106,24 @@ ODD_BUT_VALID: list[bytes] = [
     # Valid lines whose requests fail in the engine: error lines, the batch goes on.
     line(request("too-long-prompt", messages=[{"role": "user", "content": "word " * 3000}])),
     line(request("own-chat-template", chat_template="{{ 'pwned' }}")),
+    # Values of the right type out of range: each its own error line (they failed the whole
+    # batch at validation while `temperature: -1` did not).
+    line(request("n-above-128", n=1000)),
+    line(request("max-tokens-zero", max_tokens=0)),
+    line(request("max-completion-tokens-negative", max_completion_tokens=-1)),
+    line(request("top-logprobs-100", logprobs=True, top_logprobs=100)),
+    line(request("messages-empty", messages=[])),
 ]
+# What each odd line's error line says (code, param): the others are answered.
+ODD_ERRORS = {
+    "too-long-prompt": ("context_length_exceeded", None),
+    "own-chat-template": ("invalid_request", "chat_template"),
+    "n-above-128": ("invalid_value", "n"),
+    "max-tokens-zero": ("invalid_value", "max_tokens"),
+    "max-completion-tokens-negative": ("invalid_value", "max_completion_tokens"),
+    "top-logprobs-100": ("invalid_value", "top_logprobs"),
+    "messages-empty": ("invalid_value", "messages"),
+}
 
 
 def bad_file(bad: Bad) -> bytes:

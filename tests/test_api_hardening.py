@@ -454,3 +454,11 @@ def test_a_batch_created_while_its_file_is_deleted_is_a_404_leaving_nothing(serv
     gone = client.post("/batches", json={**body, "input_file_id": file_id})
     assert gone.status_code == 404 and gone.json()["error"]["param"] == "input_file_id"
     assert {p.name for p in (server.home / "bucket" / "batches").iterdir()} == before
+
+
+def test_a_batch_without_a_completion_window_is_refused_as_openai_refuses_it(server):
+    file = server.client.files.create(file=("w.jsonl", jsonl([chat_line("a", "hi")])),
+                                      purpose="batch")  # fmt: skip
+    answer = httpx.post(f"{server.base}/v1/batches",
+                        json={"input_file_id": file.id, "endpoint": "/v1/chat/completions"})  # fmt: skip
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "completion_window"

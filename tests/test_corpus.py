@@ -17,6 +17,7 @@ from tests.corpus import (
     HOSTILE_CURSORS,
     HOSTILE_VALUES,
     ODD_BUT_VALID,
+    ODD_ERRORS,
     bad_file,
     body_with,
     param_matches,
@@ -131,10 +132,10 @@ def test_odd_but_valid_lines_run_to_completion(platform, client):
         (line := json.loads(x))["custom_id"]: line["response"]["body"]["error"]
         for x in client.files.content(done.error_file_id).text.splitlines()
     }
-    assert {k: e["code"] for k, e in errors.items()} == {
-        "too-long-prompt": "context_length_exceeded",
-        "own-chat-template": "invalid_request",
-    }
+    assert {k: e["code"] for k, e in errors.items()} == {k: c for k, (c, _) in ODD_ERRORS.items()}
+    for custom_id, (_, param) in ODD_ERRORS.items():
+        if param is not None:
+            assert errors[custom_id]["param"] == param, (custom_id, errors[custom_id])
     output = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
     assert "unicode-custom-id-\u00e9\u4e2d" in {line["custom_id"] for line in output}
 

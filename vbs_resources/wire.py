@@ -58,7 +58,9 @@ TERMINAL_STATUSES = frozenset({"failed", "completed", "expired", "cancelled"})
 MAX_CHOICES = 128  # OpenAI's upper bound for ``n``
 
 Number = StrictInt | StrictFloat
-TokenCount = Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
+# Types are checked for the whole file; values of the right type are judged per request
+# (``vbs_resources.engine.value_problem``, then vLLM's own validation).
+TokenCount = StrictInt
 TokenIds = list[StrictInt]
 Prompt = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
 
@@ -69,7 +71,7 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: StrictStr = Field(min_length=1, max_length=256)
-    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
+    n: StrictInt | None = None
     temperature: Number | None = None
     top_p: Number | None = None
     presence_penalty: Number | None = None
@@ -89,10 +91,10 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionBody(_Body):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage]
     max_completion_tokens: TokenCount | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    top_logprobs: StrictInt | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: StrictStr | dict[str, Any] | None = None
@@ -102,9 +104,9 @@ class ChatCompletionBody(_Body):
 
 class CompletionBody(_Body):
     prompt: Prompt
-    logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    logprobs: StrictInt | None = None
     echo: StrictBool | None = None
-    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
+    best_of: StrictInt | None = None
     suffix: StrictStr | None = None
     logit_bias: dict[str, Number] | None = None
 
@@ -391,7 +393,7 @@ class CreateBatchRequest(BaseModel):
 
     input_file_id: StrictStr = Field(max_length=100)
     endpoint: StrictStr = Field(max_length=100)
-    completion_window: StrictStr = Field(default="24h", max_length=16)
+    completion_window: StrictStr = Field(max_length=16)  # required, as OpenAI requires it
     metadata: Metadata | None = None
     # vbs extension (the openai client sends it with extra_body): requests per checkpoint.
     chunk_size: Annotated[StrictInt, Field(ge=1, le=50_000)] | None = None

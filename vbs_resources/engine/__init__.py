@@ -88,15 +88,52 @@ def error_result(
     return EngineResult(custom_id, status_code, body.model_dump())
 
 
+# Values vbs bounds itself, whatever the engine would take: (field, lowest, highest, what).
+_BOUNDS = {
+    "/v1/chat/completions": (
+        ("n", 1, 128, "choices"),
+        ("max_tokens", 1, 2**31 - 1, "tokens"),
+        ("max_completion_tokens", 1, 2**31 - 1, "tokens"),
+        ("top_logprobs", 0, 20, "alternatives"),
+    ),
+    "/v1/completions": (
+        ("n", 1, 128, "choices"),
+        ("best_of", 1, 128, "candidates"),
+        ("max_tokens", 1, 2**31 - 1, "tokens"),
+        ("logprobs", 0, 20, "alternatives"),
+    ),
+}
+
+
+def value_problem(endpoint: str, body: dict[str, Any]) -> tuple[str, str] | None:
+    """(field, message) when a request's value of the right type is out of what vbs serves;
+    such a request is an error line of its own, the batch goes on (its types were checked
+    for the whole file)."""
+    for name, low, high, what in _BOUNDS.get(endpoint, ()):
+        value = body.get(name)
+        if isinstance(value, int) and not low <= value <= high:
+            return name, f"{name} must be {low} to {high} {what}, not {value}."
+    if endpoint == "/v1/chat/completions" and body.get("messages") == []:
+        return "messages", "messages must hold at least one message."
+    return None
+
+
 def route(
     endpoint: str, requests: list[EngineRequest], servable: dict[str, ServedModel]
 ) -> tuple[list[EngineResult | None], list[tuple[int, EngineRequest]]]:
-    """Split a chunk into the ``model_not_found`` lines of requests naming a model ``servable``
-    lacks (in request order, None where a request can run) and the requests that can run."""
+    """Split a chunk into the error lines of requests that cannot run (a model ``servable``
+    lacks: ``model_not_found``; a value out of range: ``invalid_value``), in request order with
+    None where a request can run, and the requests that can run."""
     results: list[EngineResult | None] = [None] * len(requests)
     runnable: list[tuple[int, EngineRequest]] = []
     for i, request in enumerate(requests):
         model = request.body.get("model")
+        problem = value_problem(endpoint, request.body)
+        if problem is not None:
+            results[i] = error_result(
+                request.custom_id, 400, "invalid_value", problem[1], problem[0]
+            )
+            continue
         if isinstance(model, str) and model in servable:
             runnable.append((i, request))
             continue
