@@ -216,3 +216,23 @@ def test_errors_stay_bounded_for_a_file_of_huge_bad_lines():
     assert report.error_count == 1000
     stored = json.dumps([e.model_dump() for e in report.errors])
     assert len(stored) < 300_000
+
+
+def test_a_file_of_only_bad_lines_says_how_many_and_counts_what_was_read():
+    """200,000 invalid lines listed lines 1-1000 with no word that the list was cut, and a
+    total of 50,000 requests when none was valid. Now: why reading stopped first, then the first
+    errors, then how many there were in all; and no valid request is counted."""
+    from vbs_assets.validation import MAX_REPORTED_ERRORS
+
+    data = b"{not json}\n" * 5000
+    report, _ = validate(data, Limits(max_requests=3000))
+    listed = report.listed_errors()
+    assert len(listed) == MAX_REPORTED_ERRORS
+    assert (listed[0].code, listed[0].line) == ("too_many_requests", 3001)
+    assert "reading stopped at line 3001" in listed[0].message
+    assert {e.code for e in listed[1:-1]} == {"invalid_json_line"}
+    assert listed[-1].code == "too_many_errors" and listed[-1].line is None
+    assert listed[-1].message.startswith("3001 errors in all, in 3000 request lines read")
+    assert report.valid_requests == 0
+    few, _ = validate(b"{not json}\n" * 3)
+    assert [e.code for e in few.listed_errors()] == ["invalid_json_line"] * 3  # nothing cut

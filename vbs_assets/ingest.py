@@ -129,9 +129,9 @@ def ingest(
     if not report.ok:
         lifecycle.fail(
             batch_id,
-            report.errors,
+            report.listed_errors(),
             endpoint=report.endpoint,
-            request_total=report.request_count,
+            request_total=report.valid_requests,
         )
         raise InvalidBatchFile(report)
     lifecycle.record(

@@ -53,12 +53,34 @@ class ValidationReport:
     def ok(self) -> bool:
         return self.error_count == 0
 
+    lines_read: int = 0  # request lines read (blank lines are not requests)
+
     def add_error(
         self, code: str, message: str, line: int | None = None, param: str | None = None
     ) -> None:
+        self.keep(BatchErrorEntry(code=code, message=message, line=line, param=param))
+
+    def keep(self, error: BatchErrorEntry) -> None:
         self.error_count += 1
-        if len(self.errors) < MAX_REPORTED_ERRORS:
-            self.errors.append(BatchErrorEntry(code=code, message=message, line=line, param=param))
+        if len(self.errors) < MAX_REPORTED_ERRORS - 1:
+            self.errors.append(error)
+
+    @property
+    def valid_requests(self) -> int:
+        """Requests read without an error (what a failed batch's ``request_counts.total`` is)."""
+        return max(self.lines_read - self.error_count, 0)
+
+    def listed_errors(self) -> list[BatchErrorEntry]:
+        """The errors as the batch shows them: the first ones, then, when there were more than
+        fit, one entry saying how many there were in all."""
+        if self.error_count <= len(self.errors):
+            return list(self.errors)
+        cut = BatchErrorEntry(
+            code="too_many_errors",
+            message=f"{self.error_count} errors in all, in {self.lines_read} request lines read; "
+            f"the first {len(self.errors)} are listed.",
+        )
+        return [*self.errors, cut]
 
 
 Row = dict[str, Any]
@@ -210,13 +232,21 @@ def validate_batch_file(
         if not raw.strip():
             continue
         if report.request_count >= limits.max_requests:
-            report.add_error(
-                "too_many_requests",
-                f"The batch input file has more than {limits.max_requests} requests.",
-                line=line_no,
+            # Said first, whatever else was found: it is why reading stopped.
+            report.error_count += 1
+            report.errors.insert(
+                0,
+                BatchErrorEntry(
+                    code="too_many_requests",
+                    message=f"The batch input file has more than {limits.max_requests} requests; "
+                    f"reading stopped at line {line_no}.",
+                    line=line_no,
+                ),
             )
+            del report.errors[MAX_REPORTED_ERRORS - 1 :]
             break
         report.request_count += 1
+        report.lines_read += 1
         try:
             obj = strict_loads(raw)
         except JSONError as exc:
@@ -238,9 +268,7 @@ def validate_batch_file(
         if report.endpoint is None and url is not None:
             report.endpoint = url
         if error is not None:
-            report.error_count += 1
-            if len(report.errors) < MAX_REPORTED_ERRORS:
-                report.errors.append(error)
+            report.keep(error)
             continue
         custom_id = obj["custom_id"]
         if custom_id in seen:
