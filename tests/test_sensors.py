@@ -358,3 +358,26 @@ def test_a_tick_takes_files_for_a_bounded_time_and_leaves_the_rest(instance, res
     ]
     later = evaluate(resources["bucket"], lifecycle, spent.seen)
     assert len(later.run_requests) == 3
+
+
+def test_a_dropped_files_batch_names_an_input_file_that_answers(instance, resources):
+    """Inbox batches named file-<sha24>, which answered 404 at GET /v1/files/{id}: the sensor
+    registers the batch's input as that file, and deleting the record keeps the batch's input."""
+    from vbs_api.service import BatchService
+    from vbs_resources.lifecycle import BatchLifecycle
+
+    data = jsonl([chat_line("a", "hi")])
+    drop(resources, "named.jsonl", data)
+    result, _ = ticks(instance, resources)
+    batch = resources["catalog"].batches.get(result.run_requests[0].partition_key)
+    catalog, bucket = resources["catalog"], resources["bucket"]
+    row = catalog.files.get(batch["input_file_id"])
+    assert (row["filename"], row["purpose"], row["bytes"]) == ("named.jsonl", "batch", len(data))
+    assert bucket.read_bytes(row["path"]) == data and row["sha256"] == batch["input_sha256"]
+    service = BatchService(
+        bucket, catalog, BatchLifecycle(catalog), None, resources["conquest_types"]
+    )
+    assert service.file_row(batch["input_file_id"])["id"] == batch["input_file_id"]
+    service.delete_file(batch["input_file_id"])
+    assert catalog.files.get(batch["input_file_id"]) is None
+    assert bucket.read_bytes(f"batches/{batch['id']}/input.jsonl") == data  # the batch's own

@@ -69,11 +69,13 @@ class BatchService:
         return file_object(row)
 
     def delete_file(self, file_id: str) -> dict[str, Any]:
-        """The file's row and its bytes; a batch made from it keeps its own copy."""
+        """The file's row and its bytes; a batch made from it keeps its own copy. A dropped
+        file's bytes are its batch's input: only the record goes."""
         row = self.catalog.files.delete(file_id)
         if row is None:
             raise APIError(404, f"No such File object: {file_id[:100]}", param="id")
-        self.bucket.remove(row["path"])
+        if not row["path"].endswith(f"/{L.INPUT}"):
+            self.bucket.remove(row["path"])
         return {"id": file_id, "object": "file", "deleted": True}
 
     # ---- batches ----------------------------------------------------------------------------

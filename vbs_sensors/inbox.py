@@ -166,6 +166,16 @@ def take(
         if created:
             catalog.batches.delete_new(batch_id)
         raise InboxProblem("cannot_move", f"cannot move {name}: {exc.strerror}") from None
+    # The batch names its input as an upload's batch names its file: GET /v1/files/{id} and its
+    # content answer for it (the bytes are the batch's own input).
+    catalog.files.create(
+        L.dropped_file_id(content_sha),
+        filename=name[:255],
+        purpose="batch",
+        size=bucket.size(target),
+        path=target,
+        sha256=input_sha,
+    )
     if sidecar is not None:
         # The options are in the catalog already; the sidecar is kept with the batch as a
         # record. One that cannot be moved stays, and is reported as left behind.
