@@ -113,6 +113,16 @@ ODD_BUT_VALID: list[bytes] = [
     line(request("max-completion-tokens-negative", max_completion_tokens=-1)),
     line(request("top-logprobs-100", logprobs=True, top_logprobs=100)),
     line(request("messages-empty", messages=[])),
+    # vLLM's refusals, told in the request's own words (they named a union member, a class, or
+    # a server flag).
+    line(request("stop-100-strings", stop=[f"s{i}" for i in range(100)])),
+    line(
+        request(
+            "developer-content-null",
+            messages=[{"role": "developer", "content": None}, {"role": "user", "content": "hi"}],
+        )
+    ),
+    line(request("media-io-kwargs", media_io_kwargs={"image": {"x": 1}})),
 ]
 # What each odd line's error line says (code, param): the others are answered.
 ODD_ERRORS = {
@@ -123,6 +133,9 @@ ODD_ERRORS = {
     "max-completion-tokens-negative": ("invalid_value", "max_completion_tokens"),
     "top-logprobs-100": ("invalid_value", "top_logprobs"),
     "messages-empty": ("invalid_value", "messages"),
+    "stop-100-strings": ("invalid_request", "stop"),
+    "developer-content-null": ("invalid_request", "messages.0.content"),
+    "media-io-kwargs": ("invalid_request", "media_io_kwargs"),
 }
 
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from vbs_resources.strict_json import JSONError, quote
 from vbs_resources.strict_json import loads as strict_loads
-from vbs_resources.wire import BODY_MODELS, ENDPOINTS, BatchErrorEntry
+from vbs_resources.wire import BODY_MODELS, ENDPOINTS, BatchErrorEntry, field_path
 
 MAX_REPORTED_ERRORS = 1000
 _BOM = b"\xef\xbb\xbf"
@@ -87,26 +87,9 @@ Row = dict[str, Any]
 RowSink = Callable[[list[Row]], None]
 
 
-def _field_path(value: Any, loc: tuple[Any, ...], missing: bool) -> list[str]:
-    """The parts of a pydantic error location that are fields of ``value``: pydantic adds the
-    union member it tried (``str``, ``list[str]``, ...), which is no field of the request."""
-    path: list[str] = []
-    for i, part in enumerate(loc):
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
-            value = value[part]
-        elif missing and i == len(loc) - 1:
-            pass
-        else:
-            continue
-        path.append(str(part))
-    return path
-
-
 def _pydantic_error(line_no: int, exc: ValidationError, prefix: str, value: Any) -> BatchErrorEntry:
     first = exc.errors()[0]
-    loc = ".".join(_field_path(value, first["loc"], first["type"] == "missing"))[:200]
+    loc = ".".join(field_path(value, first["loc"], first["type"] == "missing"))[:200]
     param = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or None)
     if first["type"] == "missing":
         return BatchErrorEntry(

@@ -64,6 +64,25 @@ TokenCount = StrictInt
 TokenIds = list[StrictInt]
 Prompt = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
 
+
+def field_path(value: Any, loc: tuple[Any, ...], missing: bool) -> list[str]:
+    """The parts of a pydantic error location that are fields of ``value``: pydantic adds the
+    union member it tried (``str``, ``list[str]``, a class name), which is no field of the
+    request, and a client must never be shown it."""
+    path: list[str] = []
+    for i, part in enumerate(loc):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        elif missing and i == len(loc) - 1:
+            pass
+        else:
+            continue
+        path.append(str(part))
+    return path
+
+
 # ---- request bodies ------------------------------------------------------------------------
 
 

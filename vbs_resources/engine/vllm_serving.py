@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from vbs_resources.engine import EngineFailure, EngineRequest, EngineResult, error_result
 from vbs_resources.strict_json import quote
+from vbs_resources.wire import field_path
 
 log = logging.getLogger(__name__)
 
@@ -520,7 +522,7 @@ class ServingLayer:
         try:
             parsed = protocol.model_validate(body)
         except ValidationError as exc:
-            return _invalid(request.custom_id, exc)
+            return _invalid(request.custom_id, exc, body)
         if chat:
             response = await self.chat(model_parsers).create_chat_completion(parsed, None)
         else:
@@ -597,7 +599,7 @@ class PoolingLayer:
         try:
             parsed = TypeAdapter(protocol).validate_python(_without_request_id(request.body))
         except ValidationError as exc:
-            return _invalid(request.custom_id, exc, positions=False)
+            return _invalid(request.custom_id, exc, request.body, positions=False)
         response = await handler(parsed, None)
         body = json.loads(bytes(response.body))
         if "error" in body:
@@ -610,18 +612,41 @@ class PoolingLayer:
         return EngineResult(request.custom_id, 200, body, prompt_tokens=tokens)
 
 
-def _invalid(custom_id: str, exc: Any, *, positions: bool = True) -> EngineResult:
+def _at(value: Any, path: list[str]) -> Any:
+    for part in path:
+        value = value[int(part)] if isinstance(value, list) else value.get(part)
+    return value
+
+
+def _member_of(loc: tuple[Any, ...], value: Any) -> bool:
+    """Whether a union member pydantic tried (a part of ``loc`` naming a type) is the one for
+    the JSON type the client sent."""
+    kinds = {list: "list[", dict: "dict[", str: "str", bool: "bool", int: "int", float: "float"}
+    want = kinds.get(type(value))
+    return want is not None and any(isinstance(p, str) and p.startswith(want) for p in loc)
+
+
+def _invalid(
+    custom_id: str, exc: Any, body: dict[str, Any], *, positions: bool = True
+) -> EngineResult:
     """A body vLLM's request model refuses (a pydantic ``ValidationError``): a 400 line naming
-    the first failing field, with its list positions unless ``positions`` is False."""
-    first = exc.errors()[0]
-    parts = [str(p) for p in first["loc"] if positions or isinstance(p, str)]
+    the request's own field (never the union member or class pydantic tried) and what is wrong
+    with the value sent, with list positions unless ``positions`` is False."""
+    errors = exc.errors()
+    path = field_path(body, errors[0]["loc"], errors[0]["type"] == "missing")
+    same = [e for e in errors if field_path(body, e["loc"], e["type"] == "missing") == path]
+    try:
+        value = _at(body, path) if errors[0]["type"] != "missing" else ...
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        value = ...
+    chosen = next((e for e in same if _member_of(e["loc"], value)), same[0])
+    param = ".".join(p for p in path if positions or not p.isdigit()) or None
+    message = "it must not be null" if value is None else chosen["msg"]
+    shown = f"'{param}'" if param else "the request"
     return error_result(
-        custom_id,
-        400,
-        "invalid_request",
-        f"Invalid request: {quote(first['msg'], 300)}",
-        ".".join(parts) or None,
-    )
+        custom_id, 400, "invalid_request", f"Invalid value for {shown}: {quote(message, 300)}",
+        param,
+    )  # fmt: skip
 
 
 def _without_request_id(body: dict[str, Any]) -> dict[str, Any]:
@@ -716,6 +741,9 @@ def error_line(
     """vLLM's refusal as vbs's error line: OpenAI's codes where OpenAI has one, the prompt's
     own field named, and no internals of a server error."""
     code = "invalid_request"
+    if _FLAG.search(message):
+        # Advice to whoever runs a vLLM server ("start it with --flag"): not the client's.
+        message = f"{param or 'A parameter of this request'} is not accepted on this deployment."
     if status == 404:
         code = "model_not_found"
     elif "maximum context length" in message:
@@ -723,6 +751,9 @@ def error_line(
     elif status >= 500:
         code, message = "server_error", "The engine could not run the request."
     return error_result(custom_id, status, code, cut(message), param)
+
+
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
 
 
 def cut(message: str, limit: int = 500) -> str:
