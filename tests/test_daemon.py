@@ -215,3 +215,32 @@ def test_a_registered_adapter_answers_its_own_lines_in_a_mixed_batch(platform, m
     row = platform.wait_status(retired_batch, {"completed", "failed"}, timeout=300)
     [error] = read_jsonl(platform.home / "bucket" / "batches" / retired_batch / "errors.jsonl")
     assert error["response"]["body"]["error"]["code"] == "model_not_found"
+
+
+def test_a_dead_code_server_comes_back_by_itself(platform):
+    """The code location's gRPC server killed (it once died of threads blocked on a FIFO):
+    `dagster dev` left the location in error and every sensor stopped until a manual reload.
+    `vbs serve` now sees the error and reloads the location; a file dropped after the kill is
+    taken and answered."""
+    import psutil
+
+    from vbs_api.launch import BatchLauncher
+
+    servers = [
+        p for p in platform.process.processes()
+        if "api grpc" in " ".join(p.cmdline())
+    ]  # fmt: skip
+    assert servers
+    for server in servers:
+        server.kill()
+    psutil.wait_procs(servers, timeout=10)
+    launcher = BatchLauncher(f"http://127.0.0.1:{platform.port}")
+    wait_for(lambda: launcher.location_error() is not None, 60, "Dagster to see the location die",
+             interval=1)  # fmt: skip
+    wait_for(lambda: launcher.location_error() is None, 90, "the location to come back",
+             interval=1)  # fmt: skip
+    batch_id = drop_batch(platform, "after-code-server", [chat_line("c", "Hi.", max_tokens=4)])
+    assert platform.wait_status(batch_id, {"completed", "failed"}, timeout=240)["status"] == (
+        "completed"
+    )
+    assert "reloading it" in platform.log.read_text()

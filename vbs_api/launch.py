@@ -63,6 +63,26 @@ mutation VbsLaunchBatchRun($params: ExecutionParams!) {
 """
 
 
+LOCATION_STATUS = """
+query VbsLocationStatus {
+  workspaceOrError {
+    __typename
+    ... on Workspace {
+      locationEntries {
+        name
+        locationOrLoadError { __typename ... on PythonError { message } }
+      }
+    }
+  }
+}
+"""
+
+RELOAD_LOCATION = """
+mutation VbsReloadLocation($name: String!) {
+  reloadRepositoryLocation(repositoryLocationName: $name) { __typename }
+}
+"""
+
 TERMINATE_RUN = """
 mutation VbsTerminateRun($runId: String!) {
   terminateRun(runId: $runId) {
@@ -189,6 +209,23 @@ class BatchLauncher:
             raise LaunchFailed(f"{self._where()} has no run {run_id}: {found['__typename']}")
         tags = {t["key"]: t["value"] for t in found.get("tags") or []}
         return RunState(found["status"], tags, found.get("endTime"))
+
+    def location_error(self) -> str | None:
+        """Dagster's error for this code location (its code server died, its code does not
+        load), or None while it is loaded."""
+        found = self._call(LOCATION_STATUS, {})["workspaceOrError"]
+        for entry in found.get("locationEntries") or []:
+            if entry["name"] == self.selector["repositoryLocationName"]:
+                loaded = entry.get("locationOrLoadError") or {}
+                if loaded.get("__typename") == "PythonError":
+                    return str(loaded.get("message") or "the code location failed")[:500]
+        return None
+
+    def reload_location(self) -> str:
+        """Reload this code location (a new code server is started for it); Dagster's answer
+        type."""
+        name = self.selector["repositoryLocationName"]
+        return self._call(RELOAD_LOCATION, {"name": name})["reloadRepositoryLocation"]["__typename"]
 
     def terminate(self, run_id: str) -> bool:
         """Ask Dagster to stop a run (a queued one never starts); False when it would not."""

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -29,6 +29,8 @@ from vbs_resources.settings import is_loopback
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 GRACE_SECONDS = 5.0
+# How often `vbs serve` asks whether the code location is in error (its code server died).
+WATCH_SECONDS = 15.0
 
 
 def dagster_home(settings: Settings) -> Path:
@@ -150,7 +152,7 @@ def serve(settings: Settings) -> int:
                 f"{where / 'token'}; the first start takes about a minute)",
                 flush=True,
             )
-        return supervise(commands)
+        return supervise(commands, watch=LocationWatch(settings.resolved_dagster_url))
 
 
 def _signal(processes: list[psutil.Process], sig: int) -> None:
@@ -217,8 +219,39 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def supervise(commands: list[tuple[list[str], dict[str, str]]]) -> int:
+class LocationWatch:
+    """Brings the code location back when its code server dies: ``dagster dev`` leaves the
+    location in error (every sensor stops, the reconciler included) until someone reloads it.
+    Every ``WATCH_SECONDS`` it asks the webserver, and reloads a location in error."""
+
+    def __init__(self, dagster_url: str) -> None:
+        from vbs_api.launch import BatchLauncher
+
+        self.launcher = BatchLauncher(dagster_url, timeout=10)
+        self.next_look = time.monotonic() + WATCH_SECONDS
+
+    def __call__(self) -> None:
+        if time.monotonic() < self.next_look:
+            return
+        self.next_look = time.monotonic() + WATCH_SECONDS
+        from vbs_api.launch import LaunchFailed, LaunchUnavailable
+
+        try:
+            error = self.launcher.location_error()
+            if error is None:
+                return
+            print(f"vbs: the code location is in error ({error[:200]}); reloading it",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            print(f"vbs: reload: {self.launcher.reload_location()}", file=sys.stderr, flush=True)
+        except (LaunchFailed, LaunchUnavailable):
+            pass  # the webserver is starting or stopping: look again next time
+
+
+def supervise(
+    commands: list[tuple[list[str], dict[str, str]]], watch: Callable[[], None] | None = None
+) -> int:
     """Run the servers side by side; when one exits or we are told to stop, stop them all.
+    ``watch`` is called between looks at the processes (the code location's watch).
 
     Each server runs in a session of its own: a Ctrl-C in the terminal reaches only this
     process, which stops the runs first (see ``stop``), instead of every process at once (a
@@ -239,6 +272,8 @@ def supervise(commands: list[tuple[list[str], dict[str, str]]]) -> int:
     try:
         while not stopping and exited is None:
             exited = next((p for p in procs if p.poll() is not None), None)
+            if watch is not None and exited is None:
+                watch()
             time.sleep(0.2)
     finally:
         started = time.monotonic()
