@@ -244,3 +244,29 @@ def test_a_dead_code_server_comes_back_by_itself(platform):
         "completed"
     )
     assert "reloading it" in platform.log.read_text()
+
+
+def test_a_fifo_and_a_socket_in_the_inbox_leave_the_platform_serving(platform):
+    """On the running platform (the real daemon's sensor): a FIFO and a socket beside a valid
+    file. The valid file is answered, the two are reported, and the sensors keep ticking."""
+    import socket
+
+    fifo, sock = platform.inbox / "stuck.jsonl", platform.inbox / "sock.jsonl"
+    os.mkfifo(fifo)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    try:
+        batch_id = drop_batch(platform, "beside-a-fifo", [chat_line("f", "Hi.", max_tokens=4)])
+        row = platform.wait_status(batch_id, {"completed", "failed"}, timeout=240)
+        assert row["status"] == "completed"
+        catalog = platform.resources["catalog"]
+        reported = wait_for(
+            lambda: {p["name"]: p["kind"] for p in catalog.inbox.problems()}.items()
+            >= {("stuck.jsonl", "not_a_regular_file"), ("sock.jsonl", "not_a_regular_file")},
+            60, "the two to be reported",
+        )  # fmt: skip
+        assert reported
+    finally:
+        server.close()
+        fifo.unlink()
+        sock.unlink()
