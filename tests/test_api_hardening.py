@@ -185,14 +185,13 @@ def uploaded(server, name="jobs.jsonl"):
 def test_hostile_batch_bodies_are_400_and_write_nothing(server, body, param):
     file_id = uploaded(server).id
     before = server.catalog.batches.list(limit=1000)
-    text = (
-        f'{{"input_file_id": "{file_id}", "endpoint": "/v1/chat/completions", '
-        f'"completion_window": "24h", {body}}}'
+    fields = {"endpoint": '"/v1/chat/completions"', "completion_window": '"24h"'}
+    given = [name for name in fields if f'"{name}"' in body]
+    text = ", ".join(
+        [f'"input_file_id": "{file_id}"', body]
+        + [f'"{name}": {value}' for name, value in fields.items() if name not in given]
     )
-    if '"endpoint"' in body or '"completion_window"' in body:
-        text = f'{{"input_file_id": "{file_id}", {body}, "endpoint": "/v1/chat/completions"}}'
-        if '"endpoint"' in body:
-            text = f'{{"input_file_id": "{file_id}", {body}}}'
+    text = "{" + text + "}"
     answer = httpx.post(
         f"{server.base}/v1/batches", content=text, headers={"content-type": "application/json"}
     )
