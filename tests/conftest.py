@@ -133,6 +133,34 @@ def instance():
         yield inst
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """The session's PostgreSQL 15 (tests/postgres.py); each test asks it for a database."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer(free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def new_database(request, tmp_path):
+    """Makes new, empty databases (their URLs): once on SQLite (the embedded default) and once
+    on the session's PostgreSQL."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres").database
+    made = iter(range(1_000_000))
+    return lambda: f"sqlite:///{tmp_path / f'catalog-{next(made)}.db'}"
+
+
+@pytest.fixture
+def catalog_url(new_database) -> str:
+    """A new catalog's URL, on each database of ``new_database``."""
+    return new_database()
+
+
 def chat_line(custom_id: str, content: str, **params: Any) -> dict[str, Any]:
     body = {"model": MODEL, "messages": [{"role": "user", "content": content}], **params}
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}

@@ -16,8 +16,10 @@ from vbs_resources.wire import BATCH_STATUSES, TERMINAL_STATUSES, BatchErrorEntr
 
 
 @pytest.fixture
-def catalog(tmp_path):
-    return Catalog(url=f"sqlite:///{tmp_path / 'catalog.db'}")
+def catalog(catalog_url):
+    catalog = Catalog(url=catalog_url)
+    yield catalog
+    catalog.engine.dispose()
 
 
 def new(lifecycle, batch_id="batch_life0001", status="validating"):
@@ -227,17 +229,58 @@ def test_ended_batches_are_recorded_as_they_are_when_materialized_again(resource
 # ---- migrations --------------------------------------------------------------------------
 
 
-def test_a_new_catalog_is_at_head_and_matches_the_tables(tmp_path):
+def _at_head_matching_the_tables(catalog: Catalog) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
     from vbs_resources import migrations
     from vbs_resources.catalog import metadata_obj
 
-    catalog = Catalog(url=f"sqlite:///{tmp_path / 'c.db'}")
     with catalog.engine.connect() as conn:
         assert migrations.current(conn) == migrations.head()
         assert compare_metadata(MigrationContext.configure(conn), metadata_obj) == []
+
+
+def test_a_new_catalog_is_at_head_and_matches_the_tables(catalog):
+    _at_head_matching_the_tables(catalog)
+
+
+def _revisions() -> list[str]:
+    from alembic.script import ScriptDirectory
+
+    from vbs_resources import migrations
+
+    script = ScriptDirectory.from_config(migrations._config())
+    return [r.revision for r in reversed(list(script.walk_revisions()))]
+
+
+def test_every_revision_upgrades_to_head_keeping_its_rows(new_database):
+    """From 0001 (the schema before migrations) and from every later head a release had: a
+    catalog at that revision, holding a batch, opens at head with the tables exactly as the
+    code declares them and the batch as it was."""
+    from vbs_resources import migrations
+
+    revisions = _revisions()
+    assert revisions[0] == "0001" and revisions[-1] == migrations.head()
+    for revision in revisions[:-1]:
+        url = new_database()
+        engine = sa.create_engine(url)
+        migrations.upgrade(engine, revision)
+        with engine.begin() as conn:
+            assert migrations.current(conn) == revision
+            conn.execute(sa.text(OLD_BATCH))
+        engine.dispose()
+        catalog = Catalog(url=url)
+        row = catalog.batches.get("batch_old00001")
+        assert row["status"] == "completed" and row["batch_metadata"] == {"team": "a"}, revision
+        assert row["request_completed"] == 2, revision
+        _at_head_matching_the_tables(catalog)
+        catalog.engine.dispose()
+
+
+OLD_BATCH = """INSERT INTO batches (id, status, source, completion_window, created_at,
+  request_total, request_completed, request_failed, updated_at, batch_metadata)
+  VALUES ('batch_old00001', 'completed', 'inbox', '24h', 1, 2, 2, 0, 1.0, '{"team": "a"}')"""
 
 
 LANDED_SCHEMA = """
@@ -261,9 +304,6 @@ CREATE TABLE webhook_deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT,
   at FLOAT NOT NULL);
 CREATE INDEX ix_webhook_deliveries_event_id ON webhook_deliveries (event_id);
 CREATE INDEX ix_webhook_deliveries_batch_id ON webhook_deliveries (batch_id);
-INSERT INTO batches (id, status, source, completion_window, created_at, request_total,
-  request_completed, request_failed, updated_at, batch_metadata)
-  VALUES ('batch_old00001', 'completed', 'inbox', '24h', 1, 2, 2, 0, 1.0, '{"team": "a"}');
 """
 
 
@@ -271,7 +311,7 @@ def test_a_catalog_from_before_migrations_is_upgraded_keeping_its_rows(tmp_path)
     """The schema the landed code created with create_all (no alembic_version table)."""
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:
-        db.executescript(LANDED_SCHEMA)
+        db.executescript(LANDED_SCHEMA + OLD_BATCH)
     catalog = Catalog(url=f"sqlite:///{path}")
     row = catalog.batches.get("batch_old00001")
     assert row["status"] == "completed" and row["batch_metadata"] == {"team": "a"}
@@ -287,8 +327,8 @@ def _open(url: str) -> None:
     Catalog(url=url).batches.get("batch_none0001")
 
 
-def test_processes_opening_a_new_catalog_at_once_migrate_it_once(tmp_path):
-    url = f"sqlite:///{tmp_path / 'race.db'}"
+def test_processes_opening_a_new_catalog_at_once_migrate_it_once(catalog_url):
+    url = catalog_url
     context = multiprocessing.get_context("spawn")
     procs = [context.Process(target=_open, args=(url,)) for _ in range(4)]
     for p in procs:
@@ -324,15 +364,14 @@ def test_errors_after_completion_never_change_the_batch(resources, instance, mon
     assert event["type"] == "batch.completed" and event["delivered_at"] is None  # for the sweep
 
 
-def test_a_migration_cut_short_leaves_the_schema_as_it_was(tmp_path, monkeypatch):
+def test_a_migration_cut_short_leaves_the_schema_as_it_was(catalog_url, monkeypatch):
     """A revision that fails half-way (after its first CREATE): nothing of it stays, and the
     next open applies it whole."""
     from alembic.operations import Operations
 
     from vbs_resources import migrations
 
-    path = tmp_path / "cut.db"
-    engine = sa.create_engine(f"sqlite:///{path}")
+    engine = sa.create_engine(catalog_url)
     migrations.upgrade(engine, "0001")
     real = Operations.create_table
     calls = []
@@ -351,6 +390,7 @@ def test_a_migration_cut_short_leaves_the_schema_as_it_was(tmp_path, monkeypatch
         assert migrations.current(conn) == "0001"
         assert not sa.inspect(conn).has_table(calls[0])
         assert "input_sha256" not in {c["name"] for c in sa.inspect(conn).get_columns("batches")}
-    catalog = Catalog(url=f"sqlite:///{path}")
+    engine.dispose()
+    catalog = Catalog(url=catalog_url)
     with catalog.engine.connect() as conn:
         assert migrations.current(conn) == migrations.head()

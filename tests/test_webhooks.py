@@ -20,8 +20,10 @@ unwrap = OpenAI(api_key="unused", webhook_secret=WEBHOOK_SECRET).webhooks.unwrap
 
 
 @pytest.fixture
-def catalog(tmp_path):
-    return Catalog(url=f"sqlite:///{tmp_path / 'catalog.db'}")
+def catalog(catalog_url):
+    catalog = Catalog(url=catalog_url)
+    yield catalog
+    catalog.engine.dispose()
 
 
 def event_for(catalog, batch_id, status="completed", webhooks=None):

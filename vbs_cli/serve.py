@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import psutil
 
 from vbs_resources import Settings
 from vbs_resources.curation.label_studio import ADMIN_USERNAME, label_studio_command
+from vbs_resources.dagster_instance import write_instance
 from vbs_resources.settings import is_loopback
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -33,21 +33,10 @@ GRACE_SECONDS = 5.0
 WATCH_SECONDS = 15.0
 
 
-def dagster_home(settings: Settings) -> Path:
-    """``$VBS_HOME/dagster`` holding the embedded instance config (a copy of dagster.yaml)."""
-    target = settings.dagster_home
-    target.mkdir(parents=True, exist_ok=True)
-    config = target / "dagster.yaml"
-    source = PROJECT_ROOT / "dagster.yaml"
-    if not config.exists() or config.read_bytes() != source.read_bytes():
-        shutil.copyfile(source, config)
-    return target
-
-
 def serve_commands(settings: Settings) -> list[tuple[list[str], dict[str, str]]]:
     """The ``dagster dev`` and API server command lines (and the engine server's, in server
     mode with no ``VBS_ENGINE_URL``), each with its environment."""
-    dagster_home(settings)
+    write_instance(settings)
     extra = {}
     if settings.dagster_url is None:
         # The API launches the runs of the batches it creates through this webserver.

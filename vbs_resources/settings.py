@@ -25,6 +25,7 @@ MB = 1024 * 1024
 SECRET_VARIABLES = {
     "webhook_secret": "VBS_WEBHOOK_SECRET",
     "catalog_url": "VBS_CATALOG_URL",
+    "dagster_storage_url": "VBS_DAGSTER_STORAGE_URL",
     "engine_api_key": "VBS_ENGINE_API_KEY",
     "label_studio_token": "VBS_LABEL_STUDIO_TOKEN",
 }
@@ -60,6 +61,18 @@ def redact_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def database_url(url: str) -> str:
+    """A SQLAlchemy URL as vbs opens it: ``postgresql://`` and ``postgres://`` use psycopg2, the
+    driver vbs installs (SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, which is not
+    installed, and Dagster's ``postgres_db`` block fails the same way)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError("not a database URL (scheme://...)")
+    if scheme in ("postgres", "postgresql"):
+        return f"postgresql+psycopg2://{rest}"
+    return url
 
 
 class Settings(BaseSettings):
@@ -238,6 +251,30 @@ class Settings(BaseSettings):
     dagster_url: SecretStr | None = Field(
         default=None, description="Where the API launches runs (GraphQL); set by `vbs serve`."
     )
+    dagster_storage_url: SecretStr | None = Field(
+        default=None,
+        description="Dagster's run, event-log and schedule storage on PostgreSQL "
+        "(postgresql+psycopg2://user:password@host:port/db); unset, SQLite under "
+        "$VBS_HOME/dagster.",
+    )
+    dagster_yaml: Path | None = Field(
+        default=None,
+        description="An instance file of your own, used as it is (never rewritten); unset, "
+        "`vbs serve` writes $VBS_HOME/dagster/dagster.yaml from these settings.",
+    )
+    max_concurrent_runs: int = Field(
+        default=4, ge=1, le=1000, description="Dagster runs at once (the run queue's limit)."
+    )
+    gpu_slots: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Runs holding the `gpu` pool at once: one per accelerator (or engine) a "
+        "run may own.",
+    )
+    run_retries: int = Field(
+        default=2, ge=1, le=10, description="Times Dagster retries a run whose process died."
+    )
 
     # ---- API server ---------------------------------------------------------------------
     api_host: str = "127.0.0.1"
@@ -309,6 +346,18 @@ class Settings(BaseSettings):
             raise ValueError(f"engine URL {redact_url(value)!r} is not http(s)")
         # The server's root: requests go to <root>/v1/..., health to <root>/health.
         return value.rstrip("/").removesuffix("/v1")
+
+    @field_validator("catalog_url", "dagster_storage_url")
+    @classmethod
+    def _database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        return None if value is None else SecretStr(database_url(value.get_secret_value()))
+
+    @field_validator("dagster_storage_url")
+    @classmethod
+    def _postgres_only(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith("postgresql+psycopg2://"):
+            raise ValueError("Dagster's storage is SQLite (unset) or a postgresql:// URL")
+        return value
 
     @field_validator("home")
     @classmethod
@@ -396,6 +445,9 @@ class Settings(BaseSettings):
         env.setdefault("VLLM_CACHE_ROOT", str(self.home / "cache" / "vllm"))
         env.setdefault("HF_HOME", str(self.home / "cache" / "hf"))
         env.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+        if self.dagster_storage_url is not None:
+            # As normalized here: Dagster reads the variable itself (dagster.yaml names it).
+            env["VBS_DAGSTER_STORAGE_URL"] = self.dagster_storage_url.get_secret_value()
         env.update(extra)
         return env
 

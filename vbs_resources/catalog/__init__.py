@@ -70,6 +70,10 @@ def open_engine(url: str) -> sa.Engine:
     # Every JSON column is written through strict JSON: NaN, Infinity or a lone surrogate fails
     # the write (and its transaction) instead of being stored and failing every later read.
     engine = sa.create_engine(url, json_serializer=strict_json.dumps)
+    if engine.dialect.name != "sqlite":
+        # A server restarted under a long-lived process: a dead pooled connection is replaced
+        # on checkout instead of failing the first statement after it.
+        engine = sa.create_engine(url, json_serializer=strict_json.dumps, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         if engine.url.database not in (None, "", ":memory:"):
             Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
