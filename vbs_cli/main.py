@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return _dispatch(args, settings)
+    except SettingsError as exc:  # found while starting: an instance file, a URL
+        print(f"vbs: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback
         import openai
 

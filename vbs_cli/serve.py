@@ -105,6 +105,7 @@ def platform_lock(settings: Settings) -> Iterator[None]:
 
 
 def serve(settings: Settings) -> int:
+    write_instance(settings)  # first: a team's instance file that would lose runs is refused
     (Path(settings.resolved_bucket_url) / "inbox").mkdir(parents=True, exist_ok=True)
     if not is_loopback(settings.dagster_host):
         print(

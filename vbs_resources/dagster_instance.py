@@ -147,14 +147,15 @@ def write_instance(settings: Settings) -> Path:
     """``$VBS_HOME/dagster`` with its ``dagster.yaml``: the checked file the user named, or one
     written from the settings. Returns the folder (``DAGSTER_HOME``)."""
     home = settings.dagster_home
-    home.mkdir(parents=True, exist_ok=True)
     target = home / "dagster.yaml"
     if settings.dagster_yaml is not None:
         source = settings.dagster_yaml.expanduser().absolute()
         check_instance_file(source, settings)
+        home.mkdir(parents=True, exist_ok=True)
         if source != target.absolute():
             shutil.copyfile(source, target)
         return home
+    home.mkdir(parents=True, exist_ok=True)
     text = HEADER + yaml.safe_dump(instance_config(settings), sort_keys=False)
     if not target.exists() or target.read_text(encoding="utf-8") != text:
         partial = target.with_name(".dagster.yaml.part")
