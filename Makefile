@@ -17,7 +17,7 @@ CONSTRAINTS := $(if $(filter cpu,$(EXTRA)),-c constraints/cpu.txt,)
 LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed-1.23.2
 
-.PHONY: setup model run test lint bench screenshots clean
+.PHONY: setup model run test lint bench screenshots clean postgres
 
 $(STAMP): pyproject.toml Makefile constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,11 +48,18 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The tests start a PostgreSQL 15 of their own (tests/postgres.py) from Debian's binaries:
+# installed here where they are missing (the package's own cluster is not used).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q postgresql)
+
 # Two workers, a test file each at a time: most of the suite waits on servers, daemons and run
 # processes, so two files at once take about 0.7 of the time of one after the other.
 PYTEST_WORKERS ?= 2
 
-test: lint model
+test: lint model postgres
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
 
 bench: model

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import dagster as dg
 import pytest
@@ -232,6 +233,9 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+STORAGE_ENV = ("VBS_CATALOG_URL", "VBS_DAGSTER_STORAGE_URL", "VBS_BUCKET_URL")
+
+
 class Platform:
     def __init__(
         self, home: Path, port: int, api_port: int, log: Path, process: Any = None
@@ -240,8 +244,11 @@ class Platform:
         self.process = process
         self.api_url = f"http://127.0.0.1:{api_port}/v1"
         self.inbox = home / "bucket" / "inbox"
-        self.resources = resources_for(home)
-        self.instance = dg.DagsterInstance.from_config(str(home / "dagster"))
+        # The platform's own storage settings (a catalog or Dagster storage on PostgreSQL).
+        env = {k: v for k, v in (process.env if process else {}).items() if k in STORAGE_ENV}
+        self.resources = resources_for(home, **env)
+        with mock.patch.dict(os.environ, env):  # dagster.yaml names the variable
+            self.instance = dg.DagsterInstance.from_config(str(home / "dagster"))
 
     def drop(self, name: str, data: bytes) -> None:
         """Write under a temporary name, then rename: the documented atomic drop."""

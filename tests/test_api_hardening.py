@@ -33,6 +33,10 @@ class Server:
         self.catalog = Catalog(url=f"sqlite:///{home / 'catalog.db'}")
         self.process = psutil.Process(proc.pid)
 
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
     def written(self) -> int:
         """Bytes the server process has written (to files and sockets) so far."""
         return self.process.io_counters().write_chars
@@ -47,13 +51,12 @@ def _server_env(home: Path, **extra: str) -> dict[str, str]:
     return {**env, "VBS_HOME": str(home), "VBS_MAX_UPLOAD_BYTES": str(CAP), **extra}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("api") / "vbs"
+def start_api_server(home: Path, **env: str) -> Server:
+    """`python -m vbs_api.server` on ``home`` and a free port, up and healthy."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "vbs_api.server", "--port", str(port)],
-        env=_server_env(home),
+        env=_server_env(home, **env),
         start_new_session=True,
     )
 
@@ -65,9 +68,14 @@ def server(tmp_path_factory):
             return False
 
     wait_for(healthy, 60, "the API server")
-    yield Server(home, port, proc)
-    proc.terminate()
-    proc.wait(30)
+    return Server(home, port, proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = start_api_server(tmp_path_factory.mktemp("api") / "vbs")
+    yield server
+    server.stop()
 
 
 def raw_request(port: int, head: str, body_chunks=(), timeout: float = 10) -> bytes:

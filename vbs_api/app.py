@@ -20,7 +20,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from vbs_api import errors
 from vbs_api.fine_tuning import FineTuningService
 from vbs_api.launch import BatchLauncher
-from vbs_api.middleware import BearerAuth, BodyLimit, Latency
+from vbs_api.middleware import BearerAuth, BodyLimit, Latency, RateLimit
 from vbs_api.routers import (
     batches,
     conquests,
@@ -84,7 +84,12 @@ def create_app(
         catalog=catalog,
         engine=resources["engine"],
         service=BatchService(
-            resources["bucket"], catalog, lifecycle, launcher, resources["conquest_types"]
+            resources["bucket"],
+            catalog,
+            lifecycle,
+            launcher,
+            resources["conquest_types"],
+            max_in_flight=settings.max_batches_in_flight,
         ),
         reads=catalog.read_connection(),
         extras={
@@ -110,6 +115,8 @@ def create_app(
 
     # Outermost last: latency sees everything; hosts and body limits come before any work.
     keys = [k.get_secret_value().encode() for k in settings.api_keys or []]
+    if settings.rate_limit is not None:
+        app.add_middleware(RateLimit, rates=settings.rate_limit)
     app.add_middleware(BearerAuth, keys=keys)
     app.add_middleware(
         BodyLimit, upload_bytes=settings.max_upload_bytes, json_bytes=settings.max_json_bytes

@@ -21,26 +21,42 @@ class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
     def __init__(
-        self, status: int, message: str, *, code: str | None = None, param: str | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers
 
     @property
     def type(self) -> str:
         if self.status == 401:
             return "authentication_error"
+        if self.status == 429:
+            return "requests"  # OpenAI's type for a request rate limit
         return "invalid_request_error" if self.status < 500 else "server_error"
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.type, self.code, self.param)
+        return error_response(
+            self.status, self.message, self.type, self.code, self.param, self.headers
+        )
 
 
 def error_response(
-    status: int, message: str, kind: str, code: str | None, param: str | None
+    status: int,
+    message: str,
+    kind: str,
+    code: str | None,
+    param: str | None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = ErrorBody(error=ErrorDetail(message=message, type=kind, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:

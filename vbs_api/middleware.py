@@ -3,7 +3,9 @@ handlers it would wrap): API keys, request body limits, request latency."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import math
 import time
 
 from prometheus_client import Histogram
@@ -23,17 +25,70 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, keys: list[bytes]) -> None:
         self.app, self.keys = app, keys
+        self.callers = [caller_id(key) for key in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.keys and scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        caller = ANONYMOUS
+        if self.keys:
             header = Headers(scope=scope).get("authorization", "")
             scheme, _, token = header.partition(" ")
             # Compare against every key, always, so timing says nothing about which matched.
-            matched = False
-            for key in self.keys:
-                matched |= hmac.compare_digest(token.strip().encode(), key)
-            if scheme.lower() != "bearer" or not matched:
+            matched = None
+            for key, who in zip(self.keys, self.callers, strict=True):
+                if hmac.compare_digest(token.strip().encode(), key):
+                    matched = who
+            if scheme.lower() != "bearer" or matched is None:
                 error = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+            caller = matched
+        # Who is asking, for the rate limits and the batches in flight (request.state.caller).
+        scope.setdefault("state", {})["caller"] = caller
+        await self.app(scope, receive, send)
+
+
+ANONYMOUS = "anonymous"
+
+
+def caller_id(key: bytes) -> str:
+    """An API key's name in limits and records: a hash, never the key."""
+    return "key-" + hashlib.sha256(key).hexdigest()[:16]
+
+
+class RateLimit:
+    """At most ``rates`` requests per caller (each API key; one shared budget without keys),
+    counted over a moving window in this process; over it, 429 ``rate_limit_exceeded`` with
+    ``Retry-After`` in seconds, as OpenAI answers (its client waits that long and retries).
+    Runs inside ``BearerAuth``: a request without a valid key costs no one's budget."""
+
+    def __init__(self, app: ASGIApp, rates: str) -> None:
+        from limits import parse_many
+        from limits.storage import MemoryStorage
+        from limits.strategies import MovingWindowRateLimiter
+
+        self.app, self.rates = app, parse_many(rates)
+        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        caller = scope.get("state", {}).get("caller")
+        if scope["type"] == "http" and caller is not None:
+            over = next((r for r in self.rates if not self.limiter.test(r, caller)), None)
+            if over is None:
+                for rate in self.rates:
+                    self.limiter.hit(rate, caller)
+            else:
+                reset, _ = self.limiter.get_window_stats(over, caller)
+                wait = max(1, math.ceil(reset - time.time()))
+                error = APIError(
+                    429,
+                    f"Rate limit reached for requests ({over} per API key). Please try again "
+                    f"in {wait}s.",
+                    code="rate_limit_exceeded",
+                    headers={"retry-after": str(wait)},
+                )
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
 from vbs_api.errors import APIError
@@ -34,6 +35,10 @@ from vbs_resources.wire import (
 log = logging.getLogger("vbs.api")
 
 
+# How long a client at its limit of batches in flight is told to wait before asking again.
+BATCH_LIMIT_RETRY_S = 30
+
+
 class BatchService:
     def __init__(
         self,
@@ -42,10 +47,13 @@ class BatchService:
         lifecycle: BatchLifecycle,
         launcher: BatchLauncher | None = None,
         conquest_types: ConquestTypes | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self.bucket, self.catalog, self.lifecycle = bucket, catalog, lifecycle
         self.launcher = launcher
         self.conquest_types = conquest_types or ConquestTypes()
+        self.max_in_flight = max_in_flight
+        self._caller_locks: dict[str, threading.Lock] = {}
 
     # ---- files -------------------------------------------------------------------------------
 
@@ -86,7 +94,25 @@ class BatchService:
             raise APIError(404, f"No such Batch object: {batch_id[:100]}", param="id")
         return row
 
-    def create_batch(self, request: CreateBatchRequest) -> BatchObject:
+    def create_batch(self, request: CreateBatchRequest, caller: str | None = None) -> BatchObject:
+        """A new batch of ``request``, recorded as ``caller``'s (an API key's hash). With
+        ``max_in_flight``, a caller at the limit gets 429: counted and created under one lock
+        per caller, so concurrent creates cannot pass the limit together (in this process)."""
+        if self.max_in_flight is None or caller is None:
+            return self._create_batch(request, caller)
+        with self._caller_locks.setdefault(caller, threading.Lock()):
+            unfinished = self.catalog.batches.unfinished_by(caller)
+            if unfinished >= self.max_in_flight:
+                raise APIError(
+                    429,
+                    f"This API key has {unfinished} unfinished batches, the most it may have at "
+                    "once; create more once some have ended.",
+                    code="batch_limit_exceeded",
+                    headers={"retry-after": str(BATCH_LIMIT_RETRY_S)},
+                )
+            return self._create_batch(request, caller)
+
+    def _create_batch(self, request: CreateBatchRequest, caller: str | None) -> BatchObject:
         if request.endpoint not in ENDPOINTS:
             raise APIError(
                 400, f"Unsupported endpoint; use one of {', '.join(ENDPOINTS)}.", param="endpoint"
@@ -132,6 +158,7 @@ class BatchService:
             endpoint=request.endpoint,
             metadata=options.metadata,
             options=options.model_dump(exclude_none=True, exclude={"metadata"}),
+            created_by=caller,
         )
         self._launch(batch_id, options, source["filename"])
         return batch_object(self.batch_row(batch_id))

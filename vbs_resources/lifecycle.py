@@ -128,6 +128,7 @@ class BatchLifecycle:
         completion_window: str = "24h",
         metadata: dict[str, str] | None = None,
         options: dict[str, Any] | None = None,
+        created_by: str | None = None,
     ) -> bool:
         """Record a new batch in ``validating``; False when the id exists already."""
         now = int(time.time())
@@ -150,6 +151,7 @@ class BatchLifecycle:
                 request_total=0,
                 request_completed=0,
                 request_failed=0,
+                created_by=created_by,
             )
         )
 

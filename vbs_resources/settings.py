@@ -291,6 +291,17 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Extra Host header names accepted when no keys are set.",
     )
+    rate_limit: str | None = Field(
+        default=None,
+        description="Requests one API key may send, in the `limits` notation: '20/second', "
+        "'20/second;600/minute'; over it, 429 with Retry-After. Unset, no limit.",
+    )
+    max_batches_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="Unfinished batches one API key may have at once; a create over it is a "
+        "429 with Retry-After. Unset, no limit.",
+    )
     max_upload_bytes: int = Field(default=200 * MB, ge=1)
     max_json_bytes: int = Field(default=1 * MB, ge=1024)
 
@@ -357,6 +368,20 @@ class Settings(BaseSettings):
     def _postgres_only(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value().startswith("postgresql+psycopg2://"):
             raise ValueError("Dagster's storage is SQLite (unset) or a postgresql:// URL")
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rates(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from limits import parse_many
+
+        try:
+            if any(rate.amount < 1 for rate in parse_many(value)):
+                raise ValueError
+        except ValueError:
+            raise ValueError("not a rate such as '20/second' or '20/second;600/minute'") from None
         return value
 
     @field_validator("home")

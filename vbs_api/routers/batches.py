@@ -24,7 +24,8 @@ Model = TypeVar("Model", bound=BaseModel)
 @router.post("")
 async def create_batch(request: Request) -> JSONResponse:
     create = await json_model(request, CreateBatchRequest)
-    created = await run_in_threadpool(state(request).service.create_batch, create)
+    caller = request.scope.get("state", {}).get("caller")
+    created = await run_in_threadpool(state(request).service.create_batch, create, caller)
     return JSONResponse(created.model_dump())
 
 

@@ -50,6 +50,15 @@ class BatchStore(Store):
             return False
         return True
 
+    def unfinished_by(self, created_by: str) -> int:
+        """How many batches ``created_by`` created that have not ended."""
+        query = sa.select(sa.func.count()).where(
+            batches.c.created_by == created_by,
+            batches.c.status.in_(("validating", "in_progress", "finalizing", "cancelling")),
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
     def delete_new(self, batch_id: str) -> None:
         """Undo ``insert_batch`` for a batch whose input could not be put in place: only while it
         is ``validating`` and no run has taken it."""

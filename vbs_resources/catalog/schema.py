@@ -43,6 +43,9 @@ batches = sa.Table(
     sa.Column("input_sha256", sa.String(64)),
     sa.Column("run_id", sa.String(64)),
     sa.Column("options", sa.JSON),
+    # Revision 11: the API key that created it (a hash), for the batches in flight per key.
+    sa.Column("created_by", sa.String(40)),
+    sa.Index("ix_batches_created_by", "created_by", "status"),
 )
 
 files = sa.Table(
