@@ -11,6 +11,7 @@ import uvicorn
 from vbs_api.app import create_app
 from vbs_api.launch import BatchLauncher
 from vbs_resources import load_settings
+from vbs_resources.error_tracking import start_error_tracking
 from vbs_resources.settings import SettingsError
 
 log = logging.getLogger("vbs.api")
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"vbs-api: {exc}", file=sys.stderr)
         return 2
+    start_error_tracking(settings, "api")
     if not settings.api_keys:
         log.warning("VBS_API_KEYS is not set: the API accepts requests without a key (loopback)")
     dagster = settings.dagster_url.get_secret_value() if settings.dagster_url else None

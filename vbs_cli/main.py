@@ -9,11 +9,12 @@ import sys
 from vbs_cli import client, conquests, datasets, engine, finetune, models, query
 from vbs_resources import load_settings
 from vbs_resources.settings import Settings, SettingsError
+from vbs_resources.version import version
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vbs", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"vbs {_version()}")
+    parser.add_argument("--version", action="version", version=f"vbs {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     model = sub.add_parser("model", help="manage local model folders")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -62,15 +63,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vbs: HTTP {exc.status_code}: {_message(exc)}", file=sys.stderr)
             return 1
         raise
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("vbs")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _message(exc: Exception) -> str:

@@ -20,10 +20,13 @@ from vbs_assets.jobs import (
 )
 from vbs_assets.training import adapter_eval, deployed_model, fine_tuned_adapter
 from vbs_resources import build_resources, load_settings
+from vbs_resources.error_tracking import start_error_tracking
 from vbs_sensors import all_sensors
 from vbs_sensors.retrain import retraining_schedule
 
 settings = load_settings()
+# The code server (sensors) and every run worker load this module: each reports its errors.
+start_error_tracking(settings, "dagster")
 
 defs = dg.Definitions(
     assets=[

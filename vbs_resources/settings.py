@@ -26,6 +26,7 @@ SECRET_VARIABLES = {
     "webhook_secret": "VBS_WEBHOOK_SECRET",
     "catalog_url": "VBS_CATALOG_URL",
     "dagster_storage_url": "VBS_DAGSTER_STORAGE_URL",
+    "sentry_dsn": "VBS_SENTRY_DSN",
     "engine_api_key": "VBS_ENGINE_API_KEY",
     "label_studio_token": "VBS_LABEL_STUDIO_TOKEN",
 }
@@ -309,6 +310,16 @@ class Settings(BaseSettings):
     api_url: str = "http://127.0.0.1:8000/v1"
     api_key: SecretStr | None = Field(
         default=None, description="The key the CLI sends; the first of VBS_API_KEYS if unset."
+    )
+
+    # ---- operations ---------------------------------------------------------------------
+    sentry_dsn: SecretStr | None = Field(
+        default=None,
+        description="Sentry's DSN: errors and error-level logs of the API, the sensors and the "
+        "runs are sent there, secrets scrubbed. Unset, nothing is sent.",
+    )
+    sentry_environment: str | None = Field(
+        default=None, description="Sentry's environment name (Sentry's default: production)."
     )
 
     # ---- webhooks -----------------------------------------------------------------------
