@@ -339,6 +339,58 @@ def test_metrics_count_every_status_and_forget_the_ones_left(server):
     assert gauge("expired") == 0  # every status is shown, also one no batch was ever in
 
 
+def _scrape(server) -> dict[str, float]:
+    """``/metrics`` as {sample with labels: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.base}/metrics").text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def test_metrics_show_the_gpu_pool_durations_throughput_and_jobs(server):
+    """A batch that waits, runs and completes with 400 output tokens, and a fine-tuning job
+    queued: each figure moves as the catalog does."""
+    lifecycle = BatchLifecycle(server.catalog)
+    before = _scrape(server)
+    assert before["vbs_fine_tuning_jobs{status=succeeded}"] >= 0
+    assert {"vbs_deployments{status=running}", "vbs_pool_running{pool=gpu}"} <= before.keys()
+    lifecycle.create("batch_metrics002", source="api", input_file_id="f")
+    waiting = _scrape(server)
+    assert waiting["vbs_pool_waiting{pool=gpu}"] == before["vbs_pool_waiting{pool=gpu}"] + 1
+    lifecycle.start("batch_metrics002")
+    running = _scrape(server)
+    assert running["vbs_pool_running{pool=gpu}"] == before["vbs_pool_running{pool=gpu}"] + 1
+    lifecycle.finalizing("batch_metrics002")
+    lifecycle.finish("batch_metrics002", "completed", request_completed=4,
+                     usage={"input_tokens": 40, "output_tokens": 400, "total_tokens": 440})  # fmt: skip
+    after = _scrape(server)
+    for phase in ("total", "running"):
+        key = f"vbs_batch_duration_seconds_count{{phase={phase},status=completed}}"
+        assert after[key] == before.get(key, 0) + 1
+        # It took under a second: counted in the first bucket and every one above.
+        low = f"vbs_batch_duration_seconds_bucket{{le=1.0,phase={phase},status=completed}}"
+        assert after[low] == before.get(low, 0) + 1
+    assert after["vbs_engine_output_tokens_per_second{}"] > 0
+    assert after["vbs_pool_running{pool=gpu}"] == before["vbs_pool_running{pool=gpu}"]
+    server.catalog.fine_tuning.insert(
+        {"id": "ftjob-metrics0001", "model": "m", "training_file": "f", "dataset_version": "v",
+         "backend": "hf", "hyperparameters": {}, "seed": 1, "status": "queued",
+         "created_at": 1},
+        "queued",
+    )  # fmt: skip
+    queued = _scrape(server)
+    assert (
+        queued["vbs_fine_tuning_jobs{status=queued}"]
+        == after["vbs_fine_tuning_jobs{status=queued}"] + 1
+    )
+    assert queued["vbs_pool_waiting{pool=gpu}"] == after["vbs_pool_waiting{pool=gpu}"] + 1
+
+
 def test_inbox_problems_are_listed(server):
     server.catalog.inbox.set_problems({"link.jsonl": ("symlink", "link.jsonl is a symbolic link")})
     data = httpx.get(f"{server.base}/v1/inbox").json()["data"]

@@ -14,12 +14,12 @@ read; errors never carry internals.
 from __future__ import annotations
 
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry, Gauge, Histogram
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from vbs_api import errors
 from vbs_api.fine_tuning import FineTuningService
 from vbs_api.launch import BatchLauncher
+from vbs_api.metrics import metrics_registry
 from vbs_api.middleware import BearerAuth, BodyLimit, Latency, RateLimit
 from vbs_api.routers import (
     batches,
@@ -41,28 +41,6 @@ from vbs_resources.training.lifecycle import FineTuningLifecycle
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 
 
-def _metrics() -> dict:
-    registry = CollectorRegistry()
-    return {
-        "registry": registry,
-        "latency": Histogram(
-            "vbs_api_request_seconds",
-            "API request latency by route.",
-            ["method", "route"],
-            registry=registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
-        ),
-        "batches": Gauge("vbs_batches", "Batches by OpenAI status.", ["status"], registry=registry),
-        "queue": Gauge(
-            "vbs_queue_depth", "Batches validating, running or finalizing.", registry=registry
-        ),
-        "requests": Gauge(
-            "vbs_requests_processed", "Requests processed.", ["outcome"], registry=registry
-        ),
-        "tokens": Gauge("vbs_tokens_processed", "Tokens processed.", ["kind"], registry=registry),
-    }
-
-
 def create_app(
     settings: Settings,
     resources: dict | None = None,
@@ -76,7 +54,7 @@ def create_app(
     # The configured models are registered as the platform starts (the API is part of it).
     ModelRegistry(catalog).register_configured(resources["engine"].configured_models())
     lifecycle = BatchLifecycle(catalog, resources["webhooks"], deliver_in_background=True)
-    gauges = _metrics()
+    gauges = metrics_registry(catalog)
     app = FastAPI(title="vbs", version="0.1.0")
     app.state.vbs = APIState(
         settings=settings,

@@ -181,10 +181,51 @@ class BatchStore(Store):
             ).rowcount
         return bool(changed)
 
-    def count_by_status(self) -> dict[str, int]:
-        query = sa.select(batches.c.status, sa.func.count()).group_by(batches.c.status)
-        with self.engine.connect() as conn:
-            return {status: n for status, n in conn.execute(query)}
+    def count_by_status(self, conn: sa.Connection | None = None) -> dict[str, int]:
+        return self._count_by(batches.c.status, conn)
+
+    def durations(
+        self, buckets: tuple[float, ...], conn: sa.Connection | None = None
+    ) -> dict[tuple[str, str], tuple[list[int], int, float]]:
+        """Ended batches' durations as cumulative histograms, counted in the database: by
+        ``(phase, status)``, phase ``total`` (created to ended) or ``running`` (in progress to
+        ended), each ``(count at or under each bucket, count, sum of seconds)``."""
+        ended = sa.func.coalesce(
+            batches.c.completed_at, batches.c.failed_at, batches.c.cancelled_at,
+            batches.c.expired_at,
+        )  # fmt: skip
+        found = {}
+        for phase, start in (
+            ("total", batches.c.created_at),
+            ("running", batches.c.in_progress_at),
+        ):
+            seconds = ended - start
+            columns = [sa.func.sum(sa.case((seconds <= b, 1), else_=0)) for b in buckets]
+            query = (
+                sa.select(batches.c.status, sa.func.count(), sa.func.sum(seconds), *columns)
+                .where(batches.c.status.in_(sorted(TERMINAL_STATUSES)), start.is_not(None))
+                .where(ended.is_not(None))
+                .group_by(batches.c.status)
+            )
+            with self._reading(conn) as c:
+                for status, count, total, *cumulative in c.execute(query):
+                    found[(phase, status)] = ([int(n or 0) for n in cumulative], count, total or 0)
+        return found
+
+    def output_tokens_per_second(self, since: float, conn: sa.Connection | None = None) -> float:
+        """Output tokens over running seconds of the batches that ended after ``since``."""
+        ended = sa.func.coalesce(
+            batches.c.completed_at, batches.c.cancelled_at, batches.c.expired_at
+        )
+        query = sa.select(batches.c.usage, batches.c.in_progress_at, ended).where(
+            ended >= since, batches.c.in_progress_at.is_not(None)
+        )
+        tokens, seconds = 0, 0.0
+        with self._reading(conn) as c:
+            for usage, started, stopped in c.execute(query):
+                tokens += (usage or {}).get("output_tokens", 0)
+                seconds += max(stopped - started, 1)
+        return tokens / seconds if seconds else 0.0
 
     def totals(self) -> dict[str, int]:
         """Requests and tokens processed over all batches (for /metrics)."""

@@ -43,6 +43,9 @@ def _event_row(
 class FineTuningStore(Store):
     """The ``fine_tuning_jobs`` and ``fine_tuning_events`` tables."""
 
+    def count_by_status(self, conn: sa.Connection | None = None) -> dict[str, int]:
+        return self._count_by(fine_tuning_jobs.c.status, conn)
+
     def insert(self, row: dict[str, Any], message: str) -> dict[str, Any]:
         """Record a new job with its first event."""
         with self.engine.begin() as conn:
@@ -195,6 +198,9 @@ class FineTuningStore(Store):
 
 class DeploymentStore(Store):
     """The ``deployments`` table: at most one deployment of a job in flight (a unique index)."""
+
+    def count_by_status(self, conn: sa.Connection | None = None) -> dict[str, int]:
+        return self._count_by(deployments.c.status, conn)
 
     def insert(self, row: dict[str, Any], message: str) -> tuple[dict[str, Any], bool]:
         """Record a deployment in ``queued`` with its event on the job; when the job has one in

@@ -33,6 +33,12 @@ class Store:
         rows = self._all(query.limit(1), conn)
         return rows[0] if rows else None
 
+    def _count_by(self, column: sa.Column, conn: sa.Connection | None = None) -> dict[str, int]:
+        """Rows of ``column``'s table by its value (for /metrics)."""
+        query = sa.select(column, sa.func.count()).group_by(column)
+        with self._reading(conn) as conn:
+            return {value: n for value, n in conn.execute(query)}
+
 
 class UnknownCursor(LookupError):
     """A list's ``after`` names nothing it lists: the API answers 400, naming ``after``."""
