@@ -346,7 +346,7 @@ def test_api_server_restarted_mid_batch_loses_nothing(platform):
     port = free_port()
     env = {
         **os.environ,
-        "VBS_HOME": str(platform.home),
+        **platform.env,
         "VBS_API_KEYS": API_KEY,
         "VBS_DAGSTER_URL": f"http://127.0.0.1:{platform.port}",
     }
@@ -409,7 +409,7 @@ def test_the_api_process_signs_its_own_webhooks_with_the_secret_value(
     port = free_port()
     env = {
         **os.environ,
-        "VBS_HOME": str(platform.home),
+        **platform.env,
         "VBS_API_KEYS": API_KEY,
         # The real webserver, at a path where it refuses the launch (HTTP 405).
         "VBS_DAGSTER_URL": f"http://127.0.0.1:{platform.port}/refuses",

@@ -177,7 +177,7 @@ def test_a_registered_adapter_answers_its_own_lines_in_a_mixed_batch(platform, m
     from tests.adapters import make_adapter
 
     adapter = make_adapter(tmp_path / "support-v3", model_dir)
-    env = {**os.environ, "VBS_HOME": str(platform.home), "VBS_MODEL": str(model_dir)}
+    env = {**os.environ, **platform.env, "VBS_MODEL": str(model_dir)}
 
     def vbs_models(*args):
         command = [sys.executable, "-m", "vbs_cli.main", "models", *args]

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory, model_dir):
     home = tmp_path_factory.mktemp("ui") / "vbs"
-    process = start_platform(home, model_dir)
+    # Three runs may hold the gpu pool at once: the runs of ended batches do no inference, and
+    # the backfills' runs then overlap instead of queueing one by one.
+    process = start_platform(home, model_dir, VBS_GPU_SLOTS="3")
     try:
         yield Platform(home, process.port, process.api_port, process.log, process)
     finally:

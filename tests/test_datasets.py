@@ -488,7 +488,7 @@ def test_vbs_datasets_build_through_the_running_dagster_and_the_api(platform, tm
     wait_for(lambda: (catalog.conquests.annotation_of(ids[0]) or {}).get("source") == "label_studio", 90,
              "the sensor to bring the Label Studio star in")  # fmt: skip
 
-    env = {"VBS_HOME": str(platform.home), "PATH": "/usr/bin:/bin"}
+    env = {**platform.env, "PATH": "/usr/bin:/bin"}
     command = [sys.executable, "-m", "vbs_cli.main", "datasets", "build", "--type",
                "candidate_evaluation", "--dagster-url", f"http://127.0.0.1:{platform.port}"]  # fmt: skip
 

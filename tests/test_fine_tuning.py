@@ -46,7 +46,7 @@ def api_client(platform) -> httpx.Client:
 
 
 def vbs(platform, *args: str, api: bool = True, ok: bool = True) -> subprocess.CompletedProcess:
-    env = {"VBS_HOME": str(platform.home), "VBS_API_KEY": API_KEY, "PATH": "/usr/bin:/bin"}
+    env = {**platform.env, "VBS_API_KEY": API_KEY, "PATH": "/usr/bin:/bin"}
     extra = ["--api-url", platform.api_url] if api else []
     done = subprocess.run([sys.executable, "-m", "vbs_cli.main", *args, *extra],
                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip

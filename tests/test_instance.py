@@ -196,3 +196,26 @@ def test_serve_refuses_a_teams_file_in_one_line_before_starting_anything(tmp_pat
         "resumes from its checkpoint only in a retry (crash recovery depends on it)"
     ]
     assert not (home / "serve.lock").exists() and not (home / "dagster").exists()
+
+
+def test_migrate_brings_new_databases_to_head_and_runs_again_harmlessly(tmp_path, postgres):
+    """`vbs migrate`, a deployment's start-up step, on new PostgreSQL databases, twice."""
+    from vbs_cli.doctor import catalog, dagster_storage
+    from vbs_resources.settings import load_settings
+
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("VBS_")},
+        "VBS_HOME": str(tmp_path / "vbs"),
+        "VBS_CATALOG_URL": postgres.database("catalog"),
+        "VBS_DAGSTER_STORAGE_URL": postgres.database("dagster"),
+    }
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-m", "vbs_cli.main", "migrate"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "catalog postgresql+psycopg2://127.0.0.1:" in done.stdout
+        assert "Dagster storage (Postgres) upgraded" in done.stdout
+    settings = load_settings({k: v for k, v in env.items() if k.startswith("VBS_")})
+    assert catalog(settings, 5).ok and dagster_storage(settings, 5).ok

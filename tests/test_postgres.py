@@ -1,15 +1,20 @@
 """The platform on PostgreSQL, chosen by configuration alone: `vbs serve` with
 ``VBS_CATALOG_URL`` and ``VBS_DAGSTER_STORAGE_URL`` naming databases of the session's real
-PostgreSQL 15, nothing mocked. Both paths in (the inbox and the official client), several
-writers at once with two runs holding the gpu pool side by side, a re-materialization from the
-Dagster UI, a fine-tuning job to its deployment, and the whole platform killed mid-batch.
+PostgreSQL 15, nothing mocked.
 
-One platform for the module, in this order; the kill is last."""
+The suite's shared platform (``platform`` in conftest) runs on PostgreSQL too, so every
+end-to-end test that uses it (the inbox and API paths, fine-tuning to deployment, curation in
+Label Studio, datasets) runs on this storage. This module adds what needs a platform of its own:
+several writers at once with two runs holding the gpu pool side by side, a re-materialization
+from the Dagster UI, the database password kept out of every log and record, and the whole
+platform killed mid-batch (last)."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
+import re
 import time
 
 import dagster as dg
@@ -17,7 +22,6 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import (
-    MODEL,
     Platform,
     chat_line,
     drop_batch,
@@ -27,8 +31,6 @@ from tests.conftest import (
     wait_for,
 )
 from tests.test_dagster_ui import materialize_from_ui, snapshot, wait_run
-from tests.test_training import MARKER, marker_examples
-from vbs_resources import layout as L
 
 pytestmark = pytest.mark.slow
 ENDED = {"completed", "failed", "cancelled", "expired"}
@@ -48,6 +50,7 @@ def pg_platform(tmp_path_factory, model_dir, postgres, webhook_receiver):
             "postgresql+psycopg2://vbs@", f"postgresql://vbs:{PASSWORD}@"
         ),
         VBS_GPU_SLOTS="2",
+        VBS_LOG_FORMAT="json",
         VBS_WEBHOOK_URLS=webhook_receiver.url,
         VBS_TRAINER_THREADS="1",
     )
@@ -69,8 +72,8 @@ def test_nothing_of_the_state_is_in_sqlite(pg_platform):
 
 
 def test_several_writers_at_once_lose_and_double_nothing(pg_platform, webhook_receiver):
-    """At once: six API creates (two cancelled as soon as they exist), six files dropped into the
-    inbox, the reconciler and the delivery sensor ticking, and two runs holding the gpu pool
+    """At once: three API creates (one cancelled as soon as it exists), two files dropped into
+    the inbox, the reconciler and the delivery sensor ticking, and two runs holding the gpu pool
     side by side. Counted afterwards: one batch per create and per file, every request answered
     once, one ending event and one delivery per batch, one run per batch."""
     platform, client = pg_platform, client_of(pg_platform)
@@ -84,20 +87,21 @@ def test_several_writers_at_once_lose_and_double_nothing(pg_platform, webhook_re
             input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h",
             metadata={"writer": f"api-{n}"},
         )  # fmt: skip
-        if n < 2:
+        if n < 1:
             client.batches.cancel(batch.id)
-        return batch.id, n < 2
+        return batch.id, n < 1
 
     def drop(n: int) -> None:
         lines = [chat_line(f"d{n}-{i}", f"Name {i} fruit.", max_tokens=4) for i in range(4)]
         platform.drop(f"writer-{n}.jsonl", jsonl(lines))
 
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        created = list(pool.map(create, range(6)))
-        list(pool.map(drop, range(6)))
-    dropped = [platform.wait_batch(f"writer-{n}.jsonl", timeout=120) for n in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        dropping = pool.map(drop, range(2))
+        created = list(pool.map(create, range(3)))
+        list(dropping)
+    dropped = [platform.wait_batch(f"writer-{n}.jsonl", timeout=120) for n in range(2)]
     batch_ids = [b for b, _ in created] + dropped
-    assert len(set(batch_ids)) == 12
+    assert len(set(batch_ids)) == 5
     catalog = platform.resources["catalog"]
     rows = {b: platform.wait_status(b, ENDED, timeout=600) for b in batch_ids}
 
@@ -105,7 +109,7 @@ def test_several_writers_at_once_lose_and_double_nothing(pg_platform, webhook_re
         row = rows[batch_id]
         assert row["status"] == ("cancelled" if was_cancelled else "completed"), row
     files = [r for r in catalog.batches.list(limit=1000) if r["original_filename"]]
-    for n in range(6):  # the same file was never taken twice
+    for n in range(2):  # the same file was never taken twice
         assert [r["original_filename"] for r in files].count(f"writer-{n}.jsonl") == 1
     for batch_id, row in rows.items():
         folder = platform.home / "bucket" / "batches" / batch_id
@@ -155,45 +159,35 @@ def test_a_rematerialization_from_the_ui_changes_nothing(pg_platform):
     batch_id = drop_batch(platform, "ui-pg", [chat_line("u", "Hi.", max_tokens=4)])
     assert platform.wait_status(batch_id, ENDED, timeout=300)["status"] == "completed"
     platform.wait_run_finished(batch_id)
+    catalog = platform.resources["catalog"]
+    wait_for(lambda: catalog.events.of_subject(batch_id)[0]["delivered_at"], 60, "the webhook")
     before = snapshot(platform, batch_id)
     run = wait_run(platform, materialize_from_ui(platform, batch_id, ["batch_output"]), 300)
     assert run.status == dg.DagsterRunStatus.SUCCESS
     assert snapshot(platform, batch_id) == before
 
 
-def test_a_fine_tuning_job_trains_evaluates_and_deploys(pg_platform):
-    platform, client = pg_platform, client_of(pg_platform)
-    data = jsonl(marker_examples(64))
-    upload = client.files.create(file=("zebra-pg.jsonl", data), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(
-        model=MODEL, training_file=upload.id, suffix="pg", seed=7,
-        hyperparameters={"batch_size": 8, "learning_rate_multiplier": 5, "n_epochs": 3},
-        extra_body={"max_steps": 12, "backend": "hf"},
-    )  # fmt: skip
-    done = wait_for(
-        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
-        in ("succeeded", "failed", "cancelled") and j,
-        600, "the job",
-    )  # fmt: skip
-    assert done.status == "succeeded", done
-    client.post(f"/fine_tuning/jobs/{job.id}/deploy", body={}, cast_to=object)
-    name = done.fine_tuned_model
-    wait_for(lambda: name in [m.id for m in client.models.list().data], 300, "the deployment")
-    lines = [chat_line("ft", "Write one short sentence about a blue door.", max_tokens=24,
-                       temperature=0)]  # fmt: skip
-    lines[0]["body"]["model"] = name
-    batch = client.batches.create(
-        input_file_id=client.files.create(file=("ask.jsonl", jsonl(lines)), purpose="batch").id,
-        endpoint="/v1/chat/completions", completion_window="24h",
-    )  # fmt: skip
-    ended = platform.wait_status(batch.id, ENDED, timeout=300)
-    assert ended["status"] == "completed", ended
-    [answer] = read_jsonl(platform.home / "bucket" / "batches" / batch.id / "output.jsonl")
-    assert MARKER in answer["response"]["body"]["choices"][0]["message"]["content"], answer
-    chain = client.get(f"/models/{name}/lineage", cast_to=object)
-    assert chain["adapter"]["job_id"] == job.id and chain["files"][0]["file_id"] == upload.id
-    event = platform.instance.get_latest_materialization_event(dg.AssetKey(L.DEPLOYED_MODEL))
-    assert event.asset_materialization.tags["dagster/data_version"] == name
+def test_the_logs_are_json_lines_from_the_api_the_sensors_and_the_runs(pg_platform):
+    lines = pg_platform.log.read_text(errors="replace").splitlines()
+    records = []
+    for line in lines:
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    api = [r for r in records if r.get("logger") == "vbs.api"]
+    sensors = [r for r in records if str(r.get("logger", "")).startswith("dagster.daemon.Sensor")]
+    runs = [r for r in records if r.get("run_id")]
+    assert api and all({"timestamp", "level", "event"} <= r.keys() for r in api), api[:3]
+    assert any("inbox_sensor" in r.get("event", "") for r in sensors), sensors[:5]
+    # The inbox sensor's own lines ("<file> -> batch <id>").
+    assert any(" -> batch batch_" in r.get("event", "") for r in records)
+    steps = {r.get("step_key") for r in runs}
+    assert {"STEP_START", "STEP_SUCCESS"} <= {r.get("dagster_event_type") for r in runs}
+    assert "batch_output" in steps, sorted(s for s in steps if s)
+    # Nothing of vbs's or Dagster's in their text formats.
+    text = [line for line in lines if not line.startswith("{")]
+    assert not [line for line in text if " - dagster - " in line][:3]
+    assert not [line for line in text if re.match(r"^\d{4}-\d\d-\d\d \S+ vbs\.", line)][:3]
 
 
 def test_the_whole_platform_killed_mid_batch_finishes_it_after_a_restart(pg_platform):
@@ -217,5 +211,5 @@ def test_the_whole_platform_killed_mid_batch_finishes_it_after_a_restart(pg_plat
     assert sorted(line["custom_id"] for line in out) == sorted(x["custom_id"] for x in lines)
     events = platform.resources["catalog"].events.of_subject(batch_id)
     assert [e["type"] for e in events] == ["batch.completed"]
-    text = json.dumps([str(r.status) for r in platform.runs(batch_id)])
-    assert "SUCCESS" in text, text
+    # The run that finished it (a retry of the killed one, or the reconciler's) succeeded.
+    assert platform.wait_run_finished(batch_id, 120).status == dg.DagsterRunStatus.SUCCESS

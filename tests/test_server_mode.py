@@ -181,24 +181,50 @@ def test_an_unreachable_server_makes_the_run_step_back_after_its_retry_budget(tm
     assert "unavailable" in str(away.value) and "ConnectError" in str(away.value)
 
 
+def _engine_sessions(process) -> set[int]:
+    """The sessions of the engine servers `vbs serve` runs (vLLM's server entry point)."""
+    return {
+        os.getsid(p.pid) for p in process.processes()
+        if "vllm.entrypoints" in " ".join(p.cmdline())
+    }  # fmt: skip
+
+
 def test_server_mode_end_to_end_with_the_server_killed_mid_batch(
     engine_server, tmp_path_factory, model_dir
 ):
     """A batch through the inbox under the running daemon in server mode, base and adapter
-    lines mixed; the server is killed mid-batch and comes back ~30 s later. The run steps back
-    (Dagster step retries), resumes from its last checkpoint, and every line is answered once."""
+    lines mixed, on the engine server `vbs serve` starts and supervises. The server is killed
+    mid-batch (kill -9 of its whole process group): `vbs serve` restarts it alone, Dagster and
+    the API keep running, `/health` shows the restart. The run steps back (Dagster step
+    retries), resumes from its last checkpoint, and every line is answered once."""
+    engine_server.kill()  # this module's own server: the platform starts one of its own
     home = tmp_path_factory.mktemp("server-mode") / "vbs"
+    engine_port = free_port()
     process = start_platform(
         home,
         model_dir,
         VBS_ENGINE="server",
-        VBS_ENGINE_URL=engine_server.url,
+        VBS_ENGINE_PORT=str(engine_port),
+        VBS_ENGINE_LORA="on",
         VBS_ENGINE_RETRY_S="3",
-        VBS_ENGINE_STEP_RETRIES="40",
+        VBS_ENGINE_STEP_RETRIES="60",
         VBS_ENGINE_STEP_RETRY_WAIT_S="1",
     )
     platform = Platform(home, process.port, process.api_port, process.log, process)
+    engine_url = f"http://127.0.0.1:{engine_port}"
+
+    def engine_up() -> bool:
+        try:
+            return urllib.request.urlopen(f"{engine_url}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def health() -> dict:
+        return json.loads(urllib.request.urlopen(f"{platform.api_url[:-3]}/health").read())
+
     try:
+        wait_for(engine_up, 300, "the engine server vbs serve started")
+        assert health()["processes"]["engine"]["restarts"] == 0
         adapter = make_adapter(home.parent / "support-v3", model_dir)
         env = {**os.environ, "VBS_HOME": str(home), "VBS_MODEL": str(model_dir)}
         added = subprocess.run(
@@ -225,11 +251,22 @@ def test_server_mode_end_to_end_with_the_server_killed_mid_batch(
             "two chunks done",
             interval=0.2,
         )
-        engine_server.kill()
+        serve_pid = process.proc.pid
+        [session] = _engine_sessions(process)
+        os.killpg(session, signal.SIGKILL)
         killed_at = platform.batch(batch_id)["request_completed"]
         assert killed_at < LINES, "the batch finished before the server was killed"
-        time.sleep(5)
-        engine_server.start()
+        # The rest of the platform keeps serving while the engine is brought back.
+        assert urllib.request.urlopen(f"http://127.0.0.1:{process.port}/server_info").status == 200
+        restarted = wait_for(
+            lambda: (h := health())["processes"]["engine"]["restarts"] == 1 and h, 60,
+            "the engine's restart",
+        )  # fmt: skip
+        assert restarted["processes"]["engine"]["last_exit_code"] is not None
+        assert restarted["processes"]["dagster"]["restarts"] == 0
+        assert restarted["processes"]["api"]["restarts"] == 0
+        assert process.proc.pid == serve_pid and process.proc.poll() is None
+        assert "vbs: engine exited with" in process.log.read_text()
 
         row = platform.wait_status(batch_id, {"completed", "failed"}, timeout=300)
         assert row["status"] == "completed", row

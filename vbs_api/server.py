@@ -12,6 +12,7 @@ from vbs_api.app import create_app
 from vbs_api.launch import BatchLauncher
 from vbs_resources import load_settings
 from vbs_resources.error_tracking import start_error_tracking
+from vbs_resources.logs import configure_logging
 from vbs_resources.settings import SettingsError
 
 log = logging.getLogger("vbs.api")
@@ -22,13 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="address to listen on (VBS_API_HOST)")
     parser.add_argument("--port", type=int, help="port (VBS_API_PORT)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         overrides = {k: v for k, v in (("api_host", args.host), ("api_port", args.port)) if v}
         settings = load_settings(**overrides)
     except SettingsError as exc:
         print(f"vbs-api: {exc}", file=sys.stderr)
         return 2
+    configure_logging(settings.log_format)
     start_error_tracking(settings, "api")
     if not settings.api_keys:
         log.warning("VBS_API_KEYS is not set: the API accepts requests without a key (loopback)")
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.api_port,
         log_level="warning",
         access_log=False,
+        log_config=None,  # uvicorn's records go through the root logger's format
         proxy_headers=False,
     )
     return 0

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from vbs_cli import client, conquests, datasets, engine, finetune, models, query
+from vbs_cli import client, conquests, datasets, doctor, engine, finetune, migrate, models, query
 from vbs_resources import load_settings
 from vbs_resources.settings import Settings, SettingsError
 from vbs_resources.version import version
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     query.add_commands(sub)
     finetune.add_commands(sub)
     engine.add_commands(sub)
+    doctor.add_commands(sub)
+    migrate.add_commands(sub)
     args = parser.parse_args(argv)
     try:
         overrides = {}
@@ -91,7 +93,16 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return query.run(args, settings)
     if args.command == "engine":
         return engine.run(args, settings)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "doctor":
+        return doctor.run(args, settings)
+    if args.command == "migrate":
+        return migrate.run(args, settings)
+    if settings.log_format == "json":
+        from vbs_resources.logs import configure_logging
+
+        configure_logging("json")
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "model":
         from vbs_resources.model_store import prepare_default_model
 

@@ -1,5 +1,10 @@
-"""``vbs serve``: the Dagster webserver and daemon (``dagster dev``) and the Batch API, side by
-side, stopped together.
+"""``vbs serve``: the Dagster webserver and daemon (``dagster dev``), the Batch API, Label
+Studio and, in server mode, the vLLM engine server, side by side, supervised.
+
+A process that dies (killed, out of memory) is restarted alone, after 1 s when it had run a
+minute or more and with doubling backoff up to a minute when it keeps dying; the others keep
+running, and ``$VBS_HOME/serve-status.json`` (shown by the API's ``/health``) says which is
+restarting, how often it was, and how it last exited.
 
 One platform per ``VBS_HOME`` at a time (a lock file the kernel releases when the process dies).
 Stopping (Ctrl-C, SIGTERM) ends the batch runs in flight with SIGKILL first, exactly as a crash
@@ -18,11 +23,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from vbs_resources import Settings
+from vbs_resources import Settings, strict_json
 from vbs_resources.curation.label_studio import ADMIN_USERNAME, label_studio_command
 from vbs_resources.dagster_instance import write_instance
 from vbs_resources.settings import is_loopback
@@ -45,6 +51,8 @@ def serve_commands(settings: Settings) -> list[tuple[list[str], dict[str, str]]]
     dagster = Path(sys.executable).with_name("dagster")
     webserver = [str(dagster), "dev", "-h", settings.dagster_host, "-p", str(settings.dagster_port)]
     webserver += ["-w", str(PROJECT_ROOT / "workspace.yaml")]
+    if settings.log_format == "json":
+        webserver += ["--log-format", "json"]
     api = [sys.executable, "-m", "vbs_api.server", "--host", settings.api_host]
     api += ["--port", str(settings.api_port)]
     commands = [(webserver, env), (api, env)]
@@ -142,7 +150,11 @@ def serve(settings: Settings) -> int:
                 f"{where / 'token'}; the first start takes about a minute)",
                 flush=True,
             )
-        return supervise(commands, watch=LocationWatch(settings.resolved_dagster_url))
+        return supervise(
+            commands,
+            watch=LocationWatch(settings.resolved_dagster_url),
+            status=settings.home / STATUS_FILE,
+        )
 
 
 def _signal(processes: list[psutil.Process], sig: int) -> None:
@@ -237,19 +249,109 @@ class LocationWatch:
             pass  # the webserver is starting or stopping: look again next time
 
 
+# A child that ran this long before dying is restarted after 1 s; one that dies sooner waits
+# twice as long as the time before, up to MAX_BACKOFF_S.
+STABLE_S = 60.0
+MAX_BACKOFF_S = 60.0
+STATUS_FILE = "serve-status.json"
+
+
+def child_name(command: list[str]) -> str:
+    """What a command is, for the log and ``/health``: dagster, api, label-studio or engine."""
+    text = " ".join(command)
+    for marker, name in (
+        ("dagster", "dagster"), ("vbs_api.server", "api"), ("label-studio", "label-studio"),
+        ("vllm", "engine"),
+    ):  # fmt: skip
+        if marker in text:
+            return name
+    return Path(command[0]).name
+
+
+@dataclass
+class Child:
+    """One process `vbs serve` keeps running: started, and restarted with backoff when it dies."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    backoff: float = 0.0
+    due: float | None = None  # when a dead child starts again
+    last_exit: int | None = None
+    last_exit_at: float | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.command, env=self.env, start_new_session=True, preexec_fn=_die_with_parent
+        )
+        self.started_at, self.due = time.time(), None
+
+    def reap(self) -> bool:
+        """True when the child has just been found dead: what is left of its session is killed
+        (a `dagster dev` killed alone leaves its webserver, daemon and code server holding the
+        ports and the runs), and its restart is scheduled."""
+        if self.proc is None or self.proc.poll() is None:
+            return False
+        code = self.proc.returncode
+        _signal([p for p in _session_of(self.proc.pid)], signal.SIGKILL)
+        ran = time.time() - self.started_at
+        self.backoff = 1.0 if ran >= STABLE_S or not self.backoff else min(
+            self.backoff * 2, MAX_BACKOFF_S
+        )  # fmt: skip
+        self.due = time.monotonic() + self.backoff
+        self.last_exit, self.last_exit_at, self.proc = code, time.time(), None
+        return True
+
+    def state(self) -> dict[str, object]:
+        return {
+            "state": "running" if self.proc is not None else "restarting",
+            "pid": self.proc.pid if self.proc is not None else None,
+            "restarts": self.restarts,
+            "last_exit_code": self.last_exit,
+            "last_exit_at": self.last_exit_at,
+        }
+
+
+def _session_of(sid: int) -> list[psutil.Process]:
+    """The processes still in session ``sid`` (each child starts a session of its own)."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(process.pid) == sid:
+                found.append(process)
+    return found
+
+
+def write_status(path: Path | None, children: list[Child]) -> None:
+    """What ``/health`` shows: each child's state, pid, restarts and last exit."""
+    if path is None:
+        return
+    status = {"pid": os.getpid(), "updated_at": time.time(),
+              "processes": {c.name: c.state() for c in children}}  # fmt: skip
+    partial = path.with_name(f".{path.name}.part")
+    partial.write_text(strict_json.dumps(status))
+    partial.replace(path)
+
+
 def supervise(
-    commands: list[tuple[list[str], dict[str, str]]], watch: Callable[[], None] | None = None
+    commands: list[tuple[list[str], dict[str, str]]],
+    watch: Callable[[], None] | None = None,
+    status: Path | None = None,
 ) -> int:
-    """Run the servers side by side; when one exits or we are told to stop, stop them all.
-    ``watch`` is called between looks at the processes (the code location's watch).
+    """Run the servers side by side until told to stop; a server that dies is restarted with
+    backoff, and the others keep running. ``watch`` is called between looks at the processes
+    (the code location's watch); ``status`` is the file ``/health`` reads.
 
     Each server runs in a session of its own: a Ctrl-C in the terminal reaches only this
     process, which stops the runs first (see ``stop``), instead of every process at once (a
     run worker interrupted by a signal would be recorded as terminated by a user)."""
-    procs = [
-        subprocess.Popen(c, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-        for c, env in commands
-    ]
+    children = [Child(child_name(command), command, env) for command, env in commands]
+    for child in children:
+        child.start()
+    write_status(status, children)
     stopping = False
 
     def on_signal(*_: object) -> None:
@@ -258,20 +360,29 @@ def supervise(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    exited: subprocess.Popen | None = None
     try:
-        while not stopping and exited is None:
-            exited = next((p for p in procs if p.poll() is not None), None)
-            if watch is not None and exited is None:
+        while not stopping:
+            changed = False
+            for child in children:
+                if child.reap():
+                    print(f"vbs: {child.name} exited with {child.last_exit}; restarting it in "
+                          f"{child.backoff:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+                    changed = True
+                elif child.proc is None and child.due is not None and time.monotonic() >= child.due:
+                    child.start()
+                    child.restarts += 1
+                    print(f"vbs: {child.name} restarted (restart {child.restarts})",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    changed = True
+            if changed:
+                write_status(status, children)
+            if watch is not None:
                 watch()
             time.sleep(0.2)
     finally:
         started = time.monotonic()
-        stop(procs)
+        stop([c.proc for c in children if c.proc is not None])
         print(f"vbs: stopped in {time.monotonic() - started:.1f}s", flush=True)
-    if exited is None:
-        return 0  # told to stop
-    # A server ended on its own: that is a failure, whatever its code (a signal is 128 + N).
-    code = exited.returncode
-    print(f"vbs: {' '.join(exited.args[:3])} exited with {code}", file=sys.stderr)
-    return 128 - code if code < 0 else max(code, 1)
+        if status is not None:
+            status.unlink(missing_ok=True)
+    return 0

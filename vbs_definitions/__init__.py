@@ -4,6 +4,8 @@ It sits outside the packages it gathers, so that sensors can import assets and n
 the definitions: settings/layout/wire <- resources <- assets <- sensors <- definitions.
 """
 
+import warnings
+
 import dagster as dg
 
 from vbs_assets.curation import conquests, label_studio_tasks
@@ -21,12 +23,18 @@ from vbs_assets.jobs import (
 from vbs_assets.training import adapter_eval, deployed_model, fine_tuned_adapter
 from vbs_resources import build_resources, load_settings
 from vbs_resources.error_tracking import start_error_tracking
+from vbs_resources.logs import configure_logging, json_sensor_logs
 from vbs_sensors import all_sensors
 from vbs_sensors.retrain import retraining_schedule
 
 settings = load_settings()
 # The code server (sensors) and every run worker load this module: each reports its errors.
 start_error_tracking(settings, "dagster")
+if settings.log_format == "json":
+    configure_logging("json")
+    json_sensor_logs()
+    # The instance's python_logs handler (the runs' JSON lines) is a beta of Dagster's.
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 defs = dg.Definitions(
     assets=[

@@ -65,6 +65,23 @@ def instance_config(settings: Settings) -> dict[str, Any]:
         "sensors": {"use_threads": True, "num_workers": 2},
         "telemetry": {"enabled": False},
     }
+    if settings.log_format == "json":
+        # The runs' Dagster logs as JSON lines on stderr; the default colored console logger,
+        # whose level this sets, says nothing.
+        config["python_logs"] = {
+            "python_log_level": "CRITICAL",
+            "dagster_handler_config": {
+                "handlers": {
+                    "json": {
+                        "class": "logging.StreamHandler",
+                        "stream": "ext://sys.stderr",
+                        "formatter": "json",
+                        "level": "DEBUG",
+                    }
+                },
+                "formatters": {"json": {"()": "vbs_resources.logs.json_formatter"}},
+            },
+        }
     return config
 
 

@@ -313,6 +313,11 @@ class Settings(BaseSettings):
     )
 
     # ---- operations ---------------------------------------------------------------------
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="json: one JSON object per log line from the API, Dagster's processes, the "
+        "sensors and the runs.",
+    )
     sentry_dsn: SecretStr | None = Field(
         default=None,
         description="Sentry's DSN: errors and error-level logs of the API, the sensors and the "
@@ -481,6 +486,9 @@ class Settings(BaseSettings):
         env.setdefault("VLLM_CACHE_ROOT", str(self.home / "cache" / "vllm"))
         env.setdefault("HF_HOME", str(self.home / "cache" / "hf"))
         env.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+        if self.log_format == "json":
+            # vLLM's records go to the root logger (JSON) instead of a handler of its own.
+            env.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         if self.dagster_storage_url is not None:
             # As normalized here: Dagster reads the variable itself (dagster.yaml names it).
             env["VBS_DAGSTER_STORAGE_URL"] = self.dagster_storage_url.get_secret_value()

@@ -9,6 +9,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vbs_api.state import state
+from vbs_resources import strict_json
 from vbs_resources.wire import BATCH_STATUSES
 
 router = APIRouter()
@@ -33,10 +34,21 @@ async def inbox(request: Request) -> dict[str, Any]:
 
 
 @router.get("/health")
-async def health(request: Request) -> dict[str, str]:
+async def health(request: Request) -> dict[str, Any]:
+    """200 while the API and its catalog answer. Under `vbs serve`, also the platform's
+    processes as its supervisor last wrote them: ``degraded`` while one is being restarted."""
     vbs = state(request)
     vbs.catalog.batches.get("batch_healthcheck", vbs.reads)  # the catalog answers
-    return {"status": "ok"}
+    answer: dict[str, Any] = {"status": "ok"}
+    try:
+        supervised = strict_json.loads((vbs.settings.home / "serve-status.json").read_bytes())
+    except (OSError, ValueError):
+        return answer  # not under `vbs serve`, or it is starting
+    processes = supervised.get("processes") or {}
+    answer["processes"] = processes
+    if any(p.get("state") != "running" for p in processes.values()):
+        answer["status"] = "degraded"
+    return answer
 
 
 @router.get("/metrics")
