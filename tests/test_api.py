@@ -295,7 +295,12 @@ def test_health_and_metrics(platform):
     import urllib.request
 
     base = platform.api_url.removesuffix("/v1")
-    assert json.loads(urllib.request.urlopen(f"{base}/health").read()) == {"status": "ok"}
+    health = json.loads(urllib.request.urlopen(f"{base}/health").read())
+    assert health["status"] == "ok", health
+    # What `vbs serve` supervises (this platform uses the session's Label Studio).
+    assert set(health["processes"]) == {"dagster", "api"}
+    for process in health["processes"].values():
+        assert process["state"] == "running" and process["pid"] > 0, health
     metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
     assert 'vbs_batches{status="completed"}' in metrics
     assert 'vbs_requests_processed{outcome="completed"}' in metrics
