@@ -57,7 +57,7 @@ postgres:
 
 # Two workers, a test file each at a time: most of the suite waits on servers, daemons and run
 # processes, so two files at once take about 0.7 of the time of one after the other.
-PYTEST_WORKERS ?= 2
+PYTEST_WORKERS ?= 3
 
 test: lint model postgres
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
