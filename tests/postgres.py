@@ -4,7 +4,6 @@ session (each xdist worker is a session); each test gets a database of its own."
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import shutil
@@ -55,18 +54,25 @@ PREFIX = "vbs-test-postgres-"
 
 def _sweep() -> None:
     """Remove the folders of servers that are gone (a test process killed before its cleanup;
-    the server itself died with it)."""
+    the server itself died with it). A folder whose server is alive, or that is younger than
+    ten minutes without a readable pid (another worker's server, still starting: its pid file is
+    written in steps), is left alone."""
     for folder in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
-        pid_file = folder / "data" / "postmaster.pid"
         try:
-            os.kill(int(pid_file.read_text().split()[0]), 0)
-            continue  # a live server: another session's
-        except FileNotFoundError:
-            with contextlib.suppress(OSError):
-                if time.time() - folder.stat().st_mtime < 600:
-                    continue  # another session's server, still starting
+            age = time.time() - folder.stat().st_mtime
+            pid = int((folder / "data" / "postmaster.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
-            pass
+            pid = None
+        if pid is not None:
+            try:
+                os.kill(pid, 0)
+                continue  # alive
+            except ProcessLookupError:
+                pass  # gone: remove it
+            except OSError:
+                continue
+        elif age < 600:
+            continue
         shutil.rmtree(folder, ignore_errors=True)
 
 
