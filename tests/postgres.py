@@ -4,6 +4,7 @@ session (each xdist worker is a session); each test gets a database of its own."
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import shutil
@@ -82,9 +83,19 @@ class PostgresServer:
         if folder is None:
             raise RuntimeError("PostgreSQL is not installed: `make setup` installs it")
         self.bin, self.port = folder, port
+        # One initdb and start at a time on this machine: concurrent initdb runs (one per pytest
+        # worker) failed in their bootstrap now and then.
+        with open(Path(tempfile.gettempdir()) / f"{PREFIX}start.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._start(folder, port)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _start(self, folder: Path, port: int) -> None:
+        _sweep()
         # Outside pytest's temporary folders: those are root's alone (mode 700), and the server
         # runs as the `postgres` user when the tests run as root.
-        _sweep()
         self.root = Path(tempfile.mkdtemp(prefix=PREFIX))
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres")
