@@ -32,8 +32,7 @@ WEBHOOK_SECRET = "whsec_" + __import__("base64").b64encode(b"vbs-test-webhook-se
 # The longest files first: with two workers taking a file at a time (`make test`), the last
 # file to start is then a short one, not a four-minute one.
 LONGEST_FIRST = (
-    "test_dagster_ui.py", "test_fine_tuning.py", "test_daemon.py", "test_postgres.py",
-    "test_corpus.py",
+    "test_dagster_ui.py", "test_fine_tuning.py", "test_daemon.py", "test_corpus.py",
     "test_server_mode.py", "test_api.py", "test_training.py", "test_datasets.py",
     "test_conquests.py", "test_inference.py",
 )  # fmt: skip
@@ -440,17 +439,14 @@ def label_studio(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def platform(tmp_path_factory, model_dir, webhook_receiver, label_studio, postgres):
+def platform(tmp_path_factory, model_dir, webhook_receiver, label_studio):
     """The shared platform of the end-to-end tests, with API keys, webhooks and the session's
-    Label Studio, on production storage: the catalog and Dagster's storage in databases of the
-    session's PostgreSQL. (The platforms of test_dagster_ui, test_daemon's whole-platform kill
-    and test_server_mode run on the embedded SQLite defaults.)"""
+    Label Studio, on the embedded defaults (SQLite). The same platform on PostgreSQL is
+    test_postgres.py's (`make test-production`)."""
     home = tmp_path_factory.mktemp("platform") / "vbs"
     process = start_platform(
         home,
         model_dir,
-        VBS_CATALOG_URL=postgres.database("catalog"),
-        VBS_DAGSTER_STORAGE_URL=postgres.database("dagster"),
         VBS_API_KEYS=f"{API_KEY},second-key",
         VBS_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
         VBS_WEBHOOK_URLS=webhook_receiver.url,

@@ -1,4 +1,4 @@
-"""`vbs doctor` on a healthy platform (the shared one: PostgreSQL, Label Studio, a live daemon)
+"""`vbs doctor` on a healthy platform (the shared one: Label Studio, a live daemon)
 and on the same settings with each part broken in turn: the broken part fails with its fix
 named, the others still pass, and no secret is printed."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
 import sqlalchemy as sa
 
 from tests.conftest import free_port
@@ -15,6 +14,7 @@ from vbs_cli.doctor import checks
 from vbs_resources import migrations
 from vbs_resources.settings import load_settings
 
+PASSWORD = "pw-Doctor-99"
 PARTS = ("catalog", "dagster storage", "daemon", "bucket", "model", "engine", "label studio")
 
 
@@ -37,7 +37,7 @@ def test_a_healthy_platform_passes_every_check(platform):
     for part in PARTS:
         assert any(line.startswith(f"ok   {part}: ") for line in lines), (part, done.stdout)
     assert any(line.startswith("info gpu: ") for line in lines)
-    assert "postgresql" in done.stdout and "revision" in done.stdout
+    assert "revision" in done.stdout and "daemons" in done.stdout
     token = platform.process.env["VBS_LABEL_STUDIO_TOKEN"]
     assert token not in done.stdout and "FAIL" not in done.stdout
 
@@ -48,12 +48,29 @@ def _broken(platform, postgres, tmp_path) -> dict[str, dict[str, str]]:
     migrations.upgrade(engine, "0005")
     engine.dispose()
     fresh = tmp_path / "fresh"
+    catalog = f"sqlite:///{platform.home / 'catalog.db'}"
     (tmp_path / "a-file").write_text("")
     return {
-        "catalog": {"VBS_CATALOG_URL": postgres.url("no_such_database")},
+        "catalog": {
+            "VBS_CATALOG_URL": postgres.url("no_such_database").replace("vbs@", f"vbs:{PASSWORD}@")
+        },
         "catalog-old": {"VBS_CATALOG_URL": old},
-        "dagster storage": {"VBS_DAGSTER_STORAGE_URL": postgres.url("no_such_database")},
-        "daemon": {"VBS_HOME": str(fresh), "VBS_DAGSTER_STORAGE_URL": postgres.database("idle")},
+        # Instances of their own (written first, in homes of their own, with the platform's
+        # catalog): Dagster's database unreachable, and a daemon that never ran.
+        "dagster storage": {
+            "VBS_HOME": str(tmp_path / "unreachable"),
+            "VBS_CATALOG_URL": catalog,
+            "VBS_DAGSTER_STORAGE_URL": postgres.url("no_such_database").replace(
+                "vbs@", f"vbs:{PASSWORD}@"
+            ),
+        },
+        # The setting names Postgres; the platform's dagster.yaml was written without it.
+        "dagster storage-not-written": {"VBS_DAGSTER_STORAGE_URL": postgres.database("unused")},
+        "daemon": {
+            "VBS_HOME": str(fresh),
+            "VBS_CATALOG_URL": catalog,
+            "VBS_DAGSTER_STORAGE_URL": postgres.database("idle"),
+        },
         "bucket": {"VBS_BUCKET_URL": str(tmp_path / "a-file" / "bucket")},
         "model": {"VBS_MODEL": str(tmp_path / "no-model")},
         "engine": {"VBS_ENGINE": "server", "VBS_ENGINE_URL": f"http://127.0.0.1:{free_port()}"},
@@ -69,7 +86,7 @@ def test_each_part_broken_fails_alone_with_its_fix(platform, postgres, tmp_path)
     for case, change in cases.items():
         part = case.split("-")[0]
         env = {**platform.process.env, **change}
-        if case == "daemon":  # an instance no daemon ever ran on
+        if case in ("daemon", "dagster storage"):
             write_instance(load_settings({k: v for k, v in env.items() if k.startswith("VBS_")}))
         found = results(env)
         ok, text = found[part]
@@ -79,18 +96,9 @@ def test_each_part_broken_fails_alone_with_its_fix(platform, postgres, tmp_path)
         if part in ("dagster storage", "daemon"):  # one storage: both say so
             others -= {"dagster storage", "daemon"}
         assert not others, (case, found)
-        assert "not-the-token-0123" not in str(found)
+        assert "not-the-token-0123" not in str(found) and PASSWORD not in str(found)
     # The command says which, and exits 1.
     done = doctor({**platform.process.env, **cases["model"]})
     assert done.returncode == 1
     assert "FAIL model: " in done.stdout and "fix: `make model`" in done.stdout
     assert done.stdout.strip().endswith("vbs doctor: 1 failed")
-
-
-@pytest.mark.parametrize("password", ["pw-Doctor-99"])
-def test_a_database_password_is_never_printed(platform, postgres, password):
-    url = postgres.url("no_such_database").replace("vbs@", f"vbs:{password}@")
-    done = doctor({**platform.process.env, "VBS_CATALOG_URL": url, "VBS_DAGSTER_STORAGE_URL": url})
-    assert done.returncode == 1
-    assert password not in done.stdout + done.stderr
-    assert "FAIL catalog" in done.stdout and "FAIL dagster storage" in done.stdout

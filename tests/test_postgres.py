@@ -2,12 +2,11 @@
 ``VBS_CATALOG_URL`` and ``VBS_DAGSTER_STORAGE_URL`` naming databases of the session's real
 PostgreSQL 15, nothing mocked.
 
-The suite's shared platform (``platform`` in conftest) runs on PostgreSQL too, so every
-end-to-end test that uses it (the inbox and API paths, fine-tuning to deployment, curation in
-Label Studio, datasets) runs on this storage. This module adds what needs a platform of its own:
-several writers at once with two runs holding the gpu pool side by side, a re-materialization
-from the Dagster UI, the database password kept out of every log and record, and the whole
-platform killed mid-batch (last)."""
+A platform of its own with two gpu slots and JSON logs: the inbox and the API at once with
+several writers and two runs holding the gpu pool side by side, a re-materialization from the
+Dagster UI, the database password kept out of every log and record, JSON logs, and the whole
+platform killed mid-batch (last). About 200 s alone: `make test-production` runs it, `make test`
+leaves it out (its 25-minute budget)."""
 
 from __future__ import annotations
 
@@ -32,7 +31,8 @@ from tests.conftest import (
 )
 from tests.test_dagster_ui import materialize_from_ui, snapshot, wait_run
 
-pytestmark = pytest.mark.slow
+# Not in `make test` (its 25-minute budget): `make test-production` runs this module.
+pytestmark = [pytest.mark.slow, pytest.mark.production]
 ENDED = {"completed", "failed", "cancelled", "expired"}
 PASSWORD = "pg-Secret-4711"
 

@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_format)
     start_error_tracking(settings, "api")
+    keys = len(settings.api_keys or [])
+    log.info(f"the API on http://{settings.api_host}:{settings.api_port}/v1, {keys} API key(s)")
     if not settings.api_keys:
         log.warning("VBS_API_KEYS is not set: the API accepts requests without a key (loopback)")
     dagster = settings.dagster_url.get_secret_value() if settings.dagster_url else None

@@ -117,6 +117,17 @@ def _instance(settings: Settings) -> Iterator:
 
 
 def dagster_storage(settings: Settings, timeout: float) -> Check:
+    import yaml
+
+    written = yaml.safe_load((settings.dagster_home / "dagster.yaml").read_text()) or {}
+    if settings.dagster_storage_url is not None and "postgres" not in (
+        written.get("storage") or {}
+    ):
+        return Check(
+            "dagster storage", False, "VBS_DAGSTER_STORAGE_URL is set, but the instance's "
+            "dagster.yaml has no postgres storage (it was written without it)",
+            "run `vbs migrate` (or `vbs serve`) with this setting",
+        )  # fmt: skip
     with _instance(settings) as instance:
         stale = []
         for name, storage in (
