@@ -9,8 +9,6 @@ migrates the catalog or Dagster's storage, never starts a process, and never pri
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shutil
 import subprocess
 import time
@@ -18,8 +16,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
+from vbs_resources.dagster_instance import open_instance
 from vbs_resources.settings import Settings, redact_url
 
 # A daemon whose last heartbeat is older than this is taken for dead (Dagster's daemons beat
@@ -99,23 +97,6 @@ def catalog(settings: Settings, timeout: float) -> Check:
     return Check("catalog", True, f"{shown}, revision {head}")
 
 
-@contextlib.contextmanager
-def _instance(settings: Settings) -> Iterator:
-    import dagster as dg
-
-    config = settings.dagster_home / "dagster.yaml"
-    if not config.exists():
-        raise FileNotFoundError(f"{config} is missing")
-    env = {}
-    if settings.dagster_storage_url is not None:
-        env["VBS_DAGSTER_STORAGE_URL"] = settings.dagster_storage_url.get_secret_value()
-    with (
-        mock.patch.dict(os.environ, env),
-        dg.DagsterInstance.from_config(str(settings.dagster_home)) as instance,
-    ):
-        yield instance
-
-
 def dagster_storage(settings: Settings, timeout: float) -> Check:
     import yaml
 
@@ -128,7 +109,7 @@ def dagster_storage(settings: Settings, timeout: float) -> Check:
             "dagster.yaml has no postgres storage (it was written without it)",
             "run `vbs migrate` (or `vbs serve`) with this setting",
         )  # fmt: skip
-    with _instance(settings) as instance:
+    with open_instance(settings) as instance:
         stale = []
         for name, storage in (
             ("runs", instance.run_storage),
@@ -145,7 +126,7 @@ def dagster_storage(settings: Settings, timeout: float) -> Check:
 
 
 def daemon(settings: Settings, timeout: float) -> Check:
-    with _instance(settings) as instance:
+    with open_instance(settings) as instance:
         beats = instance.get_daemon_heartbeats()
         required = instance.get_required_daemon_types()
     now = time.time()

@@ -10,8 +10,6 @@ idempotent, and concurrent runs are serialized (the catalog's migration lock).
 from __future__ import annotations
 
 import argparse
-import os
-from unittest import mock
 
 from vbs_resources.settings import Settings, redact_url
 
@@ -23,11 +21,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    import dagster as dg
-
     from vbs_resources import migrations
     from vbs_resources.catalog import Catalog
-    from vbs_resources.dagster_instance import write_instance
+    from vbs_resources.dagster_instance import open_instance, write_instance
 
     home = write_instance(settings)
     print(f"vbs migrate: {home / 'dagster.yaml'} written", flush=True)
@@ -37,10 +33,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     catalog.engine.dispose()
     shown = redact_url(settings.resolved_catalog_url)
     print(f"vbs migrate: catalog {shown} at revision {revision}", flush=True)
-    env = {}
-    if settings.dagster_storage_url is not None:
-        env["VBS_DAGSTER_STORAGE_URL"] = settings.dagster_storage_url.get_secret_value()
-    with mock.patch.dict(os.environ, env), dg.DagsterInstance.from_config(str(home)) as instance:
+    with open_instance(settings) as instance:
         instance.upgrade()
         kind = type(instance.run_storage).__name__.removesuffix("RunStorage")
     print(f"vbs migrate: Dagster storage ({kind}) upgraded", flush=True)

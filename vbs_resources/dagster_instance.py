@@ -17,9 +17,13 @@ VBS_DAGSTER_STORAGE_URL}``, so the password is never written to disk by vbs.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import yaml
 
@@ -179,3 +183,22 @@ def write_instance(settings: Settings) -> Path:
         partial.write_text(text, encoding="utf-8")
         partial.replace(target)
     return home
+
+
+@contextlib.contextmanager
+def open_instance(settings: Settings) -> Iterator[Any]:
+    """The Dagster instance of ``settings`` (its written ``dagster.yaml``), opened in this
+    process: the file names ``VBS_DAGSTER_STORAGE_URL``, which is set here, as normalized, while
+    Dagster reads its config."""
+    import dagster as dg
+
+    config = settings.dagster_home / "dagster.yaml"
+    if not config.exists():
+        raise FileNotFoundError(f"{config} is missing")
+    env = {}
+    if settings.dagster_storage_url is not None:
+        env[STORAGE_VARIABLE] = settings.dagster_storage_url.get_secret_value()
+    with mock.patch.dict(os.environ, env):
+        instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    with instance:
+        yield instance
