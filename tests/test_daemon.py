@@ -152,6 +152,8 @@ def test_the_whole_platform_killed_mid_batch_finishes_it_after_a_restart(
             for line in read_jsonl(home / "bucket" / "batches" / batch_id / name)
         ]
         assert sorted(ids) == sorted(line["custom_id"] for line in lines)
+        # The batch is completed inside the step; Dagster records the materialization after it.
+        platform.wait_run_finished(batch_id, timeout=120)
         records = platform.instance.fetch_materializations(
             dg.AssetRecordsFilter(
                 asset_key=dg.AssetKey("batch_output"), asset_partitions=[batch_id]
