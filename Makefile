@@ -17,7 +17,7 @@ CONSTRAINTS := $(if $(filter cpu,$(EXTRA)),-c constraints/cpu.txt,)
 LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed-1.23.2
 
-.PHONY: setup model run test test-production lint bench screenshots clean postgres
+.PHONY: setup model run test test-production lint bench screenshots clean postgres s3-server
 
 $(STAMP): pyproject.toml Makefile constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ $(LS_STAMP): Makefile constraints/label-studio.txt
 	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LS_VENV)/bin/python -m pip install --quiet -c constraints/label-studio.txt label-studio==1.23.2
 	touch $@
+
+# The tests' S3 server (moto's server mode, moto_server) in an environment of its own: moto
+# needs a newer botocore than s3fs (in .venv) accepts.
+S3_VENV ?= .venv-s3
+S3_STAMP := $(S3_VENV)/.installed-5.2.6
+$(S3_STAMP): Makefile constraints/moto.txt
+	test -x $(S3_VENV)/bin/python || $(PYTHON) -m venv $(S3_VENV)
+	$(S3_VENV)/bin/python -m pip install --quiet -c constraints/moto.txt "moto[server]==5.2.6"
+	touch $@
+
+s3-server: $(S3_STAMP)
 
 setup: $(STAMP) $(LS_STAMP)
 
@@ -59,12 +70,12 @@ postgres:
 # processes, so two files at once take about 0.7 of the time of one after the other.
 PYTEST_WORKERS ?= 2
 
-test: lint model postgres
+test: lint model postgres s3-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 -m "not production" $(PYTEST_ARGS)
 
 # The platform on PostgreSQL end to end (tests/test_postgres.py, about 200 s alone): outside
 # `make test`'s 25-minute budget.
-test-production: model postgres
+test-production: model postgres s3-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m production $(PYTEST_ARGS)
 
 bench: model
@@ -85,4 +96,4 @@ screenshots: model $(LS_STAMP) $(DOCS_VENV)/.installed-1
 	$(BIN)/python scripts/screenshots.py
 
 clean:
-	rm -rf $(VENV) $(LS_VENV) $(DOCS_VENV) .vbs
+	rm -rf $(VENV) $(LS_VENV) $(DOCS_VENV) $(S3_VENV) .vbs

@@ -146,6 +146,26 @@ def postgres():
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """The session's S3 server (tests/s3.py), and this process's AWS variables pointing at it
+    (the processes the tests start inherit them); each test asks it for a bucket."""
+    from tests.s3 import S3Server
+
+    server = S3Server(free_port(), tmp_path_factory.mktemp("s3") / "moto.log")
+    saved = {key: os.environ.get(key) for key in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def new_database(request, tmp_path):
     """Makes new, empty databases (their URLs): once on SQLite (the embedded default) and once
@@ -255,11 +275,23 @@ class Platform:
         with mock.patch.dict(os.environ, dagster_env):
             self.instance = dg.DagsterInstance.from_config(str(home / "dagster"))
 
+    @property
+    def bucket(self):
+        return self.resources["bucket"]
+
     def drop(self, name: str, data: bytes) -> None:
-        """Write under a temporary name, then rename: the documented atomic drop."""
+        """Write under a temporary name, then rename: the documented atomic drop (on S3 one PUT:
+        an object appears whole)."""
+        if not self.bucket.is_local:
+            self.bucket.write_bytes(f"inbox/{name}", data)
+            return
         tmp = self.inbox / f".{name}.part"
         tmp.write_bytes(data)
         tmp.rename(self.inbox / name)
+
+    def read_jsonl(self, rel: str) -> list[dict[str, Any]]:
+        """A JSONL file of the platform's bucket (a folder or S3)."""
+        return [json.loads(line) for line in self.bucket.read_text(rel).splitlines()]
 
     def runs(self, batch_id: str):
         return self.instance.get_runs(dg.RunsFilter(tags={"vbs/batch_id": batch_id}))

@@ -1,7 +1,14 @@
 """The bucket: where batch files, results, datasets and adapters live.
 
-A local folder by default; any fsspec URL (``s3://``, ``gs://``, ``memory://``) in production.
+A local folder by default; an ``s3://`` URL in production (other fsspec URLs, ``gs://`` or
+``memory://``, are accepted but untested).
 Paths handed to the bucket are always built by vbs from opaque ids, never taken from a client.
+
+On an object store (S3 through s3fs, with credentials and endpoint from the standard AWS
+variables) every write is all or nothing: an object is uploaded only when its writer commits
+(``autocommit=False``), and a writer that fails discards its upload. Listings are never cached:
+the inbox sensor must see what arrived since its last tick. Reads stream in blocks of
+``OBJECT_BLOCK`` bytes.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import contextlib
 import hashlib
 import os
 import posixpath
+import shutil
 import stat
 import uuid
 from collections.abc import Iterator
@@ -20,6 +28,18 @@ import dagster as dg
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import PrivateAttr
+
+# Read-ahead and multipart part size on object stores (S3 parts must be 5 MiB or more).
+OBJECT_BLOCK = 8 * 1024 * 1024
+
+
+def _object_store_options(url: str) -> dict[str, Any]:
+    """fsspec options for the object stores vbs knows: no listing cache (a sensor that lists
+    the inbox every tick must see new objects), bounded read-ahead."""
+    protocol = fsspec.utils.get_protocol(url)
+    if protocol in ("s3", "s3a", "gs", "gcs", "abfs", "az"):
+        return {"use_listings_cache": False, "default_block_size": OBJECT_BLOCK}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -48,15 +68,21 @@ class Bucket(dg.ConfigurableResource):
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         if self._fs is None:
-            fs, root = fsspec.core.url_to_fs(self.url)
+            fs, root = fsspec.core.url_to_fs(self.url, **_object_store_options(self.url))
             self._fs, self._root = fs, root.rstrip("/")
-            if isinstance(fs, LocalFileSystem):
-                fs.makedirs(self._root, exist_ok=True)
+            # A local folder, or an object store's bucket, is made when missing.
+            fs.makedirs(self._root, exist_ok=True)
         return self._fs
 
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
+
+    def uri(self, *parts: str) -> str:
+        """``path(*parts)`` with the store's protocol (``s3://bucket/...``), for libraries that
+        open URLs themselves (DuckDB, pyarrow); a local path as it is."""
+        path = self.path(*parts)
+        return path if self.is_local else self.fs.unstrip_protocol(path)
 
     def path(self, *parts: str) -> str:
         """The full path of ``parts`` (relative, '/'-separated) inside the bucket."""
@@ -91,12 +117,19 @@ class Bucket(dg.ConfigurableResource):
 
     @contextlib.contextmanager
     def atomic_writer(self, rel: str) -> Iterator[IO[bytes]]:
-        """Stream into a temporary sibling, then rename over ``rel`` (object stores: one PUT)."""
+        """Stream into a temporary sibling, then rename over ``rel``. Object stores: the object
+        is uploaded only when the block ends without an exception (otherwise it is discarded)."""
         target = self.path(rel)
         self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
         if not self.is_local:
-            with self.fs.open(target, "wb") as fh:
+            fh = self.fs.open(target, "wb", autocommit=False)
+            try:
                 yield fh
+            except BaseException:
+                _discard(self.fs, fh, target)
+                raise
+            fh.close()
+            fh.commit()
             return
         tmp = f"{posixpath.dirname(target)}/.{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp"
         try:
@@ -170,8 +203,14 @@ class Bucket(dg.ConfigurableResource):
                 out.write(data)
 
     def move(self, src: str, dst: str) -> None:
+        """A rename in a local folder. On an object store, a copy and then the delete: ``src``
+        is never gone before its copy exists (a process killed in between leaves both)."""
         self.fs.makedirs(posixpath.dirname(self.path(dst)), exist_ok=True)
-        self.fs.mv(self.path(src), self.path(dst))
+        if self.is_local:
+            self.fs.mv(self.path(src), self.path(dst))
+        else:
+            self.fs.copy(self.path(src), self.path(dst))
+            self.fs.rm(self.path(src))
 
     def remove(self, rel: str) -> None:
         """Remove one file; a file that is already gone is fine."""
@@ -199,7 +238,7 @@ class StagedFile:
             self._fh: IO[bytes] = open(self._written, "wb")  # noqa: SIM115 - closed in commit/abort
         else:
             self._written = target
-            self._fh = bucket.fs.open(target, "wb")
+            self._fh = bucket.fs.open(target, "wb", autocommit=False)
 
     def write(self, data: bytes) -> None:
         self._fh.write(data)
@@ -209,14 +248,89 @@ class StagedFile:
     def commit(self) -> str:
         """Put the file in place; returns its sha256."""
         self._fh.close()
-        if self._written != self.bucket.path(self.rel):
+        if self.bucket.is_local:
             self.bucket.fs.mv(self._written, self.bucket.path(self.rel))
+        else:
+            self._fh.commit()
         return self.digest.hexdigest()
 
     def abort(self) -> None:
-        # fsspec's buffered object-store files can drop their upload instead of finishing it.
-        discard = getattr(self._fh, "discard", None)
+        if self.bucket.is_local:
+            with contextlib.suppress(Exception):
+                self._fh.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.bucket.fs.rm(self._written)
+        else:
+            _discard(self.bucket.fs, self._fh, self._written)
+
+
+def _discard(fs: fsspec.AbstractFileSystem, fh: Any, path: str) -> None:
+    """Drop an object-store upload that was not committed: nothing appears, and an older object
+    under the same name stays. fsspec leaves such a file open after ``discard()``; it is marked
+    closed so that nothing uploads it later. A store without uploads to drop (``memory://``,
+    which writes on close) loses the file instead."""
+    if callable(getattr(fh, "discard", None)):
         with contextlib.suppress(Exception):
-            discard() if callable(discard) else self._fh.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.bucket.fs.rm(self._written)
+            fh.discard()
+        with contextlib.suppress(AttributeError):  # an in-memory file's is read-only
+            fh.closed = True
+        return
+    with contextlib.suppress(Exception):
+        fh.close()
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path)
+
+
+# Local copies of folders kept in an object store, by URL: this process's, once found.
+_LOCAL_COPIES: dict[str, str] = {}
+
+
+def local_folder(url: str, cache: str | os.PathLike[str] | None = None) -> str:
+    """A local folder holding what the folder ``url`` holds, for libraries that read only local
+    paths (vLLM loads adapters from a folder): ``url`` itself when it is local; else a copy
+    under ``cache`` (``$VBS_HOME/cache/folders``), named by the URL and its objects' ETags and
+    sizes, downloaded once into a temporary sibling and renamed into place, so that a reader
+    never sees half of one and new contents under the same URL get a copy of their own."""
+    if "://" not in url or url.startswith("file://"):
+        return url.removeprefix("file://")
+    if url in _LOCAL_COPIES:
+        return _LOCAL_COPIES[url]
+    fs, root = fsspec.core.url_to_fs(url, **_object_store_options(url))
+    root = root.rstrip("/")
+    listing = sorted(
+        (info["name"], info.get("size"), info.get("ETag") or info.get("mtime"))
+        for info in fs.find(root, detail=True).values()
+    )
+    if not listing:
+        raise FileNotFoundError(f"{url} holds nothing")
+    key = hashlib.sha256(f"{url}\0{listing}".encode()).hexdigest()[:32]
+    home = os.environ.get("VBS_HOME", ".vbs")
+    base = os.fspath(cache) if cache is not None else os.path.join(home, "cache", "folders")
+    target = os.path.join(os.path.abspath(base), key)
+    if not os.path.isdir(target):
+        os.makedirs(base, exist_ok=True)
+        partial = f"{target}.{uuid.uuid4().hex}.part"
+        try:
+            for name, _, _ in listing:
+                local = os.path.join(partial, posixpath.relpath(name, root))
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                fs.get_file(name, local)
+            with contextlib.suppress(OSError):  # another process renamed its copy first
+                os.rename(partial, target)
+        finally:
+            if os.path.isdir(partial):
+                shutil.rmtree(partial, ignore_errors=True)
+    _LOCAL_COPIES[url] = target
+    return target
+
+
+def upload_folder(bucket: Bucket, local: str | os.PathLike[str], rel: str) -> None:
+    """Every file under the local folder ``local`` into the bucket's folder ``rel``, each
+    written whole (``atomic_writer``)."""
+    for folder, _, files in os.walk(local):
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            inside = os.path.relpath(path, local).replace(os.sep, "/")
+            with open(path, "rb") as fh, bucket.atomic_writer(f"{rel}/{inside}") as out:
+                while data := fh.read(OBJECT_BLOCK):
+                    out.write(data)

@@ -102,7 +102,10 @@ def _options(bucket: Bucket, sidecar: BucketEntry | None) -> tuple[BatchOptions,
 
 def _hashes(bucket: Bucket, rel: str, sidecar: bytes) -> tuple[str, str]:
     """(sha256 of the file, sha256 of file and sidecar together: the batch's content)."""
-    input_sha = bucket.sha256(rel)
+    return _hashes_of(bucket.sha256(rel), sidecar)
+
+
+def _hashes_of(input_sha: str, sidecar: bytes) -> tuple[str, str]:
     content = hashlib.sha256(f"{input_sha}\0sidecar\0".encode() + sidecar).hexdigest()
     return input_sha, content
 
@@ -130,7 +133,15 @@ def take(
     batch_id = L.content_batch_id(content_sha)
     target = L.batch_file(batch_id, L.INPUT)
     catalog = lifecycle.catalog
-    if catalog.batches.get(batch_id) is not None and bucket.exists(target):
+    row = catalog.batches.get(batch_id)
+    exists = row is not None and bucket.exists(target)
+    if exists and row["original_filename"] == name[:255] and bucket.sha256(target) == input_sha:
+        # The batch's input is in place and the same drop is still in the inbox: an object
+        # store moves by copying, then deleting, and a tick died between the two. The take is
+        # finished (a run asked for again is one Dagster has seen: its run key is the same).
+        bucket.remove(rel)
+        return _finish_take(bucket, name, sidecar, batch_id, options, input_sha, log)
+    if exists:
         moved_to = _free_name(bucket, L.INBOX_DUPLICATES, name)
         try:
             bucket.move(rel, moved_to)
@@ -147,8 +158,9 @@ def take(
                 f"no new run; the copy was moved to {moved_to}"
             )
         return batch_id, None
-    # Recorded first, then moved: a tick that dies in between leaves the file in the inbox and
-    # the next tick finishes the move (the row exists, the input does not yet).
+    # Recorded first (the batch, then its input file), then moved: a tick that dies in between
+    # leaves the file in the inbox and the next tick finishes the move (the rows exist, the
+    # input does not yet).
     created = lifecycle.create(
         batch_id,
         source="inbox",
@@ -160,22 +172,38 @@ def take(
         metadata=options.metadata,
         options=options.model_dump(exclude_none=True, exclude={"metadata"}),
     )
+    file_id = L.dropped_file_id(content_sha)
+    # The batch names its input as an upload's batch names its file: GET /v1/files/{id} and its
+    # content answer for it (the bytes are the batch's own input).
+    if catalog.files.get(file_id) is None:
+        catalog.files.create(
+            file_id,
+            filename=name[:255],
+            purpose="batch",
+            size=bucket.size(rel),
+            path=target,
+            sha256=input_sha,
+        )
     try:
         bucket.move(rel, target)
     except OSError as exc:
-        if created:
+        if created:  # its file's row stays, to be used when the move succeeds
             catalog.batches.delete_new(batch_id)
         raise InboxProblem("cannot_move", f"cannot move {name}: {exc.strerror}") from None
-    # The batch names its input as an upload's batch names its file: GET /v1/files/{id} and its
-    # content answer for it (the bytes are the batch's own input).
-    catalog.files.create(
-        L.dropped_file_id(content_sha),
-        filename=name[:255],
-        purpose="batch",
-        size=bucket.size(target),
-        path=target,
-        sha256=input_sha,
-    )
+    return _finish_take(bucket, name, sidecar, batch_id, options, input_sha, log)
+
+
+def _finish_take(
+    bucket: Bucket,
+    name: str,
+    sidecar: BucketEntry | None,
+    batch_id: str,
+    options: BatchOptions,
+    input_sha: str,
+    log: dg.DagsterLogManager | None,
+) -> tuple[str, dg.RunRequest]:
+    """What follows the input's move into the batch's folder: the sidecar kept with the batch,
+    and the run to request."""
     if sidecar is not None:
         # The options are in the catalog already; the sidecar is kept with the batch as a
         # record. One that cannot be moved stays, and is reported as left behind.
@@ -199,6 +227,33 @@ def _not_regular(name: str) -> str:
         f"{name} is not a regular file (a FIFO, a socket or a device), which is never opened: "
         "write the batch as a plain file"
     )
+
+
+def _keep_applied_sidecar(bucket: Bucket, catalog: Catalog, entry: BucketEntry) -> str | None:
+    """A sidecar left in the inbox by a tick that died after taking its batch (its options are
+    in the catalog, the batch's content hash includes its bytes) is moved to the batch it
+    belongs to, as the take would have (or removed, where its copy is there already); that
+    batch's id, or None."""
+    stem = L.batch_stem(entry.name)
+    for candidate in (f"{stem}.jsonl", f"{stem}.JSONL"):
+        taken = catalog.batches.latest_named(candidate)
+        if taken is None or entry.size > MAX_SIDECAR_BYTES:
+            continue
+        record = L.batch_file(taken["id"], L.SIDECAR)
+        if not taken.get("input_sha256"):
+            continue
+        raw = bucket.read_bytes(L.inbox_path(entry.name))
+        _, content = _hashes_of(taken["input_sha256"], raw)
+        if content != taken["content_sha256"]:
+            continue
+        if not bucket.exists(record):
+            bucket.move(L.inbox_path(entry.name), record)
+        elif bucket.read_bytes(record) == raw:  # copied, not yet deleted (an object store)
+            bucket.remove(L.inbox_path(entry.name))
+        else:
+            continue
+        return taken["id"]
+    return None
 
 
 def _orphan_sidecar(catalog: Catalog, name: str) -> str:
@@ -263,10 +318,14 @@ def evaluate(
                 signature = _signature(entry)
                 tick.seen[name] = signature
                 if previous.get(name) == signature:
-                    tick.problems[name] = (
-                        "orphan_sidecar",
-                        _orphan_sidecar(lifecycle.catalog, name),
-                    )
+                    kept = _keep_applied_sidecar(bucket, lifecycle.catalog, entry)
+                    if kept is not None:
+                        tick.notes.append(f"{name}: kept with {kept}, whose options it holds")
+                    else:
+                        tick.problems[name] = (
+                            "orphan_sidecar",
+                            _orphan_sidecar(lifecycle.catalog, name),
+                        )
             continue
         if not L.is_batch_file_name(name):
             tick.problems[name] = (
