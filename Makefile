@@ -73,7 +73,7 @@ PYTEST_WORKERS ?= 2
 test: lint model postgres s3-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 -m "not production" $(PYTEST_ARGS)
 
-# The platform on PostgreSQL end to end (tests/test_postgres.py, about 200 s alone): outside
+# The platform on PostgreSQL and S3 end to end (tests/test_production.py): outside
 # `make test`'s 25-minute budget.
 test-production: model postgres s3-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m production $(PYTEST_ARGS)

@@ -416,6 +416,7 @@ def start_platform(home: Path, model_dir: Path, **env: str) -> PlatformProcess:
         VBS_DTYPE=TEST_DTYPE,
         VBS_CPU_KVCACHE_GIB=TEST_KVCACHE_GIB,
         VBS_LABEL_STUDIO_START="false",
+        VBS_CODE_SERVER_PORT=str(free_port()),
     )
     full_env.update(env)
     platform = PlatformProcess(home, full_env, free_port(), free_port())
@@ -474,7 +475,7 @@ def label_studio(tmp_path_factory):
 def platform(tmp_path_factory, model_dir, webhook_receiver, label_studio):
     """The shared platform of the end-to-end tests, with API keys, webhooks and the session's
     Label Studio, on the embedded defaults (SQLite). The same platform on PostgreSQL is
-    test_postgres.py's (`make test-production`)."""
+    test_production.py's, with an S3 bucket (`make test-production`)."""
     home = tmp_path_factory.mktemp("platform") / "vbs"
     process = start_platform(
         home,

@@ -298,7 +298,7 @@ def test_health_and_metrics(platform):
     health = json.loads(urllib.request.urlopen(f"{base}/health").read())
     assert health["status"] == "ok", health
     # What `vbs serve` supervises (this platform uses the session's Label Studio).
-    assert set(health["processes"]) == {"dagster", "api"}
+    assert set(health["processes"]) == {"code-server", "webserver", "daemon", "api"}
     for process in health["processes"].values():
         assert process["state"] == "running" and process["pid"] > 0, health
     metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()

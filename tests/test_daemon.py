@@ -1,4 +1,4 @@
-"""End to end under the real Dagster daemon and webserver (`vbs serve` = `dagster dev`).
+"""End to end under the real Dagster daemon, webserver and code server (`vbs serve`).
 
 A file dropped into the inbox runs as a batch without anyone acting; an identical re-drop runs
 nothing; a file still being written is not taken; a run whose process is killed with SIGKILL is
@@ -246,6 +246,113 @@ def test_a_dead_code_server_comes_back_by_itself(platform):
         "completed"
     )
     assert "reloading it" in platform.log.read_text()
+
+
+# ---- Dagster's production processes, each killed alone ----------------------------------------
+
+
+def serve_status(platform) -> dict:
+    return json.loads((platform.home / "serve-status.json").read_text())["processes"]
+
+
+def kill_alone(platform, name: str) -> None:
+    """``kill -9`` of one process `vbs serve` runs; returns once it runs again."""
+    before = serve_status(platform)[name]
+    os.kill(before["pid"], signal.SIGKILL)
+    wait_for(
+        lambda: (now := serve_status(platform)[name])["restarts"] == before["restarts"] + 1
+        and now["state"] == "running" and now["pid"] != before["pid"],
+        60, f"{name} to be restarted",
+    )  # fmt: skip
+
+
+def test_vbs_serve_runs_dagsters_production_processes(platform):
+    """The code location's gRPC server, the webserver and the daemon, each a process of its own
+    (no `dagster dev`), the webserver and daemon loading the location from the code server."""
+    import psutil
+
+    status = serve_status(platform)
+    assert {"code-server", "webserver", "daemon", "api"} <= status.keys()
+    lines = {n: " ".join(psutil.Process(s["pid"]).cmdline()) for n, s in status.items()}
+    assert (
+        "code-server start" in lines["code-server"]
+        and "--location-name vbs" in lines["code-server"]
+    )
+    assert "dagster-webserver" in lines["webserver"] and "dagster-daemon run" in lines["daemon"]
+    commands = [" ".join(p.cmdline()) for p in platform.process.processes()]
+    assert not [c for c in commands if "dagster dev" in c]
+    workspace = (platform.home / "dagster" / "workspace.yaml").read_text()
+    assert "grpc_server" in workspace and "location_name: vbs" in workspace
+
+
+def test_the_webserver_and_the_api_killed_alone_come_back_and_launch_batches(platform):
+    """Each killed alone in turn (`/health` counts the restart); the API then creates a batch,
+    which it launches through the restarted webserver, and the batch completes."""
+    import httpx
+    from openai import OpenAI
+
+    from tests.conftest import API_KEY
+
+    for name in ("webserver", "api"):
+        kill_alone(platform, name)
+    wait_for(_up(platform), 60, "the API and the webserver")
+    client = OpenAI(base_url=platform.api_url, api_key=API_KEY, max_retries=2)
+    upload = client.files.create(file=("a.jsonl", jsonl([chat_line("w", "Hi.", max_tokens=4)])),
+                                 purpose="batch")  # fmt: skip
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    row = platform.wait_status(batch.id, {"completed", "failed"}, timeout=240)
+    assert row["status"] == "completed", row
+    health = httpx.get(f"http://127.0.0.1:{platform.api_port}/health", timeout=10).json()
+    assert health["processes"]["webserver"]["restarts"] >= 1
+    assert health["processes"]["api"]["restarts"] >= 1
+
+
+def _up(platform):
+    import httpx
+
+    def check() -> bool:
+        try:
+            api = httpx.get(f"http://127.0.0.1:{platform.api_port}/health", timeout=5)
+            web = httpx.get(f"http://127.0.0.1:{platform.port}/server_info", timeout=5)
+        except httpx.HTTPError:
+            return False
+        return api.status_code == 200 and web.status_code == 200
+
+    return check
+
+
+def test_the_daemon_killed_alone_comes_back_and_the_inbox_is_taken(platform):
+    kill_alone(platform, "daemon")
+    batch_id = drop_batch(platform, "after-daemon", [chat_line("d", "Hi.", max_tokens=4)])
+    row = platform.wait_status(batch_id, {"completed", "failed"}, timeout=240)
+    assert row["status"] == "completed", row
+
+
+def test_the_code_server_killed_with_a_run_in_flight_loses_nothing(platform):
+    """``kill -9`` of the code server while a batch runs in it: its run dies with it (what is
+    left of its session is killed), the code server is restarted, the reconciler reports the
+    run failed, Dagster retries it from its checkpoint, and every line is answered once."""
+    lines = [
+        chat_line(f"c{i:02d}", f"Count to {i}.", temperature=0, max_tokens=24) for i in range(16)
+    ]
+    batch_id = drop_batch(platform, "code-server-kill", lines, chunk_size=2)
+    checkpoint = platform.home / "bucket" / "batches" / batch_id / "checkpoint"
+    wait_for(lambda: len(list(checkpoint.glob("chunk-*.jsonl"))) >= 2, 240, "two chunks")
+    [first] = platform.runs(batch_id)
+    kill_alone(platform, "code-server")
+    row = platform.wait_status(batch_id, {"completed", "failed"}, timeout=400)
+    assert row["status"] == "completed", row
+    ids = [
+        line["custom_id"]
+        for name in ("output.jsonl", "errors.jsonl")
+        for line in read_jsonl(platform.home / "bucket" / "batches" / batch_id / name)
+    ]
+    assert sorted(ids) == sorted(line["custom_id"] for line in lines)
+    runs = {r.run_id: r for r in platform.runs(batch_id)}
+    assert runs[first.run_id].status == dg.DagsterRunStatus.FAILURE
+    assert len(runs) == 2
 
 
 def test_a_fifo_and_a_socket_in_the_inbox_leave_the_platform_serving(platform):

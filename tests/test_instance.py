@@ -219,3 +219,26 @@ def test_migrate_brings_new_databases_to_head_and_runs_again_harmlessly(tmp_path
         assert "Dagster storage (Postgres) upgraded" in done.stdout
     settings = load_settings({k: v for k, v in env.items() if k.startswith("VBS_")})
     assert catalog(settings, 5).ok and dagster_storage(settings, 5).ok
+
+
+def test_serve_refuses_a_code_server_port_another_process_holds(tmp_path):
+    """gRPC binds with SO_REUSEPORT: a second code server on a taken port would start and share
+    the calls of two platforms. `vbs serve` refuses first, naming the setting."""
+    import socket
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as gRPC binds
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "vbs_cli.main", "serve"],
+            env={**os.environ, "VBS_HOME": str(tmp_path / "vbs"),
+                 "VBS_CODE_SERVER_PORT": str(port)},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"VBS_CODE_SERVER_PORT={port}: 127.0.0.1:{port} is in use" in done.stderr
+    assert "Traceback" not in done.stderr

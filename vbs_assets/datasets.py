@@ -214,7 +214,7 @@ def curated_dataset(
     return dg.MaterializeResult(
         metadata={
             "version": version,
-            "path": bucket.path(L.dataset_folder(version)),
+            "path": bucket.uri(L.dataset_folder(version)),
             "conquest_type": type_id,
             "type_version": build.type_version,
             "written": written,

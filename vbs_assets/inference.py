@@ -75,7 +75,7 @@ def _metadata(
         "prompt_tokens": report.prompt_tokens,
         "completion_tokens": report.completion_tokens,
         "recorded": report.recorded,
-        "output_path": bucket.path(L.batch_file(report.batch_id, L.OUTPUT)),
+        "output_path": bucket.uri(L.batch_file(report.batch_id, L.OUTPUT)),
         **engine.describe(),
     }
     if not report.recorded:

@@ -215,7 +215,7 @@ def batch_input(
             "sha256": report.sha256,
             "endpoint": report.endpoint or "",
             "models": dg.MetadataValue.json(report.models),
-            "path": bucket.path(L.batch_file(batch_id, L.REQUESTS)),
+            "path": bucket.uri(L.batch_file(batch_id, L.REQUESTS)),
             "recorded": report.recorded,
         },
         data_version=dg.DataVersion(report.sha256 or batch_id),

@@ -19,17 +19,22 @@ chain from the batches to the served model.
 
 import base64
 import io
-import json
+import os
+import posixpath
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import fsspec
 from pydantic import Field
 
 from vbs_assets.datasets import curated_dataset
 from vbs_assets.partitions import dataset_version_partitions
-from vbs_resources import Bucket, Catalog, InferenceEngine, Webhooks
+from vbs_resources import Bucket, Catalog, InferenceEngine, Webhooks, strict_json
 from vbs_resources import layout as L
+from vbs_resources.bucket import local_folder, upload_folder
 from vbs_resources.curation.datasets import failed_checks
 from vbs_resources.engine import EngineRequest
 from vbs_resources.registry import ModelRegistry, RegistryError, ServedModel, ServedModels
@@ -204,11 +209,12 @@ def fine_tuned_adapter(
     dataset = _dataset(context, catalog)
     job = _job_for_run(context, config, lifecycle, engine, trainer, dataset, trainer.max_lora_rank)
     job_id = job["id"]
-    if not bucket.is_local:
-        lifecycle.fail(job_id, "training_failed", "Training needs a local bucket folder.")
-        raise dg.Failure("Training needs a local bucket folder (VBS_BUCKET_URL).")
     base = _base(engine, catalog, job["model"])
-    output = bucket.path(L.adapter_folder(job_id))
+    # The adapter's place in the bucket (an s3:// URL on an object store), and where the trainer
+    # reads and writes: the bucket's own folders when local, else a working folder (the dataset
+    # downloaded, the adapter uploaded once it is whole).
+    output = bucket.uri(L.adapter_folder(job_id))
+    work = _working_folder(bucket, job_id)
     hyperparameters = resolve_hyperparameters(job["hyperparameters"])
     # The retry of a run that died (killed, out of memory) takes its job over and starts clean.
     what = f"Training {base['name']} on {dataset['version']} with {job['backend']}"
@@ -240,12 +246,12 @@ def fine_tuned_adapter(
         return bool(row and row["cancel_requested"])
 
     train_job = TrainingJob(
-        base_model=base["path"],
-        train_file=bucket.path(L.dataset_file(dataset["version"], L.TRAIN)),
-        eval_file=bucket.path(L.dataset_file(dataset["version"], L.EVAL))
+        base_model=local_folder(base["path"]),
+        train_file=_local_file(bucket, L.dataset_file(dataset["version"], L.TRAIN), work),
+        eval_file=_local_file(bucket, L.dataset_file(dataset["version"], L.EVAL), work)
         if dataset["eval_count"]
         else None,
-        output_dir=output,
+        output_dir=output if work is None else str(work / "adapter"),
         hyperparameters=hyperparameters,
         on_log=on_log,
         should_stop=should_stop,
@@ -259,6 +265,9 @@ def fine_tuned_adapter(
         message = f"Training failed: {type(exc).__name__}: {str(exc)[:500]}"
         lifecycle.fail(job_id, "training_failed", message, expect_run=context.run_id)
         raise
+    if work is not None:
+        upload_folder(bucket, work / "adapter", L.adapter_folder(job_id))
+        shutil.rmtree(work, ignore_errors=True)
     name = L.fine_tuned_model_name(base["name"], job["suffix"], job_id)
     result = {**outcome.summary(), "adapter_path": output}
     if not lifecycle.trained(job_id, context.run_id, output, name, result):
@@ -284,6 +293,26 @@ def fine_tuned_adapter(
         },
         data_version=dg.DataVersion(job_id),
     )
+
+
+def _working_folder(bucket: Bucket, job_id: str) -> Path | None:
+    """Where a job trains when the bucket is an object store (``$VBS_HOME/cache/training/<job
+    id>``, emptied first: a retry starts clean); None for a local bucket."""
+    if bucket.is_local:
+        return None
+    work = Path(os.environ.get("VBS_HOME", ".vbs")).absolute() / "cache" / "training" / job_id
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
+def _local_file(bucket: Bucket, rel: str, work: Path | None) -> str:
+    """``rel`` as a local path: the bucket's own file, or a copy in ``work``."""
+    if work is None:
+        return bucket.path(rel)
+    local = work / posixpath.basename(rel)
+    bucket.fs.get_file(bucket.path(rel), str(local))
+    return str(local)
 
 
 def _answer(body: dict[str, Any]) -> str:
@@ -393,9 +422,8 @@ def _evaluate(
     served = registry.snapshot()
     base_name = job["model"]
     adapter_name = f"eval:{job['id']}"
-    rank = json.loads(open(f"{job['adapter_path']}/adapter_config.json", encoding="utf-8").read())[
-        "r"
-    ]
+    with fsspec.open(f"{job['adapter_path']}/adapter_config.json", "rb") as fh:
+        rank = strict_json.loads(fh.read(1 << 20))["r"]
     highest = max((m["lora_id"] or 0 for m in catalog.models.list(include_retired=True)), default=0)
     candidate = ServedModel(
         adapter_name, "adapter", job["adapter_path"], base_name, highest + 1, rank

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from vbs_cli import client, conquests, datasets, doctor, engine, finetune, migrate, models, query
+from vbs_cli.serve import PROCESSES as SERVE_PROCESSES
 from vbs_resources import load_settings
 from vbs_resources.settings import Settings, SettingsError
 from vbs_resources.version import version
@@ -24,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="Dagster UI port (VBS_DAGSTER_PORT)")
     serve.add_argument("--api-host", help="API address (VBS_API_HOST)")
     serve.add_argument("--api-port", type=int, help="API port (VBS_API_PORT)")
+    serve.add_argument(
+        "--only",
+        choices=SERVE_PROCESSES,
+        help="run this one process in the foreground, unsupervised (a container's command: "
+        "the container runtime restarts it; `vbs migrate` runs first)",
+    )
     client.add_commands(sub)
     models.add_commands(sub)
     conquests.add_commands(sub)
@@ -109,6 +116,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         path = prepare_default_model(settings.home)
         print(f"default model ready: {path}")
         return 0
+    if args.only is not None:
+        from vbs_cli.serve import serve_one
+
+        return serve_one(settings, args.only)
     from vbs_cli.serve import serve as serve_platform
 
     return serve_platform(settings)

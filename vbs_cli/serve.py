@@ -1,5 +1,6 @@
-"""``vbs serve``: the Dagster webserver and daemon (``dagster dev``), the Batch API, Label
-Studio and, in server mode, the vLLM engine server, side by side, supervised.
+"""``vbs serve``: Dagster's production processes (the code location's gRPC server, the
+webserver and the daemon, each a process of its own), the Batch API, Label Studio and, in
+server mode, the vLLM engine server, side by side, supervised.
 
 A process that dies (killed, out of memory) is restarted alone, after 1 s when it had run a
 minute or more and with doubling backoff up to a minute when it keeps dying; the others keep
@@ -30,8 +31,13 @@ import psutil
 
 from vbs_resources import Settings, strict_json
 from vbs_resources.curation.label_studio import ADMIN_USERNAME, label_studio_command
-from vbs_resources.dagster_instance import write_instance
-from vbs_resources.settings import is_loopback
+from vbs_resources.dagster_instance import (
+    LOCATION_NAME,
+    code_server_address,
+    write_instance,
+    write_workspace,
+)
+from vbs_resources.settings import SettingsError, is_loopback
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 GRACE_SECONDS = 5.0
@@ -40,22 +46,29 @@ WATCH_SECONDS = 15.0
 
 
 def serve_commands(settings: Settings) -> list[tuple[list[str], dict[str, str]]]:
-    """The ``dagster dev`` and API server command lines (and the engine server's, in server
-    mode with no ``VBS_ENGINE_URL``), each with its environment."""
+    """Dagster's production processes (the code location's gRPC server, the webserver, the
+    daemon), the API server and, where they are local, Label Studio and the engine server (in
+    server mode with no ``VBS_ENGINE_URL``): each command line with its environment, in the
+    order they start."""
     write_instance(settings)
+    workspace = str(write_workspace(settings))
     extra = {}
     if settings.dagster_url is None:
         # The API launches the runs of the batches it creates through this webserver.
         extra["VBS_DAGSTER_URL"] = settings.resolved_dagster_url
     env = settings.child_environment(**extra)
-    dagster = Path(sys.executable).with_name("dagster")
-    webserver = [str(dagster), "dev", "-h", settings.dagster_host, "-p", str(settings.dagster_port)]
-    webserver += ["-w", str(PROJECT_ROOT / "workspace.yaml")]
-    if settings.log_format == "json":
-        webserver += ["--log-format", "json"]
+    bin_dir = Path(sys.executable).parent
+    logs = ["--log-format", "json"] if settings.log_format == "json" else []
+    code_server = [str(bin_dir / "dagster"), "code-server", "start"]
+    code_server += ["-h", settings.code_server_host, "-p", str(settings.code_server_port)]
+    code_server += ["-m", "vbs_definitions", "-d", str(PROJECT_ROOT)]
+    code_server += ["--location-name", LOCATION_NAME, *logs]
+    webserver = [str(bin_dir / "dagster-webserver"), "-h", settings.dagster_host]
+    webserver += ["-p", str(settings.dagster_port), "-w", workspace, *logs]
+    daemon = [str(bin_dir / "dagster-daemon"), "run", "-w", workspace, *logs]
     api = [sys.executable, "-m", "vbs_api.server", "--host", settings.api_host]
     api += ["--port", str(settings.api_port)]
-    commands = [(webserver, env), (api, env)]
+    commands = [(code_server, env), (webserver, env), (daemon, env), (api, env)]
     label_studio = label_studio_server(settings)
     if label_studio is not None:
         commands.append(label_studio)
@@ -65,6 +78,45 @@ def serve_commands(settings: Settings) -> list[tuple[list[str], dict[str, str]]]
 
         commands.append(server_command(settings))
     return commands
+
+
+# What `vbs serve` may start, by the names the log, `/health` and `--only` use.
+PROCESSES = ("code-server", "webserver", "daemon", "api", "label-studio", "engine")
+
+
+def serve_one(settings: Settings, name: str) -> int:
+    """``vbs serve --only NAME``: that one process in the foreground, with the command line and
+    environment `vbs serve` gives it (a container's command; its runtime restarts it). The
+    instance and workspace files are written first; `vbs migrate` has brought the state up."""
+    commands = {child_name(command): (command, env) for command, env in serve_commands(settings)}
+    if name not in commands:
+        why = {
+            "label-studio": "VBS_LABEL_STUDIO_URL names another, VBS_LABEL_STUDIO_START=false, "
+            "or it is not installed",
+            "engine": "it starts only with VBS_ENGINE=server and no VBS_ENGINE_URL",
+        }.get(name, "")
+        raise SettingsError(f"--only {name}: these settings start no {name} ({why})")
+    command, env = commands[name]
+    print(f"vbs: {name}: {' '.join(command)}", file=sys.stderr, flush=True)
+    os.execve(command[0], command, env)
+    return 1  # not reached
+
+
+def code_server_ready(settings: Settings) -> Callable[[], bool]:
+    """Whether the code location's gRPC server answers (its proxy forwards the ping to the
+    process that loaded the code)."""
+    host, port = code_server_address(settings)
+
+    def ready() -> bool:
+        from dagster._grpc.client import DagsterGrpcClient
+
+        try:
+            DagsterGrpcClient(port=port, host=host).ping("vbs")
+        except Exception:  # noqa: BLE001 - any failure means "not yet"
+            return False
+        return True
+
+    return ready
 
 
 def label_studio_server(settings: Settings) -> tuple[list[str], dict[str, str]] | None:
@@ -114,13 +166,19 @@ def platform_lock(settings: Settings) -> Iterator[None]:
 
 def serve(settings: Settings) -> int:
     write_instance(settings)  # first: a team's instance file that would lose runs is refused
-    (Path(settings.resolved_bucket_url) / "inbox").mkdir(parents=True, exist_ok=True)
+    from vbs_resources.bucket import Bucket
+
+    bucket = Bucket(url=settings.resolved_bucket_url)  # made when missing (a folder, an S3 bucket)
+    bucket.fs.makedirs(bucket.path("inbox"), exist_ok=True)
     if not is_loopback(settings.dagster_host):
         print(
             f"vbs: warning: the Dagster UI on {settings.dagster_host} has no authentication",
             file=sys.stderr,
         )
     with platform_lock(settings):
+        check_port_free(
+            settings.code_server_host, settings.code_server_port, "VBS_CODE_SERVER_PORT"
+        )
         from vbs_resources import build_resources
         from vbs_resources.registry import ModelRegistry
 
@@ -134,7 +192,7 @@ def serve(settings: Settings) -> int:
         print(
             f"vbs: Dagster UI on http://{settings.dagster_host}:{settings.dagster_port}, "
             f"API on http://{settings.api_host}:{settings.api_port}/v1, "
-            f"drop files into {settings.resolved_bucket_url}/inbox/"
+            f"drop files into {bucket.uri('inbox')}/"
             + (
                 f", engine server {settings.resolved_engine_url}"
                 if settings.engine == "server"
@@ -154,7 +212,27 @@ def serve(settings: Settings) -> int:
             commands,
             watch=LocationWatch(settings.resolved_dagster_url),
             status=settings.home / STATUS_FILE,
+            ready={"code-server": code_server_ready(settings)},
         )
+
+
+def check_port_free(host: str, port: int, setting: str) -> None:
+    """Refuse to start on a port another process holds. gRPC servers bind with SO_REUSEPORT: a
+    second code server on the same port would start, and the kernel would split the calls of
+    two platforms between them."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # Connections of an earlier server waiting out TIME_WAIT are no reason to refuse.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            raise SettingsError(
+                f"{setting}={port}: {host}:{port} is in use (another `vbs serve`?); choose "
+                "another port"
+            ) from None
 
 
 def _signal(processes: list[psutil.Process], sig: int) -> None:
@@ -188,12 +266,13 @@ def _tree_of(pid: int) -> list[psutil.Process]:
         return []
 
 
-def stop(procs: list[subprocess.Popen]) -> None:
-    """The daemon and the runs first (SIGKILL, as a crash: no retry is launched on the way
-    down, and the batches resume on the next start), then the servers (SIGTERM), then, after
-    ``GRACE_SECONDS``, anything left (SIGKILL)."""
+def stop(procs: list[subprocess.Popen], first: list[subprocess.Popen] = ()) -> None:
+    """``first`` (the daemon) and the runs first (SIGKILL, as a crash: no retry is launched on
+    the way down, and the batches resume on the next start), then the servers (SIGTERM), then,
+    after ``GRACE_SECONDS``, anything left (SIGKILL)."""
     descendants = [p for proc in procs for p in _tree_of(proc.pid)]
-    daemons = [p for p in descendants if "dagster._daemon" in _cmdline(p)]
+    daemons = [psutil.Process(proc.pid) for proc in first if proc.poll() is None]
+    daemons += [p for p in descendants if "dagster._daemon" in _cmdline(p)]
     _signal(daemons + run_workers(procs), signal.SIGKILL)
     for proc in procs:
         if proc.poll() is None:
@@ -213,8 +292,8 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 def _die_with_parent() -> None:
     """In a child, before exec: get SIGTERM if ``vbs serve`` dies (Linux), so that killing it
-    alone never leaves servers holding the ports and the state. SIGTERM, not SIGKILL: ``dagster
-    dev`` then shuts its own webserver, daemon and code servers down."""
+    alone never leaves servers holding the ports and the state. SIGTERM, not SIGKILL: a server
+    then shuts its own children down."""
     import ctypes
 
     with contextlib.suppress(Exception):
@@ -222,9 +301,10 @@ def _die_with_parent() -> None:
 
 
 class LocationWatch:
-    """Brings the code location back when its code server dies: ``dagster dev`` leaves the
-    location in error (every sensor stops, the reconciler included) until someone reloads it.
-    Every ``WATCH_SECONDS`` it asks the webserver, and reloads a location in error."""
+    """Brings the code location back when the process that loaded the code dies: the code
+    server (a proxy) stays up but leaves the location in error (every sensor stops, the
+    reconciler included) until someone reloads it. Every ``WATCH_SECONDS`` it asks the
+    webserver, and reloads a location in error (the proxy then starts a new process)."""
 
     def __init__(self, dagster_url: str) -> None:
         from vbs_api.launch import BatchLauncher
@@ -254,13 +334,17 @@ class LocationWatch:
 STABLE_S = 60.0
 MAX_BACKOFF_S = 60.0
 STATUS_FILE = "serve-status.json"
+# How long the code server may take to load the code before the rest start anyway.
+READY_S = 180.0
 
 
 def child_name(command: list[str]) -> str:
-    """What a command is, for the log and ``/health``: dagster, api, label-studio or engine."""
+    """What a command is, for the log and ``/health``: code-server, webserver, daemon, api,
+    label-studio or engine."""
     text = " ".join(command)
     for marker, name in (
-        ("dagster", "dagster"), ("vbs_api.server", "api"), ("label-studio", "label-studio"),
+        ("code-server start", "code-server"), ("dagster-webserver", "webserver"),
+        ("dagster-daemon", "daemon"), ("vbs_api.server", "api"), ("label-studio", "label-studio"),
         ("vllm", "engine"),
     ):  # fmt: skip
         if marker in text:
@@ -291,8 +375,9 @@ class Child:
 
     def reap(self) -> bool:
         """True when the child has just been found dead: what is left of its session is killed
-        (a `dagster dev` killed alone leaves its webserver, daemon and code server holding the
-        ports and the runs), and its restart is scheduled."""
+        (a code server's runs, an engine server's engine core), and its restart is
+        scheduled. A run killed so is resumed from its checkpoint by the retry Dagster starts
+        once the reconciler reports it failed."""
         if self.proc is None or self.proc.poll() is None:
             return False
         code = self.proc.returncode
@@ -336,22 +421,33 @@ def write_status(path: Path | None, children: list[Child]) -> None:
     partial.replace(path)
 
 
+def _wait_ready(child: Child, ready: Callable[[], bool], stopping: Callable[[], bool]) -> None:
+    """Until ``ready()`` (at most ``READY_S``), unless the child dies or a stop is asked."""
+    deadline = time.monotonic() + READY_S
+    while time.monotonic() < deadline and not stopping():
+        if child.proc is None or child.proc.poll() is not None or ready():
+            return
+        time.sleep(0.5)
+    print(f"vbs: {child.name} is not ready after {READY_S:.0f} s; starting the rest",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
 def supervise(
     commands: list[tuple[list[str], dict[str, str]]],
     watch: Callable[[], None] | None = None,
     status: Path | None = None,
+    ready: dict[str, Callable[[], bool]] | None = None,
 ) -> int:
     """Run the servers side by side until told to stop; a server that dies is restarted with
     backoff, and the others keep running. ``watch`` is called between looks at the processes
-    (the code location's watch); ``status`` is the file ``/health`` reads.
+    (the code location's watch); ``status`` is the file ``/health`` reads; the children named
+    in ``ready`` are waited for before the next ones start (the code server, which the
+    webserver and the daemon load the location from).
 
     Each server runs in a session of its own: a Ctrl-C in the terminal reaches only this
     process, which stops the runs first (see ``stop``), instead of every process at once (a
     run worker interrupted by a signal would be recorded as terminated by a user)."""
     children = [Child(child_name(command), command, env) for command, env in commands]
-    for child in children:
-        child.start()
-    write_status(status, children)
     stopping = False
 
     def on_signal(*_: object) -> None:
@@ -361,6 +457,13 @@ def supervise(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        for child in children:
+            if stopping:
+                break
+            child.start()
+            if child.name in (ready or {}):
+                _wait_ready(child, ready[child.name], lambda: stopping)
+        write_status(status, children)
         while not stopping:
             changed = False
             for child in children:
@@ -381,7 +484,10 @@ def supervise(
             time.sleep(0.2)
     finally:
         started = time.monotonic()
-        stop([c.proc for c in children if c.proc is not None])
+        stop(
+            [c.proc for c in children if c.proc is not None],
+            first=[c.proc for c in children if c.name == "daemon" and c.proc is not None],
+        )
         print(f"vbs: stopped in {time.monotonic() - started:.1f}s", flush=True)
         if status is not None:
             status.unlink(missing_ok=True)

@@ -30,6 +30,10 @@ import yaml
 from vbs_resources.settings import Settings, SettingsError
 
 STORAGE_VARIABLE = "VBS_DAGSTER_STORAGE_URL"
+LOCATION_NAME = "vbs"
+WORKSPACE_HEADER = """\
+# Written by `vbs serve` from VBS_CODE_SERVER_HOST and VBS_CODE_SERVER_PORT on every start.
+"""
 HEADER = """\
 # Written by `vbs serve` from the settings on every start: edits here are lost. To run on an
 # instance file of your own, name it with VBS_DAGSTER_YAML (docs/production.md).
@@ -45,8 +49,14 @@ def instance_config(settings: Settings) -> dict[str, Any]:
         "run_coordinator": {
             "module": "dagster._core.run_coordinator",
             "class": "QueuedRunCoordinator",
-            # A queued run starts within a second of its request.
-            "config": {"dequeue_interval_seconds": 1},
+            "config": {
+                # A queued run starts within a second of its request.
+                "dequeue_interval_seconds": 1,
+                # A run dequeued while the code server restarts goes back to the queue
+                # instead of failing at once.
+                "max_user_code_failure_retries": 5,
+                "user_code_failure_retry_delay": 10,
+            },
         },
         "concurrency": {
             "runs": {"max_concurrent_runs": settings.max_concurrent_runs},
@@ -183,6 +193,29 @@ def write_instance(settings: Settings) -> Path:
         partial.write_text(text, encoding="utf-8")
         partial.replace(target)
     return home
+
+
+def code_server_address(settings: Settings) -> tuple[str, int]:
+    """Where the webserver and the daemon reach the code location's gRPC server."""
+    host = settings.code_server_host
+    reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return reach, settings.code_server_port
+
+
+def write_workspace(settings: Settings) -> Path:
+    """``$VBS_HOME/dagster/workspace.yaml``: the code location ``vbs`` served by its own gRPC
+    server (`dagster code-server start`), for the webserver and the daemon. The name stays
+    ``vbs``: the ids of its sensors and schedules, and so their cursors, depend on it."""
+    host, port = code_server_address(settings)
+    entry = {"grpc_server": {"host": host, "port": port, "location_name": LOCATION_NAME}}
+    path = settings.dagster_home / "workspace.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = WORKSPACE_HEADER + yaml.safe_dump({"load_from": [entry]}, sort_keys=False)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        partial = path.with_name(".workspace.yaml.part")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
+    return path
 
 
 @contextlib.contextmanager

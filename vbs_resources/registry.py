@@ -287,7 +287,8 @@ class ModelRegistry:
         if existing is None:
             row = self.add_adapter(name, path, base=base, lineage=lineage)
         else:
-            if existing["kind"] != "adapter" or existing["path"] != str(Path(path).resolve()):
+            same = path if _is_url(path) else str(Path(path).resolve())
+            if existing["kind"] != "adapter" or existing["path"] != same:
                 raise RegistryError(f"The name {name!r} is taken by another model.", "name")
             history = [*(existing["lineage"] or {}).get("deployments", [])]
             self.catalog.models.redeploy(

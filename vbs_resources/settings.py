@@ -252,6 +252,14 @@ class Settings(BaseSettings):
     dagster_url: SecretStr | None = Field(
         default=None, description="Where the API launches runs (GraphQL); set by `vbs serve`."
     )
+    code_server_host: str = Field(
+        default="127.0.0.1",
+        description="Where the code location's gRPC server (`dagster code-server start`) "
+        "listens and is reached by the webserver and the daemon.",
+    )
+    code_server_port: int = Field(
+        default=4266, ge=1, le=65535, description="The code location's gRPC server's port."
+    )
     dagster_storage_url: SecretStr | None = Field(
         default=None,
         description="Dagster's run, event-log and schedule storage on PostgreSQL "

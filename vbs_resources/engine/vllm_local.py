@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import Field, PrivateAttr
 
+from vbs_resources.bucket import local_folder
 from vbs_resources.engine import (
     POOLING_ENDPOINTS,
     EngineFailure,
@@ -230,7 +231,10 @@ class VLLMEngine(InferenceEngine):
         )
         served = self.served()
         models = self.servable(endpoint)
-        layer.use_adapters({m.name: m.path for m in models.values() if m.kind == "adapter"})
+        # An adapter kept in an object store is loaded from a local copy (vLLM reads folders).
+        layer.use_adapters(
+            {m.name: local_folder(m.path) for m in models.values() if m.kind == "adapter"}
+        )
         parsers = {name: Parsers(*served.parsers_of(m)) for name, m in models.items()}
         try:
             return layer.run(endpoint, requests, parsers)

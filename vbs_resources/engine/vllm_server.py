@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 from pydantic import Field, PrivateAttr
 
+from vbs_resources.bucket import local_folder
 from vbs_resources.engine import (
     POOLING_ENDPOINTS,
     EngineFailure,
@@ -299,7 +300,9 @@ class VLLMServerEngine(InferenceEngine):
                 "POST",
                 "/v1/load_lora_adapter",
                 retry_status=False,
-                json={"lora_name": adapter.name, "lora_path": adapter.path},
+                # An adapter kept in an object store: a local copy, under $VBS_HOME, which
+                # a server beside the platform (or sharing its volume) reads.
+                json={"lora_name": adapter.name, "lora_path": local_folder(adapter.path)},
             )
             message, _ = _error_parts(response)
             if response.is_success or "already been loaded" in message:

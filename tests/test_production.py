@@ -1,19 +1,23 @@
-"""The platform on PostgreSQL, chosen by configuration alone: `vbs serve` with
-``VBS_CATALOG_URL`` and ``VBS_DAGSTER_STORAGE_URL`` naming databases of the session's real
-PostgreSQL 15, nothing mocked.
+"""The platform in its production set-up, chosen by configuration alone: `vbs serve` (Dagster's
+production processes) with ``VBS_CATALOG_URL`` and ``VBS_DAGSTER_STORAGE_URL`` naming databases
+of the session's real PostgreSQL 15, and ``VBS_BUCKET_URL`` a bucket of the session's real S3
+server (moto's server mode), nothing mocked.
 
 A platform of its own with two gpu slots and JSON logs: the inbox and the API at once with
 several writers and two runs holding the gpu pool side by side, a re-materialization from the
-Dagster UI, the database password kept out of every log and record, JSON logs, and the whole
-platform killed mid-batch (last). About 200 s alone: `make test-production` runs it, `make test`
-leaves it out (its 25-minute budget)."""
+Dagster UI, uploads and downloads through the bucket, `vbs query` on the results in S3, a
+fine-tuning job trained from the bucket and deployed from it, the secrets kept out of every log
+and record, JSON logs, and the whole platform killed mid-batch (last)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 
 import dagster as dg
@@ -25,21 +29,19 @@ from tests.conftest import (
     chat_line,
     drop_batch,
     jsonl,
-    read_jsonl,
     start_platform,
     wait_for,
 )
 from tests.test_dagster_ui import materialize_from_ui, snapshot, wait_run
 
-# Not in `make test` (its 25-minute budget): `make test-production` runs this module.
 pytestmark = [pytest.mark.slow, pytest.mark.production]
 ENDED = {"completed", "failed", "cancelled", "expired"}
 PASSWORD = "pg-Secret-4711"
 
 
 @pytest.fixture(scope="module")
-def pg_platform(tmp_path_factory, model_dir, postgres, webhook_receiver):
-    home = tmp_path_factory.mktemp("postgres") / "vbs"
+def pg_platform(tmp_path_factory, model_dir, postgres, s3, webhook_receiver):
+    home = tmp_path_factory.mktemp("production") / "vbs"
     # With a password (the test server trusts any), to show it reaches no log and no metadata.
     process = start_platform(
         home,
@@ -49,6 +51,7 @@ def pg_platform(tmp_path_factory, model_dir, postgres, webhook_receiver):
         VBS_DAGSTER_STORAGE_URL=postgres.database("dagster").replace(
             "postgresql+psycopg2://vbs@", f"postgresql://vbs:{PASSWORD}@"
         ),
+        VBS_BUCKET_URL=s3.bucket_url(),
         VBS_GPU_SLOTS="2",
         VBS_LOG_FORMAT="json",
         VBS_WEBHOOK_URLS=webhook_receiver.url,
@@ -65,10 +68,12 @@ def client_of(platform) -> OpenAI:
     return OpenAI(base_url=platform.api_url, api_key="none", max_retries=0)
 
 
-def test_nothing_of_the_state_is_in_sqlite(pg_platform):
+def test_nothing_of_the_state_is_in_sqlite_or_a_local_folder(pg_platform):
     assert type(pg_platform.instance.run_storage).__name__ == "PostgresRunStorage"
     assert pg_platform.resources["catalog"].engine.dialect.name == "postgresql"
     assert not list(pg_platform.home.glob("**/*.db")), list(pg_platform.home.glob("**/*.db"))
+    assert pg_platform.bucket.uri("inbox").startswith("s3://")
+    assert not (pg_platform.home / "bucket").exists()
 
 
 def test_several_writers_at_once_lose_and_double_nothing(pg_platform, webhook_receiver):
@@ -112,8 +117,8 @@ def test_several_writers_at_once_lose_and_double_nothing(pg_platform, webhook_re
     for n in range(2):  # the same file was never taken twice
         assert [r["original_filename"] for r in files].count(f"writer-{n}.jsonl") == 1
     for batch_id, row in rows.items():
-        folder = platform.home / "bucket" / "batches" / batch_id
-        out = read_jsonl(folder / "output.jsonl") if (folder / "output.jsonl").exists() else []
+        output = f"batches/{batch_id}/output.jsonl"
+        out = platform.read_jsonl(output) if platform.bucket.exists(output) else []
         ids = [line["custom_id"] for line in out]
         assert len(ids) == len(set(ids)) == row["request_completed"], batch_id
         if row["status"] == "completed":
@@ -190,6 +195,77 @@ def test_the_logs_are_json_lines_from_the_api_the_sensors_and_the_runs(pg_platfo
     assert not [line for line in text if re.match(r"^\d{4}-\d\d-\d\d \S+ vbs\.", line)][:3]
 
 
+def test_uploads_downloads_and_queries_go_through_the_bucket(pg_platform):
+    """A 4 MiB upload streams into an object and back out byte for byte; a batch's output is
+    downloaded from S3 through the API; `vbs query` reads its results.parquet from S3."""
+    platform, client = pg_platform, client_of(pg_platform)
+    line = jsonl([chat_line("pad", "x" * 2000, max_tokens=1)])
+    big = line * (4 * 1024 * 1024 // len(line) + 1)
+    upload = client.files.create(file=("big.jsonl", big), purpose="batch")
+    row = platform.resources["catalog"].files.get(upload.id)
+    assert platform.bucket.size(row["path"]) == len(big)
+    assert client.files.content(upload.id).read() == big
+
+    small = client.files.create(
+        file=("q.jsonl", jsonl([chat_line(f"q{i}", "Say yes.", max_tokens=4) for i in range(3)])),
+        purpose="batch",
+    )
+    batch = client.batches.create(
+        input_file_id=small.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert platform.wait_status(batch.id, ENDED, timeout=300)["status"] == "completed"
+    done = client.batches.retrieve(batch.id)
+    downloaded = client.files.content(done.output_file_id).read()
+    assert downloaded == platform.bucket.read_bytes(f"batches/{batch.id}/output.jsonl")
+    assert sorted(json.loads(x)["custom_id"] for x in downloaded.splitlines()) == ["q0", "q1", "q2"]
+    results = f"batches/{batch.id}/results.parquet"
+    wait_for(lambda: platform.bucket.exists(results), 120, "results.parquet in the bucket")
+    env = {**os.environ, **platform.env, "PATH": "/usr/bin:/bin"}
+    sql = f"SELECT custom_id FROM results WHERE batch_id = '{batch.id}' ORDER BY custom_id"
+    query = subprocess.run(
+        [sys.executable, "-m", "vbs_cli.main", "query", sql, "--format", "json"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert query.returncode == 0, query.stderr
+    assert [json.loads(x)["custom_id"] for x in query.stdout.splitlines()] == ["q0", "q1", "q2"]
+
+
+def test_a_fine_tuning_job_trains_from_the_bucket_and_deploys_from_it(pg_platform):
+    """The dataset is read from S3, the adapter is written to S3, and the engine serves the
+    deployed model from a local copy of it; its lineage reaches the uploaded file."""
+    from tests.conftest import MODEL
+    from tests.test_training import marker_examples
+
+    platform, client = pg_platform, client_of(pg_platform)
+    training = client.files.create(file=("m.jsonl", jsonl(marker_examples(32))),
+                                   purpose="fine-tune")  # fmt: skip
+    job = client.fine_tuning.jobs.create(
+        model=MODEL, training_file=training.id, suffix="s3",
+        hyperparameters={"batch_size": 8, "learning_rate_multiplier": 5, "n_epochs": 1},
+        extra_body={"max_steps": 3, "backend": "hf"},
+    )  # fmt: skip
+    done = wait_for(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
+        in ("succeeded", "failed", "cancelled") and j,
+        600, "the job to end",
+    )  # fmt: skip
+    assert done.status == "succeeded", done
+    row = platform.resources["catalog"].fine_tuning.get(job.id)
+    assert row["adapter_path"] == platform.bucket.uri(f"adapters/{job.id}")
+    assert platform.bucket.exists(f"adapters/{job.id}/adapter_config.json")
+    deployed = client.post(f"/fine_tuning/jobs/{job.id}/deploy", body={}, cast_to=object)
+    model = deployed["model"]
+    wait_for(lambda: model in [m.id for m in client.models.list().data], 300, "the deployment")
+    lines = [chat_line("ft", "Write one short sentence about tea.", max_tokens=8)]
+    lines[0]["body"]["model"] = model
+    batch_id = drop_batch(platform, "fine-tuned-s3", lines)
+    assert platform.wait_status(batch_id, ENDED, timeout=300)["status"] == "completed"
+    [answer] = platform.read_jsonl(f"batches/{batch_id}/output.jsonl")
+    assert answer["response"]["body"]["model"] == model
+    lineage = platform.resources["catalog"].models.get(model)["lineage"]
+    assert lineage["training_file"]["id"] == training.id or training.id in json.dumps(lineage)
+
+
 def test_the_whole_platform_killed_mid_batch_finishes_it_after_a_restart(pg_platform):
     """Every process of `vbs serve` killed at once (PostgreSQL, a server of its own, stays):
     the next start finishes the batch from its checkpoint, each custom_id once."""
@@ -198,8 +274,14 @@ def test_the_whole_platform_killed_mid_batch_finishes_it_after_a_restart(pg_plat
         chat_line(f"p{i:02d}", f"Count to {i}.", temperature=0, max_tokens=24) for i in range(24)
     ]
     batch_id = drop_batch(platform, "power-pg", lines, chunk_size=4)
-    checkpoint = platform.home / "bucket" / "batches" / batch_id / "checkpoint"
-    wait_for(lambda: len(list(checkpoint.glob("chunk-*.jsonl"))) >= 2, 300, "two chunks")
+    checkpoint = f"batches/{batch_id}/checkpoint"
+
+    def chunks() -> int:
+        return len(
+            [e for e in platform.bucket.list_files(checkpoint) if e.name.startswith("chunk-")]
+        )
+
+    wait_for(lambda: chunks() >= 2, 300, "two chunks")
     platform.process.kill_everything()
     before = platform.batch(batch_id)
     assert before["status"] == "in_progress" and 8 <= before["request_completed"] < 24
@@ -207,7 +289,7 @@ def test_the_whole_platform_killed_mid_batch_finishes_it_after_a_restart(pg_plat
     platform.process.start()
     row = platform.wait_status(batch_id, ENDED, timeout=300)
     assert row["status"] == "completed", row
-    out = read_jsonl(platform.home / "bucket" / "batches" / batch_id / "output.jsonl")
+    out = platform.read_jsonl(f"batches/{batch_id}/output.jsonl")
     assert sorted(line["custom_id"] for line in out) == sorted(x["custom_id"] for x in lines)
     events = platform.resources["catalog"].events.of_subject(batch_id)
     assert [e["type"] for e in events] == ["batch.completed"]
