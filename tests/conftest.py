@@ -408,7 +408,8 @@ class PlatformProcess:
 def start_platform(home: Path, model_dir: Path, **env: str) -> PlatformProcess:
     """`vbs serve` on ``home``; without its own Label Studio unless ``env`` says otherwise (the
     tests that curate share the session's, ``label_studio``)."""
-    (home / "bucket" / "inbox").mkdir(parents=True, exist_ok=True)
+    if "VBS_BUCKET_URL" not in env:
+        (home / "bucket" / "inbox").mkdir(parents=True, exist_ok=True)
     full_env = dict(
         os.environ,
         VBS_HOME=str(home),

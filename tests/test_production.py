@@ -262,8 +262,11 @@ def test_a_fine_tuning_job_trains_from_the_bucket_and_deploys_from_it(pg_platfor
     assert platform.wait_status(batch_id, ENDED, timeout=300)["status"] == "completed"
     [answer] = platform.read_jsonl(f"batches/{batch_id}/output.jsonl")
     assert answer["response"]["body"]["model"] == model
-    lineage = platform.resources["catalog"].models.get(model)["lineage"]
-    assert lineage["training_file"]["id"] == training.id or training.id in json.dumps(lineage)
+    from vbs_resources.lineage import model_lineage
+
+    chain = model_lineage(platform.resources["catalog"], model)
+    assert chain["adapter"]["path"] == row["adapter_path"]
+    assert training.id in json.dumps(chain["dataset"])  # back to the uploaded file
 
 
 def test_the_whole_platform_killed_mid_batch_finishes_it_after_a_restart(pg_platform):
