@@ -38,6 +38,7 @@ INGEST_LINES = 25_000
 def batch_times(home: Path, model: Path, env: dict[str, str]) -> list[dict[str, float]]:
     from openai import OpenAI
 
+    home.mkdir(parents=True, exist_ok=True)
     process = start_platform(home, model, **env)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{process.api_port}/v1", api_key="none")

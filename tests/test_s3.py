@@ -193,3 +193,13 @@ def test_a_folder_in_the_bucket_is_copied_locally_once_per_content(bucket_url, t
     assert open(f"{local}/sub/weights.bin", "rb").read() == b"\0" * 1000
     assert local_folder(url, tmp_path / "cache") == local  # once
     assert local_folder(str(source)) == str(source)  # a local folder is used where it is
+
+
+def test_vbs_doctor_checks_an_s3_bucket_by_writing_to_it(bucket_url, home):
+    from tests.conftest import settings_for
+    from vbs_cli.doctor import bucket as check_bucket
+
+    check = check_bucket(settings_for(home, VBS_BUCKET_URL=bucket_url), 10)
+    assert check.ok, check
+    assert bucket_url in check.detail and "writable" in check.detail
+    assert not Bucket(url=bucket_url).list_entries(".doctor")  # the probe is removed

