@@ -294,6 +294,7 @@ def test_the_whole_platform_killed_mid_batch_finishes_it_after_a_restart(pg_plat
     assert row["status"] == "completed", row
     out = platform.read_jsonl(f"batches/{batch_id}/output.jsonl")
     assert sorted(line["custom_id"] for line in out) == sorted(x["custom_id"] for x in lines)
+    assert platform.read_jsonl(f"batches/{batch_id}/errors.jsonl") == []  # an object, empty
     events = platform.resources["catalog"].events.of_subject(batch_id)
     assert [e["type"] for e in events] == ["batch.completed"]
     # The run that finished it (a retry of the killed one, or the reconciler's) succeeded.

@@ -19,7 +19,6 @@ chain from the batches to the served model.
 
 import base64
 import io
-import os
 import posixpath
 import shutil
 import time
@@ -38,6 +37,7 @@ from vbs_resources.bucket import local_folder, upload_folder
 from vbs_resources.curation.datasets import failed_checks
 from vbs_resources.engine import EngineRequest
 from vbs_resources.registry import ModelRegistry, RegistryError, ServedModel, ServedModels
+from vbs_resources.settings import cache_dir
 from vbs_resources.training import Trainer, TrainingJob, TrainingStopped, TrainLog
 from vbs_resources.training import evaluation as ev
 from vbs_resources.training.jobs import JobError, create_job, resolve_hyperparameters
@@ -300,7 +300,7 @@ def _working_folder(bucket: Bucket, job_id: str) -> Path | None:
     id>``, emptied first: a retry starts clean); None for a local bucket."""
     if bucket.is_local:
         return None
-    work = Path(os.environ.get("VBS_HOME", ".vbs")).absolute() / "cache" / "training" / job_id
+    work = cache_dir() / "training" / job_id
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     return work

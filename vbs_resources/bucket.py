@@ -30,6 +30,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import PrivateAttr
 
+from vbs_resources.settings import cache_dir
+
 # Read-ahead and multipart part size on object stores (S3 parts must be 5 MiB or more).
 OBJECT_BLOCK = 8 * 1024 * 1024
 
@@ -310,8 +312,7 @@ def local_folder(url: str, cache: str | os.PathLike[str] | None = None) -> str:
     if not listing:
         raise FileNotFoundError(f"{url} holds nothing")
     key = hashlib.sha256(f"{url}\0{listing}".encode()).hexdigest()[:32]
-    home = os.environ.get("VBS_HOME", ".vbs")
-    base = os.fspath(cache) if cache is not None else os.path.join(home, "cache", "folders")
+    base = os.fspath(cache) if cache is not None else os.fspath(cache_dir() / "folders")
     target = os.path.join(os.path.abspath(base), key)
     if not os.path.isdir(target):
         os.makedirs(base, exist_ok=True)

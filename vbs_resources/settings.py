@@ -512,6 +512,13 @@ def set_library_defaults(**values: str) -> None:
         os.environ.setdefault(name, value)
 
 
+def cache_dir() -> Path:
+    """``$VBS_HOME/cache`` of this process: where copies of the bucket's files are kept for
+    libraries that read local paths (adapters for vLLM, a training job's dataset). Only the home
+    setting is read (every setting is read in this module)."""
+    return Path(os.environ.get("VBS_HOME", ".vbs")).expanduser().absolute() / "cache"
+
+
 def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
     """``Settings`` from ``environ`` (the process environment when None), raising
     ``SettingsError`` with the variable named when a value is wrong."""
