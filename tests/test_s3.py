@@ -203,3 +203,27 @@ def test_vbs_doctor_checks_an_s3_bucket_by_writing_to_it(bucket_url, home):
     assert check.ok, check
     assert bucket_url in check.detail and "writable" in check.detail
     assert not Bucket(url=bucket_url).list_entries(".doctor")  # the probe is removed
+
+
+def test_vbs_serve_refuses_a_bucket_it_cannot_reach_in_one_line(tmp_path):
+    """An S3 endpoint that answers nothing: `vbs serve` stops before starting anything, with
+    one line naming the setting, not a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    env = {
+        **os.environ,
+        "VBS_HOME": str(tmp_path / "vbs"),
+        "VBS_BUCKET_URL": "s3://vbs-unreachable/x",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    done = subprocess.run([sys.executable, "-m", "vbs_cli.main", "serve"], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("vbs: VBS_BUCKET_URL=s3://vbs-unreachable/x: the bucket cannot be used")
+    assert not (tmp_path / "vbs" / "serve.lock").exists()

@@ -37,7 +37,7 @@ from vbs_resources.dagster_instance import (
     write_instance,
     write_workspace,
 )
-from vbs_resources.settings import SettingsError, is_loopback
+from vbs_resources.settings import SettingsError, is_loopback, redact_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 GRACE_SECONDS = 5.0
@@ -169,7 +169,13 @@ def serve(settings: Settings) -> int:
     from vbs_resources.bucket import Bucket
 
     bucket = Bucket(url=settings.resolved_bucket_url)  # made when missing (a folder, an S3 bucket)
-    bucket.fs.makedirs(bucket.path("inbox"), exist_ok=True)
+    try:
+        bucket.fs.makedirs(bucket.path("inbox"), exist_ok=True)
+    except Exception as exc:  # noqa: BLE001 - unreachable, refused, a bad name: one line
+        raise SettingsError(
+            f"VBS_BUCKET_URL={redact_url(bucket.url)}: the bucket cannot be used "
+            f"({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     if not is_loopback(settings.dagster_host):
         print(
             f"vbs: warning: the Dagster UI on {settings.dagster_host} has no authentication",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import posixpath
 import shutil
@@ -40,6 +41,11 @@ def _object_store_options(url: str) -> dict[str, Any]:
     """fsspec options for the object stores vbs knows: no listing cache (a sensor that lists
     the inbox every tick must see new objects), bounded read-ahead."""
     protocol = fsspec.utils.get_protocol(url)
+    if protocol in ("s3", "s3a"):
+        # (aio)botocore say where they found the endpoint and the credentials, at INFO, for
+        # every client they make.
+        for name in ("botocore", "aiobotocore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if protocol in ("s3", "s3a", "gs", "gcs", "abfs", "az"):
         return {"use_listings_cache": False, "default_block_size": OBJECT_BLOCK}
     return {}
