@@ -343,6 +343,25 @@ def drop_batch(platform: Platform, name: str, lines, chunk_size: int | None = No
     return platform.wait_batch(f"{name}.jsonl", timeout=60)
 
 
+def drop_counting_batch(
+    platform: Platform, name: str, n: int, chunk_size: int, timeout: float
+) -> tuple[str, list[dict[str, Any]]]:
+    """A batch of ``n`` "Count to i." requests in chunks of ``chunk_size``, dropped into the
+    inbox; (its id, its lines) once two chunks are checkpointed: a batch to interrupt mid-way."""
+    lines = [
+        chat_line(f"{name}-{i:02d}", f"Count to {i}.", temperature=0, max_tokens=24)
+        for i in range(n)
+    ]
+    batch_id = drop_batch(platform, name, lines, chunk_size=chunk_size)
+    folder = f"batches/{batch_id}/checkpoint"
+
+    def chunks() -> int:
+        return len([e for e in platform.bucket.list_files(folder) if e.name.startswith("chunk-")])
+
+    wait_for(lambda: chunks() >= 2, timeout, "two chunks")
+    return batch_id, lines
+
+
 def _up(url: str, proc: subprocess.Popen, log: Path):
     def check():
         try:

@@ -16,7 +16,14 @@ import time
 import dagster as dg
 import pytest
 
-from tests.conftest import chat_line, drop_batch, jsonl, read_jsonl, wait_for
+from tests.conftest import (
+    chat_line,
+    drop_batch,
+    drop_counting_batch,
+    jsonl,
+    read_jsonl,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -334,12 +341,7 @@ def test_the_code_server_killed_with_a_run_in_flight_loses_nothing(platform):
     """``kill -9`` of the code server while a batch runs in it: its run dies with it (what is
     left of its session is killed), the code server is restarted, the reconciler reports the
     run failed, Dagster retries it from its checkpoint, and every line is answered once."""
-    lines = [
-        chat_line(f"c{i:02d}", f"Count to {i}.", temperature=0, max_tokens=24) for i in range(16)
-    ]
-    batch_id = drop_batch(platform, "code-server-kill", lines, chunk_size=2)
-    checkpoint = platform.home / "bucket" / "batches" / batch_id / "checkpoint"
-    wait_for(lambda: len(list(checkpoint.glob("chunk-*.jsonl"))) >= 2, 240, "two chunks")
+    batch_id, lines = drop_counting_batch(platform, "code-server-kill", 16, 2, timeout=240)
     [first] = platform.runs(batch_id)
     kill_alone(platform, "code-server")
     row = platform.wait_status(batch_id, {"completed", "failed"}, timeout=400)

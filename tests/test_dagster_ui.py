@@ -9,7 +9,15 @@ import time
 import dagster as dg
 import pytest
 
-from tests.conftest import Platform, chat_line, jsonl, read_jsonl, start_platform, wait_for
+from tests.conftest import (
+    Platform,
+    chat_line,
+    drop_counting_batch,
+    jsonl,
+    read_jsonl,
+    start_platform,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -166,12 +174,7 @@ def test_ui_actions_on_ended_batches_change_nothing(platform):
 
 
 def test_a_run_terminated_from_dagster_cancels_its_batch_keeping_results(platform):
-    lines = [
-        chat_line(f"t{i:02d}", f"Count to {i}.", temperature=0, max_tokens=24) for i in range(16)
-    ]
-    batch_id = drop_batch(platform, "terminate", lines, chunk_size=2)
-    checkpoint = platform.home / "bucket" / "batches" / batch_id / "checkpoint"
-    wait_for(lambda: len(list(checkpoint.glob("chunk-*.jsonl"))) >= 2, 180, "two chunks")
+    batch_id, _ = drop_counting_batch(platform, "terminate", 16, 2, timeout=180)
     [run] = platform.runs(batch_id)
     assert platform.graphql(TERMINATE, runId=run.run_id)["terminateRun"]["__typename"] == (
         "TerminateRunSuccess"

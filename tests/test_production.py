@@ -28,6 +28,7 @@ from tests.conftest import (
     Platform,
     chat_line,
     drop_batch,
+    drop_counting_batch,
     jsonl,
     start_platform,
     wait_for,
@@ -273,18 +274,7 @@ def test_the_whole_platform_killed_mid_batch_finishes_it_after_a_restart(pg_plat
     """Every process of `vbs serve` killed at once (PostgreSQL, a server of its own, stays):
     the next start finishes the batch from its checkpoint, each custom_id once."""
     platform = pg_platform
-    lines = [
-        chat_line(f"p{i:02d}", f"Count to {i}.", temperature=0, max_tokens=24) for i in range(24)
-    ]
-    batch_id = drop_batch(platform, "power-pg", lines, chunk_size=4)
-    checkpoint = f"batches/{batch_id}/checkpoint"
-
-    def chunks() -> int:
-        return len(
-            [e for e in platform.bucket.list_files(checkpoint) if e.name.startswith("chunk-")]
-        )
-
-    wait_for(lambda: chunks() >= 2, 300, "two chunks")
+    batch_id, lines = drop_counting_batch(platform, "power-pg", 24, 4, timeout=300)
     platform.process.kill_everything()
     before = platform.batch(batch_id)
     assert before["status"] == "in_progress" and 8 <= before["request_completed"] < 24

@@ -104,14 +104,12 @@ def connect() -> duckdb.DuckDBPyConnection:
 def _uri(con: duckdb.DuckDBPyConnection, bucket: Bucket, rel: str) -> str:
     """Where DuckDB finds ``rel``: a local path, or the bucket's fsspec filesystem, registered
     with DuckDB for object stores."""
-    path = bucket.path(rel)
-    if bucket.is_local:
-        return path
-    protocol = bucket.fs.protocol
-    protocol = protocol[0] if isinstance(protocol, tuple | list) else protocol
-    if not con.filesystem_is_registered(protocol):
-        con.register_filesystem(bucket.fs)
-    return f"{protocol}://{path}"
+    if not bucket.is_local:
+        protocol = bucket.fs.protocol
+        protocol = protocol[0] if isinstance(protocol, tuple | list) else protocol
+        if not con.filesystem_is_registered(protocol):
+            con.register_filesystem(bucket.fs)
+    return bucket.uri(rel)
 
 
 def results_path(batch_id: str) -> str:
