@@ -4,6 +4,7 @@ Legs (each in a process of its own; the engine is driven through vbs's ``Inferen
 ``batch_output`` drives it, all requests in one chunk):
 
 - ``in_process`` and ``server`` (``vbs engine serve`` on a free loopback port), base model only;
+  the server again beside a busy loop at normal priority (its threads follow the load);
 - the same with two LoRA adapters registered (LoRA on): base-only, then a mixed batch where a
   third of the lines name each adapter;
 - ``in_process`` beside a competing CPU load (a busy loop at ``nice -n 19``, then at normal
@@ -184,6 +185,14 @@ def main() -> None:
             try:
                 if mode == "off":
                     results["server_base"] = run_leg(args, home, env, engine_url=server.url)
+                    # Beside a busy loop at normal priority: the server's threads follow.
+                    busy = subprocess.Popen(["sh", "-c", "while :; do :; done"])
+                    try:
+                        results["server_base_busy_nice_0"] = run_leg(
+                            args, home, env, engine_url=server.url
+                        )
+                    finally:
+                        busy.kill()
                 else:
                     results["server_base_lora_on"] = run_leg(
                         args, home, env, adapters=True, engine_url=server.url
@@ -218,6 +227,7 @@ def main() -> None:
         "lora_cpu_kernels": os.environ.get("VBS_LORA_CPU_KERNELS", "true"),
         **{f"{name}_tok_s": value for name, value in tps.items()},
         "target_mixed_vs_base": 0.8,
+        "target_server_busy_vs_idle": 0.5,
     }
     ratios = {
         "server_vs_in_process": ("server_base", "in_process_base"),
@@ -226,6 +236,7 @@ def main() -> None:
         "server_mixed_vs_base": ("server_mixed", "server_base"),
         "in_process_busy_vs_idle": ("in_process_base_busy", "in_process_base"),
         "in_process_busy_nice_0_vs_idle": ("in_process_base_busy_nice_0", "in_process_base"),
+        "server_busy_nice_0_vs_idle": ("server_base_busy_nice_0", "server_base"),
     }
     for name, (part, whole) in ratios.items():
         if part in tps and whole in tps:

@@ -243,6 +243,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free loopback ports (an engine port with its replicas)."""
+    while True:
+        first = free_port()
+        if first + n > 65000:
+            continue
+        try:
+            for port in range(first, first + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -437,6 +452,8 @@ def start_platform(home: Path, model_dir: Path, **env: str) -> PlatformProcess:
         VBS_CPU_KVCACHE_GIB=TEST_KVCACHE_GIB,
         VBS_LABEL_STUDIO_START="false",
         VBS_CODE_SERVER_PORT=str(free_port()),
+        # Dagster's run-retry consumer looks for failed runs every 5 s by default.
+        DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS="1",
     )
     full_env.update(env)
     platform = PlatformProcess(home, full_env, free_port(), free_port())

@@ -132,14 +132,15 @@ def test_ui_actions_on_ended_batches_change_nothing(platform):
         platform.wait_run_finished(batch_id)
     before = {b: snapshot(platform, b) for b in (done, invalid, cancelled)}
 
-    for batch_id in (done, invalid, cancelled):
-        run = wait_run(platform, materialize_from_ui(platform, batch_id, ["batch_output"]))
-        assert run.status == dg.DagsterRunStatus.SUCCESS
+    # Launched together (as clicks in the UI would be), then each waited for.
+    launched = [materialize_from_ui(platform, b, ["batch_output"]) for b in before]
+    for run_id in launched:
+        assert wait_run(platform, run_id, 300).status == dg.DagsterRunStatus.SUCCESS
     platform.graphql(WIPE, ranges=[{"assetKey": {"path": ["batch_output"]}}])
     platform.graphql(WIPE, ranges=[{"assetKey": {"path": ["batch_input"]}}])
-    for batch_id in (done, invalid):
-        run = wait_run(platform, materialize_from_ui(platform, batch_id, ["batch_output"]))
-        assert run.status == dg.DagsterRunStatus.SUCCESS
+    launched = [materialize_from_ui(platform, b, ["batch_output"]) for b in (done, invalid)]
+    for run_id in launched:
+        assert wait_run(platform, run_id, 300).status == dg.DagsterRunStatus.SUCCESS
 
     backfill = {
         "allPartitions": True,

@@ -131,8 +131,8 @@ def test_vbs_serve_starts_label_studio_on_loopback_with_its_secrets_in_files(tmp
     from vbs_cli.serve import serve_commands
 
     settings = settings_for(tmp_path / "vbs", VBS_WEBHOOK_SECRET="whsec_dGVzdA==")
-    commands = {c[0][0]: c for c in serve_commands(settings)}
-    (command, env) = next(c for name, c in commands.items() if name.endswith("label-studio"))
+    commands = {name: (command, env) for name, command, env in serve_commands(settings)}
+    (command, env) = commands["label-studio"]
     assert command[1:] == [
         "start",
         "--no-browser",
@@ -150,7 +150,7 @@ def test_vbs_serve_starts_label_studio_on_loopback_with_its_secrets_in_files(tmp
     assert not any(key.startswith("VBS_") for key in env)  # vbs's own secrets stay with vbs
     assert env["LABEL_STUDIO_USER_TOKEN"] not in " ".join(command)
     # Made once: a restart keeps the same token (integrations hold on to it).
-    again = dict(next(c for c in serve_commands(settings) if c[0][0].endswith("label-studio"))[1])
+    again = next(env for name, _, env in serve_commands(settings) if name == "label-studio")
     assert again["LABEL_STUDIO_USER_TOKEN"] == env["LABEL_STUDIO_USER_TOKEN"]
     # Another Label Studio named, or starting turned off: none is started.
     for extra in (
@@ -158,7 +158,7 @@ def test_vbs_serve_starts_label_studio_on_loopback_with_its_secrets_in_files(tmp
         {"VBS_LABEL_STUDIO_START": "false"},
     ):
         other = settings_for(tmp_path / "vbs", **extra)
-        assert not any(c[0][0].endswith("label-studio") for c in serve_commands(other))
+        assert "label-studio" not in [name for name, _, _ in serve_commands(other)]
 
 
 def test_label_studio_down_fails_the_step_for_a_retry_and_keeps_the_conquests(tmp_path):

@@ -22,6 +22,7 @@ from tests.conftest import (
     chat_line,
     drop_batch,
     free_port,
+    free_ports,
     read_jsonl,
     settings_for,
     start_platform,
@@ -178,53 +179,77 @@ def test_an_unreachable_server_makes_the_run_step_back_after_its_retry_budget(tm
         engine.start("/v1/chat/completions")
     assert 1.5 <= time.monotonic() - started < 15
     assert (away.value.retries, away.value.wait_s) == (7, 3)
-    assert "unavailable" in str(away.value) and "ConnectError" in str(away.value)
+    assert "unavailable: cannot connect" in str(away.value)
 
 
-def _engine_sessions(process) -> set[int]:
-    """The sessions of the engine servers `vbs serve` runs (vLLM's server entry point)."""
-    return {
+def _replica_session(process, port: int) -> int:
+    """The session of the vLLM server `vbs serve` runs on ``port``."""
+    [session] = {
         os.getsid(p.pid) for p in process.processes()
-        if "vllm.entrypoints" in " ".join(p.cmdline())
+        if "vllm.entrypoints" in (line := " ".join(p.cmdline())) and f"--port {port} " in line
     }  # fmt: skip
+    return session
 
 
-def test_server_mode_end_to_end_with_the_server_killed_mid_batch(
+def _metric(url: str, name: str) -> dict[str, float]:
+    """A Prometheus counter's values, by its labels' text."""
+    found = {}
+    for line in urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode().splitlines():
+        if line.startswith(name):
+            labels, _, value = line[len(name) :].rpartition(" ")
+            found[labels] = float(value)
+    return found
+
+
+def test_two_replicas_behind_the_router_survive_one_then_both_killed_mid_batch(
     engine_server, tmp_path_factory, model_dir
 ):
-    """A batch through the inbox under the running daemon in server mode, base and adapter
-    lines mixed, on the engine server `vbs serve` starts and supervises. The server is killed
-    mid-batch (kill -9 of its whole process group): `vbs serve` restarts it alone, Dagster and
-    the API keep running, `/health` shows the restart. The run steps back (Dagster step
-    retries), resumes from its last checkpoint, and every line is answered once."""
-    engine_server.kill()  # this module's own server: the platform starts one of its own
+    """A batch through the inbox under the running daemon, base and adapter lines mixed, on
+    two vLLM replicas behind vLLM's router, as `vbs serve` starts and supervises them
+    (VBS_ENGINE_REPLICAS=2). Both replicas answer (their /metrics) and both load the adapter.
+    One replica is killed mid-batch (kill -9 of its process group): the router sends its
+    requests to the other and the batch goes on. Then the other is killed too: the run steps
+    back (Dagster step retries) until `vbs serve` has both back, and resumes from its last
+    checkpoint. Dagster, the API and the router keep running throughout; every line is
+    answered once."""
+    engine_server.kill()  # this module's own server: the platform starts its own
     home = tmp_path_factory.mktemp("server-mode") / "vbs"
-    engine_port = free_port()
+    engine_port = free_ports(4)  # the router, two replicas, the router's metrics
     process = start_platform(
         home,
         model_dir,
         VBS_ENGINE="server",
         VBS_ENGINE_PORT=str(engine_port),
+        VBS_ENGINE_REPLICAS="2",
         VBS_ENGINE_LORA="on",
+        # Two requests at a time per replica: the batch advances chunk by chunk, and the kills
+        # land mid-batch.
+        VBS_ENGINE_CONCURRENCY="2",
         VBS_ENGINE_RETRY_S="3",
-        VBS_ENGINE_STEP_RETRIES="60",
+        VBS_ENGINE_STEP_RETRIES="100",
         VBS_ENGINE_STEP_RETRY_WAIT_S="1",
     )
     platform = Platform(home, process.port, process.api_port, process.log, process)
-    engine_url = f"http://127.0.0.1:{engine_port}"
+    router = f"http://127.0.0.1:{engine_port}"
+    replicas = [f"http://127.0.0.1:{engine_port + i}" for i in (1, 2)]
+    router_metrics = f"http://127.0.0.1:{engine_port + 3}"
 
-    def engine_up() -> bool:
+    def up(url: str) -> bool:
         try:
-            return urllib.request.urlopen(f"{engine_url}/health", timeout=2).status == 200
+            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
         except OSError:
             return False
 
     def health() -> dict:
         return json.loads(urllib.request.urlopen(f"{platform.api_url[:-3]}/health").read())
 
+    def completed(batch_id: str) -> int:
+        return (platform.batch(batch_id) or {}).get("request_completed", 0)
+
     try:
-        wait_for(engine_up, 300, "the engine server vbs serve started")
-        assert health()["processes"]["engine"]["restarts"] == 0
+        wait_for(lambda: all(up(u) for u in [*replicas, router]), 420, "replicas and router")
+        assert {n: p["restarts"] for n, p in health()["processes"].items() if "engine" in n
+                or n == "router"} == {"engine-1": 0, "engine-2": 0, "router": 0}  # fmt: skip
         adapter = make_adapter(home.parent / "support-v3", model_dir)
         env = {**os.environ, "VBS_HOME": str(home), "VBS_MODEL": str(model_dir)}
         added = subprocess.run(
@@ -245,31 +270,43 @@ def test_server_mode_end_to_end_with_the_server_killed_mid_batch(
                 line["body"]["model"] = "support-v3"
             lines.append(line)
         batch_id = drop_batch(platform, "served", lines, chunk_size=4)
-        wait_for(
-            lambda: (platform.batch(batch_id) or {}).get("request_completed", 0) >= 8,
-            180,
-            "two chunks done",
-            interval=0.2,
-        )
+        wait_for(lambda: completed(batch_id) >= 8, 240, "two chunks done", interval=0.2)
+        # Each replica answered some (vLLM's own counter), and each loaded the adapter.
+        for url in replicas:
+            assert sum(_metric(url, "vllm:request_success_total").values()) > 0, url
+            models = json.loads(urllib.request.urlopen(f"{url}/v1/models").read())["data"]
+            assert "support-v3" in {m["id"] for m in models}, url
         serve_pid = process.proc.pid
-        [session] = _engine_sessions(process)
-        os.killpg(session, signal.SIGKILL)
-        killed_at = platform.batch(batch_id)["request_completed"]
-        assert killed_at < LINES, "the batch finished before the server was killed"
-        # The rest of the platform keeps serving while the engine is brought back.
-        assert urllib.request.urlopen(f"http://127.0.0.1:{process.port}/server_info").status == 200
-        restarted = wait_for(
-            lambda: (h := health())["processes"]["engine"]["restarts"] == 1 and h, 60,
-            "the engine's restart",
-        )  # fmt: skip
-        assert restarted["processes"]["engine"]["last_exit_code"] is not None
-        for name in ("code-server", "webserver", "daemon", "api"):
-            assert restarted["processes"][name]["restarts"] == 0, name
-        assert process.proc.pid == serve_pid and process.proc.poll() is None
-        assert "vbs: engine exited with" in process.log.read_text()
 
-        row = platform.wait_status(batch_id, {"completed", "failed"}, timeout=300)
+        # One replica killed: the other takes its requests, the batch goes on.
+        os.killpg(_replica_session(process, engine_port + 1), signal.SIGKILL)
+        first_kill = completed(batch_id)
+        assert first_kill < LINES, "the batch finished before the first kill"
+        wait_for(lambda: completed(batch_id) >= first_kill + 8, 240, "chunks on one replica",
+                 interval=0.2)  # fmt: skip
+        second_kill = completed(batch_id)
+        assert second_kill < LINES, "the batch finished before the second kill"
+        assert not up(replicas[0]), "the killed replica came back before the second kill"
+        # Then the other: the run steps back until the replicas are back.
+        os.killpg(_replica_session(process, engine_port + 2), signal.SIGKILL)
+        # The rest of the platform keeps serving while the replicas are brought back.
+        assert urllib.request.urlopen(f"http://127.0.0.1:{process.port}/server_info").status == 200
+
+        row = platform.wait_status(batch_id, {"completed", "failed"}, timeout=420)
         assert row["status"] == "completed", row
+        restarted = health()["processes"]
+        assert restarted["engine-1"]["restarts"] == 1 and restarted["engine-2"]["restarts"] == 1
+        assert restarted["engine-1"]["last_exit_code"] is not None
+        for name in ("code-server", "webserver", "daemon", "api", "router"):
+            assert restarted[name]["restarts"] == 0, name
+        assert process.proc.pid == serve_pid and process.proc.poll() is None
+        assert "vbs: engine-1 exited with" in process.log.read_text()
+        # The router sent requests to both replicas (its counter outlives their restarts).
+        processed = _metric(router_metrics, "vllm_router_processed_requests_total")
+        assert {k for k, v in processed.items() if v > 0} == {
+            f'{{worker="{url}"}}' for url in replicas
+        }, processed
+
         output = read_jsonl(home / "bucket" / "batches" / batch_id / "output.jsonl")
         assert sorted(x["custom_id"] for x in output) == [f"req-{i:03d}" for i in range(LINES)]
         assert all(x["response"]["status_code"] == 200 for x in output)
@@ -277,7 +314,8 @@ def test_server_mode_end_to_end_with_the_server_killed_mid_batch(
             adapter_line = int(x["custom_id"][-3:]) % 2 == 1
             assert x["response"]["body"]["model"] == ("support-v3" if adapter_line else MODEL)
 
-        # One run: it stepped back while the server was away, then resumed from its checkpoint.
+        # One run: it stepped back while both replicas were away, then resumed from its
+        # checkpoint.
         run = platform.wait_run_finished(batch_id, timeout=120)
         assert len(platform.runs(batch_id)) == 1
         assert run.status == dg.DagsterRunStatus.SUCCESS
@@ -290,7 +328,8 @@ def test_server_mode_end_to_end_with_the_server_killed_mid_batch(
             dg.AssetKey("batch_output")
         )
         metadata = materialization.asset_materialization.metadata
-        assert metadata["resumed_requests"].value >= 8
+        assert metadata["resumed_requests"].value >= second_kill
         assert metadata["engine"].value == "vllm/server"
+        assert metadata["replicas"].value == "2"
     finally:
         process.stop()

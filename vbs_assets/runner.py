@@ -379,27 +379,38 @@ class BatchRunner:
                 f"engine ready in {report.engine_start_seconds:.1f}s "
                 f"({self.engine.describe()['engine']})"
             )
-        for requests in pending_requests(self.bucket, batch_id, progress.done, chunk_size):
-            stop = stop or self._stop(batch_id)
-            if stop:
-                break
-            chunk_started = time.perf_counter()
-            results = self.engine.run(endpoint, requests)
-            report.engine_seconds += time.perf_counter() - chunk_started
-            lines = [output_line(r) for r in results]
-            checkpoint.write(progress.chunks, lines)
-            progress.chunks += 1
-            for line in lines:
-                progress.add(line.model_dump())
-            report.new_completion_tokens += sum(r.completion_tokens for r in results)
-            if not self.lifecycle.record(batch_id, **progress.counts()):
-                raise RunRefused(f"{batch_id} was ended by someone else while it ran")
-            done = len(progress.done)
-            self.log.info(
-                f"chunk {progress.chunks}: {done}/{total} requests "
-                f"({100 * done / max(total, 1):.0f}%), {progress.failed} failed, "
-                f"{report.output_tokens_per_s:.0f} output tok/s"
-            )
+        stop = stop or self._stop(batch_id)  # a cancel that came while the engine started
+        chunks = pending_requests(self.bucket, batch_id, progress.done, chunk_size)
+        # The engine may run the coming chunks while one is written (a server's replicas stay
+        # busy); results still come, and are checkpointed, one whole chunk at a time in order.
+        answered = self.engine.run_chunks(endpoint, chunks)
+        try:
+            while stop is None:
+                chunk_started = time.perf_counter()
+                results = next(answered, None)
+                report.engine_seconds += time.perf_counter() - chunk_started
+                if results is None:
+                    break
+                lines = [output_line(r) for r in results]
+                checkpoint.write(progress.chunks, lines)
+                progress.chunks += 1
+                for line in lines:
+                    progress.add(line.model_dump())
+                report.new_completion_tokens += sum(r.completion_tokens for r in results)
+                if not self.lifecycle.record(batch_id, **progress.counts()):
+                    raise RunRefused(f"{batch_id} was ended by someone else while it ran")
+                done = len(progress.done)
+                self.log.info(
+                    f"chunk {progress.chunks}: {done}/{total} requests "
+                    f"({100 * done / max(total, 1):.0f}%), {progress.failed} failed, "
+                    f"{report.output_tokens_per_s:.0f} output tok/s"
+                )
+                stop = self._stop(batch_id)
+        finally:
+            # What is still in flight is dropped: its chunks were not written.
+            close = getattr(answered, "close", None)
+            if close is not None:
+                close()
         if stop:
             self.log.warning(f"{batch_id} {stop}: keeping {len(progress.done)}/{total} results")
         else:

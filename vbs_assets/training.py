@@ -257,7 +257,9 @@ def fine_tuned_adapter(
         should_stop=should_stop,
     )
     try:
-        outcome = trainer.train(train_job, backend=job["backend"])
+        # A warm engine server on the same GPUs sleeps while this trains.
+        with engine.yield_accelerator():
+            outcome = trainer.train(train_job, backend=job["backend"])
     except TrainingStopped as exc:
         lifecycle.cancel(job_id, str(exc), expect_run=context.run_id)
         raise dg.Failure(description=f"{job_id} was cancelled: {exc}") from None

@@ -45,11 +45,14 @@ GRACE_SECONDS = 5.0
 WATCH_SECONDS = 15.0
 
 
-def serve_commands(settings: Settings) -> list[tuple[list[str], dict[str, str]]]:
+Named = list[tuple[str, list[str], dict[str, str]]]
+
+
+def serve_commands(settings: Settings) -> Named:
     """Dagster's production processes (the code location's gRPC server, the webserver, the
-    daemon), the API server and, where they are local, Label Studio and the engine server (in
-    server mode with no ``VBS_ENGINE_URL``): each command line with its environment, in the
-    order they start."""
+    daemon), the API server and, where they are local, Label Studio and the engine's servers
+    (in server mode with no ``VBS_ENGINE_URL``: one, or the replicas and vLLM's router): each
+    named, with its command line and environment, in the order they start."""
     write_instance(settings)
     workspace = str(write_workspace(settings))
     extra = {}
@@ -68,19 +71,26 @@ def serve_commands(settings: Settings) -> list[tuple[list[str], dict[str, str]]]
     daemon = [str(bin_dir / "dagster-daemon"), "run", "-w", workspace, *logs]
     api = [sys.executable, "-m", "vbs_api.server", "--host", settings.api_host]
     api += ["--port", str(settings.api_port)]
-    commands = [(code_server, env), (webserver, env), (daemon, env), (api, env)]
+    commands = [
+        ("code-server", code_server, env),
+        ("webserver", webserver, env),
+        ("daemon", daemon, env),
+        ("api", api, env),
+    ]
     label_studio = label_studio_server(settings)
     if label_studio is not None:
-        commands.append(label_studio)
+        commands.append(("label-studio", *label_studio))
     if settings.engine == "server" and settings.engine_url is None:
-        # Server mode with no server named: a warm one beside the platform, stopped with it.
-        from vbs_cli.engine import server_command
+        # Server mode with no server named: warm ones beside the platform, stopped with it.
+        from vbs_cli.engine import engine_commands
 
-        commands.append(server_command(settings))
+        commands += engine_commands(settings)
     return commands
 
 
-# What `vbs serve` may start, by the names the log, `/health` and `--only` use.
+# What `vbs serve --only` may start (a container's one process). `engine` is one vLLM server
+# on VBS_ENGINE_PORT whatever VBS_ENGINE_REPLICAS says: a container is one replica (and the
+# router runs from its own command, deploy/k8s).
 PROCESSES = ("code-server", "webserver", "daemon", "api", "label-studio", "engine")
 
 
@@ -88,7 +98,11 @@ def serve_one(settings: Settings, name: str) -> int:
     """``vbs serve --only NAME``: that one process in the foreground, with the command line and
     environment `vbs serve` gives it (a container's command; its runtime restarts it). The
     instance and workspace files are written first; `vbs migrate` has brought the state up."""
-    commands = {child_name(command): (command, env) for command, env in serve_commands(settings)}
+    commands = {n: (command, env) for n, command, env in serve_commands(settings)}
+    if name == "engine" and settings.engine == "server" and settings.engine_url is None:
+        from vbs_cli.engine import server_command
+
+        commands[name] = server_command(settings.model_copy(update={"engine_replicas": 1}))
     if name not in commands:
         why = {
             "label-studio": "VBS_LABEL_STUDIO_URL names another, VBS_LABEL_STUDIO_START=false, "
@@ -218,8 +232,17 @@ def serve(settings: Settings) -> int:
             commands,
             watch=LocationWatch(settings.resolved_dagster_url),
             status=settings.home / STATUS_FILE,
-            ready={"code-server": code_server_ready(settings)},
+            ready={"code-server": code_server_ready(settings), **engine_ready(settings)},
         )
+
+
+def engine_ready(settings: Settings) -> dict[str, Callable[[], bool]]:
+    """With replicas, the router starts once every replica answers (after the last one)."""
+    if settings.engine != "server" or settings.engine_url or settings.engine_replicas == 1:
+        return {}
+    from vbs_cli.engine import replicas_ready
+
+    return {f"engine-{settings.engine_replicas}": replicas_ready(settings)}
 
 
 def check_port_free(host: str, port: int, setting: str) -> None:
@@ -344,20 +367,6 @@ STATUS_FILE = "serve-status.json"
 READY_S = 180.0
 
 
-def child_name(command: list[str]) -> str:
-    """What a command is, for the log and ``/health``: code-server, webserver, daemon, api,
-    label-studio or engine."""
-    text = " ".join(command)
-    for marker, name in (
-        ("code-server start", "code-server"), ("dagster-webserver", "webserver"),
-        ("dagster-daemon", "daemon"), ("vbs_api.server", "api"), ("label-studio", "label-studio"),
-        ("vllm", "engine"),
-    ):  # fmt: skip
-        if marker in text:
-            return name
-    return Path(command[0]).name
-
-
 @dataclass
 class Child:
     """One process `vbs serve` keeps running: started, and restarted with backoff when it dies."""
@@ -439,7 +448,7 @@ def _wait_ready(child: Child, ready: Callable[[], bool], stopping: Callable[[], 
 
 
 def supervise(
-    commands: list[tuple[list[str], dict[str, str]]],
+    commands: Named,
     watch: Callable[[], None] | None = None,
     status: Path | None = None,
     ready: dict[str, Callable[[], bool]] | None = None,
@@ -453,7 +462,7 @@ def supervise(
     Each server runs in a session of its own: a Ctrl-C in the terminal reaches only this
     process, which stops the runs first (see ``stop``), instead of every process at once (a
     run worker interrupted by a signal would be recorded as terminated by a user)."""
-    children = [Child(child_name(command), command, env) for command, env in commands]
+    children = [Child(name, command, env) for name, command, env in commands]
     stopping = False
 
     def on_signal(*_: object) -> None:

@@ -57,6 +57,8 @@ def build_engine(settings: Settings, for_dagster: bool = False) -> InferenceEngi
         return local
     return VLLMServerEngine(
         url=settings.resolved_engine_url,
+        # The servers `vbs serve` starts; a team's own (VBS_ENGINE_URL): what its router lists.
+        replica_urls=settings.engine_replica_urls if settings.engine_url is None else [],
         api_key=_secret(settings, "engine_api_key", for_dagster),
         local=local,
         concurrency=settings.engine_concurrency,

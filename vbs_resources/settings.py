@@ -134,6 +134,11 @@ class Settings(BaseSettings):
         "work at normal priority keeps busy, re-measured every second while the in-process "
         "engine runs; a number: that many, fixed.",
     )
+    engine_follow_load: bool = Field(
+        default=False,
+        description="Set by `vbs engine serve` for its CPU servers when VBS_ENGINE_THREADS is "
+        "auto: the server's threads follow the machine's load as the in-process engine's do.",
+    )
     cuda_visible_devices: str | None = Field(
         default=None, validation_alias=AliasChoices("CUDA_VISIBLE_DEVICES")
     )
@@ -154,7 +159,27 @@ class Settings(BaseSettings):
         description="LoRA on the engine server: auto turns it on when adapters are registered "
         "at its start (on CPU it halves base-model throughput).",
     )
-    engine_port: int = Field(default=8100, ge=1, le=65535)
+    engine_port: int = Field(
+        default=8100,
+        ge=1,
+        le=65535,
+        description="The engine server's port; with replicas, vLLM's router there, the replicas "
+        "on the next ports (VBS_ENGINE_PORT+1 ... +N) and the router's metrics after them.",
+    )
+    engine_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="vLLM servers `vbs serve` (and `vbs engine serve`) starts; above 1, behind "
+        "vLLM's router (vllm-router) on VBS_ENGINE_PORT.",
+    )
+    engine_router_policy: Literal[
+        "round_robin", "power_of_two", "cache_aware", "consistent_hash", "random"
+    ] = Field(
+        default="round_robin",
+        description="The router's policy (vllm-router --policy). round_robin spreads one "
+        "model's batch over every replica and retries a dead replica's requests on another.",
+    )
     engine_api_key: SecretStr | None = Field(
         default=None, description="The server's API key (vLLM's --api-key), if it has one."
     )
@@ -162,8 +187,8 @@ class Settings(BaseSettings):
         default=256,
         ge=1,
         le=4096,
-        description="Requests in flight to the server at once: at least the server's "
-        "max_num_seqs, or it idles between waves.",
+        description="Requests in flight to each engine server (replica) at once: at least "
+        "its max_num_seqs, or it idles between waves.",
     )
     engine_timeout_s: float = Field(
         default=600, gt=0, description="Longest wait for one response from the server."
@@ -429,6 +454,11 @@ class Settings(BaseSettings):
                 f"the engine server would listen on {self.engine_host} without a key: set "
                 "VBS_ENGINE_API_KEY, or VBS_API_INSECURE_NO_AUTH=true behind a proxy"
             )
+        if self.engine_replicas > 1 and self.engine_port + self.engine_replicas + 1 > 65535:
+            raise ValueError(
+                f"VBS_ENGINE_PORT={self.engine_port} leaves no room for "
+                f"VBS_ENGINE_REPLICAS={self.engine_replicas} replicas on the ports after it"
+            )
         return self
 
     # ---- derived values -------------------------------------------------------------------
@@ -448,6 +478,15 @@ class Settings(BaseSettings):
         """Where server mode sends requests: ``VBS_ENGINE_URL``, else the server `vbs serve`
         starts."""
         return self.engine_url or f"http://{self.engine_host}:{self.engine_port}"
+
+    @property
+    def engine_replica_urls(self) -> list[str]:
+        """The vLLM servers `vbs serve` starts (server mode, no ``VBS_ENGINE_URL``): one on
+        ``VBS_ENGINE_PORT``, or with replicas, one per port after it (the router on it)."""
+        if self.engine_replicas == 1:
+            return [self.resolved_engine_url]
+        ports = range(self.engine_port + 1, self.engine_port + self.engine_replicas + 1)
+        return [f"http://{self.engine_host}:{port}" for port in ports]
 
     @property
     def label_studio_home(self) -> Path:

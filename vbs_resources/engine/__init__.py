@@ -14,6 +14,8 @@ reads, ``vllm_local`` and ``vllm_server`` are the resources.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +173,20 @@ class InferenceEngine(dg.ConfigurableResource):
 
     def run(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         raise NotImplementedError
+
+    def yield_accelerator(self) -> contextlib.AbstractContextManager[None]:
+        """Held while a training run uses this machine's accelerator: an engine that holds it
+        between runs (a warm server on the same GPUs) lets go of it, and takes it back after."""
+        return contextlib.nullcontext()
+
+    def run_chunks(
+        self, endpoint: str, chunks: Iterable[list[EngineRequest]]
+    ) -> Iterator[list[EngineResult]]:
+        """Each chunk's results, in chunk order. An engine that can may run later chunks while
+        earlier ones finish (a server keeps its replicas busy across chunk boundaries); closing
+        the iterator drops what is still in flight."""
+        for requests in chunks:
+            yield self.run(endpoint, requests)
 
 
 from vbs_resources.engine.vllm_local import VLLMEngine  # noqa: E402 - needs the interface above

@@ -118,3 +118,25 @@ def follow_load() -> Callable[[], object]:
         # torch._C keeps the real one.
         _SHARED = CoreShare(torch._C.set_num_threads, ceiling=torch.get_num_threads())
     return _SHARED.check
+
+
+def follow_load_in_workers() -> bool:
+    """In a vLLM server's CPU worker (called by vbs's plugin): the same check after each of
+    its steps, the threads it started with as the ceiling. False where there is no CPU worker
+    to follow (another platform)."""
+    try:
+        from vllm.v1.worker.cpu_worker import CPUWorker
+    except ImportError:
+        return False
+    original = CPUWorker.execute_model
+    if getattr(original, "_vbs_follows_load", False):
+        return True
+
+    def execute_model(self: object, *args: object, **kwargs: object) -> object:
+        output = original(self, *args, **kwargs)
+        follow_load()()
+        return output
+
+    execute_model._vbs_follows_load = True  # type: ignore[attr-defined]
+    CPUWorker.execute_model = execute_model  # type: ignore[method-assign]
+    return True

@@ -361,11 +361,18 @@ def install(enabled: bool = True) -> bool:
 
 def register() -> None:
     """vLLM's general-plugin hook (called in every vLLM process of this environment): installs
-    the ops unless the deployment's settings turn them off (``VBS_LORA_CPU_KERNELS=false``)."""
+    the ops unless the deployment's settings turn them off (``VBS_LORA_CPU_KERNELS=false``),
+    and in `vbs engine serve`'s CPU servers, the threads that follow the machine's load."""
     from vbs_resources.settings import SettingsError, load_settings
 
     try:
-        enabled = load_settings().lora_cpu_kernels
+        settings = load_settings()
     except SettingsError:  # a vLLM process of someone else's, with settings vbs cannot read
-        enabled = True
-    install(enabled)
+        install(True)
+        return
+    install(settings.lora_cpu_kernels)
+    if settings.engine_follow_load:
+        # A CPU server of `vbs engine serve`: its threads follow the machine's load.
+        from vbs_resources.engine.cpu_share import follow_load_in_workers
+
+        follow_load_in_workers()

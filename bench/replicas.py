@@ -1,0 +1,196 @@
+"""Dispatch at fleet size: vbs's server engine through the real vLLM router (``vllm-router``)
+in front of N replicas of ``VLLMServerDouble`` (tests/vllm_double.py, a test double of a vLLM
+server with a latency model), N = 1, 2, 4, 8, 16.
+
+What it measures is vbs's side: whether the runs' dispatch (``VLLMServerEngine.run_chunks``,
+as a batch's run calls it, chunk after chunk) and the router keep N replicas as busy as one.
+The double answers each request after ``ttft + tpot x (max_tokens - 1)`` seconds, at most
+``max_seqs`` at once per replica. Defaults: Llama 3.1 8B in BF16 on one H100, about 12,500
+output tok/s at 256 sequences (the figure compiled from published vLLM benchmarks at
+morphllm.com/vllm-benchmarks; vLLM's v0.6.0 blog reports the same order for Llama 8B on one
+H100), that is a TPOT of about 20 ms at 256 sequences, TTFT 50 ms.
+
+Prints, per N: requests/s, output tok/s, the ratio to N x one replica (target >= 0.9) and to
+the latency model's own limit. Then, at 4 replicas, the router's policies on one model's batch,
+and ``consistent_hash`` keyed on the model name (an ``X-Session-ID`` header naming it: adapter
+affinity). Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODEL = "vbs-base"
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` consecutive free loopback ports."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        if first + n > 65000:
+            continue
+        try:
+            for port in range(first, first + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return list(range(first, first + n))
+        except OSError:
+            continue
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    sys.exit(f"{url} did not answer")
+
+
+class Fleet:
+    """The double's N replicas (one process) and the router in front."""
+
+    def __init__(self, n: int, args: argparse.Namespace, policy: str) -> None:
+        ports = free_ports(n + 2)
+        self.router_port, metrics, replica_ports = ports[0], ports[1], ports[2:]
+        double = [sys.executable, "-m", "tests.vllm_double", "--model", MODEL]
+        double += ["--ttft-s", str(args.ttft_s), "--tpot-s", str(args.tpot_s)]
+        double += ["--max-seqs", str(args.max_seqs), "--ports", *map(str, replica_ports)]
+        self.procs = [subprocess.Popen(double, cwd=ROOT, start_new_session=True)]
+        for port in replica_ports:
+            wait_http(f"http://127.0.0.1:{port}/health")
+        router = [str(Path(sys.executable).parent / "vllm-router")]
+        router += ["--host", "127.0.0.1", "--port", str(self.router_port), "--policy", policy]
+        router += ["--worker-urls", *(f"http://127.0.0.1:{p}" for p in replica_ports)]
+        router += ["--prometheus-port", str(metrics), "--log-level", "warning"]
+        self.procs.append(subprocess.Popen(router, start_new_session=True))
+        self.url = f"http://127.0.0.1:{self.router_port}"
+        wait_http(f"{self.url}/health")
+        self.replica_ports = replica_ports
+
+    def answered(self) -> list[int]:
+        counts = []
+        for port in self.replica_ports:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            counts.append(int(float(text.strip().splitlines()[-1].split()[-1])))
+        return counts
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def dispatch(url: str, args: argparse.Namespace, requests: int, session_header: bool) -> float:
+    """Seconds for ``requests`` requests through vbs's server engine, in chunks as a run."""
+    from vbs_resources.engine import EngineRequest, VLLMEngine, VLLMServerEngine
+    from vbs_resources.engine.vllm_server import _Client
+
+    class Engine(VLLMServerEngine):
+        def _client(self, url: str | None = None) -> _Client:
+            client = super()._client(url)
+            if session_header:  # consistent_hash keyed on the model: adapter affinity
+                client.headers = {**client.headers, "X-Session-ID": MODEL}
+            return client
+
+    local = VLLMEngine(model="/unused", served_model_name=MODEL)
+    engine = Engine(url=url, local=local, concurrency=args.max_seqs)
+    engine.start("/v1/chat/completions")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+    body["max_tokens"] = args.max_tokens
+    chunks = [
+        [EngineRequest(f"r{i}", body) for i in range(start, min(start + args.chunk, requests))]
+        for start in range(0, requests, args.chunk)
+    ]
+    started = time.perf_counter()
+    done = sum(len(results) for results in engine.run_chunks("/v1/chat/completions", chunks))
+    seconds = time.perf_counter() - started
+    assert done == requests, (done, requests)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--waves", type=int, default=4, help="requests: waves x max_seqs x N")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--ttft-s", type=float, default=0.05)
+    parser.add_argument("--tpot-s", type=float, default=0.02)
+    parser.add_argument("--max-seqs", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=256, help="the run's chunk size")
+    parser.add_argument("--policy-replicas", type=int, default=4)
+    args = parser.parse_args()
+
+    wave_s = args.ttft_s + args.tpot_s * (args.max_tokens - 1)
+    print(f"double: TTFT {args.ttft_s * 1000:.0f} ms, TPOT {args.tpot_s * 1000:.0f} ms, "
+          f"{args.max_seqs} sequences, {args.max_tokens} tokens per request: one replica's "
+          f"limit {args.max_seqs / wave_s:.1f} req/s, "
+          f"{args.max_seqs * args.max_tokens / wave_s:.0f} tok/s; chunks of {args.chunk}, "
+          f"{len(os.sched_getaffinity(0))} cores")  # fmt: skip
+    rows, one = [], None
+    print(f"{'replicas':>8} {'requests':>9} {'seconds':>8} {'req/s':>8} {'tok/s':>9} "
+          f"{'vs N x 1':>8} {'vs limit':>8}  answered per replica")  # fmt: skip
+    for n in args.replicas:
+        fleet = Fleet(n, args, "round_robin")
+        try:
+            requests = args.waves * args.max_seqs * n
+            seconds = dispatch(fleet.url, args, requests, session_header=False)
+            answered = fleet.answered()
+        finally:
+            fleet.stop()
+        rate = requests / seconds
+        one = one if one is not None else rate / n
+        limit = n * args.max_seqs / wave_s
+        row = {"replicas": n, "requests": requests, "seconds": round(seconds, 2),
+               "req_s": round(rate, 1), "tok_s": round(rate * args.max_tokens),
+               "vs_n_x_one": round(rate / (n * one), 3), "vs_limit": round(rate / limit, 3),
+               "answered": answered}  # fmt: skip
+        rows.append(row)
+        print(f"{n:>8} {requests:>9} {seconds:>8.2f} {rate:>8.1f} {row['tok_s']:>9} "
+              f"{row['vs_n_x_one']:>8.3f} {row['vs_limit']:>8.3f}  {answered}")  # fmt: skip
+
+    n = args.policy_replicas
+    policies = []
+    print(f"\nrouter policies, {n} replicas, one model's batch:")
+    for policy, header in (
+        ("round_robin", False),
+        ("power_of_two", False),
+        ("cache_aware", False),
+        ("consistent_hash", False),
+        ("consistent_hash", True),
+    ):
+        fleet = Fleet(n, args, policy)
+        try:
+            requests = args.waves * args.max_seqs * n
+            seconds = dispatch(fleet.url, args, requests, session_header=header)
+            answered = fleet.answered()
+        finally:
+            fleet.stop()
+        name = policy + (" (X-Session-ID: model)" if header else "")
+        rate = requests / seconds
+        policies.append({"policy": name, "req_s": round(rate, 1), "answered": answered,
+                         "vs_limit": round(rate / (n * args.max_seqs / wave_s), 3)})  # fmt: skip
+        print(f"  {name:38s} {rate:8.1f} req/s  vs limit {policies[-1]['vs_limit']:.3f}  "
+              f"answered per replica {answered}")  # fmt: skip
+    print(json.dumps({"bench": "replicas", "rows": rows, "policies": policies,
+                      "target_vs_n_x_one": 0.9}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
