@@ -11,7 +11,10 @@ morphllm.com/vllm-benchmarks; vLLM's v0.6.0 blog reports the same order for Llam
 H100), that is a TPOT of about 20 ms at 256 sequences, TTFT 50 ms.
 
 Prints, per N: requests/s, output tok/s, the ratio to N x one replica (target >= 0.9) and to
-the latency model's own limit. Then, at 4 replicas, the router's policies on one model's batch,
+the latency model's own limit, the CPU seconds vbs's side spent (and per request), the rig's
+(double and router), and a bare aiohttp client's rate on the same fleet at the same
+concurrency: on a 2-core machine the rig itself saturates first, so ``vs bare`` is vbs's own
+share of any shortfall. Then, at 4 replicas, the router's policies on one model's batch,
 and ``consistent_hash`` keyed on the model name (an ``X-Session-ID`` header naming it: adapter
 affinity). Ends with one JSON line.
 """
@@ -91,14 +94,27 @@ class Fleet:
             counts.append(int(float(text.strip().splitlines()[-1].split()[-1])))
         return counts
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the test rig (the double's process, the router) so far."""
+        import psutil
+
+        total = 0.0
+        for proc in self.procs:
+            times = psutil.Process(proc.pid).cpu_times()
+            total += times.user + times.system
+        return total
+
     def stop(self) -> None:
         for proc in self.procs:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
-def dispatch(url: str, args: argparse.Namespace, requests: int, session_header: bool) -> float:
-    """Seconds for ``requests`` requests through vbs's server engine, in chunks as a run."""
+def dispatch(
+    url: str, args: argparse.Namespace, requests: int, session_header: bool
+) -> tuple[float, float]:
+    """Seconds for ``requests`` requests through vbs's server engine, in chunks as a run, and
+    the CPU seconds this process (vbs's side) spent on them."""
     from vbs_resources.engine import EngineRequest, VLLMEngine, VLLMServerEngine
     from vbs_resources.engine.vllm_server import _Client
 
@@ -112,17 +128,49 @@ def dispatch(url: str, args: argparse.Namespace, requests: int, session_header: 
     local = VLLMEngine(model="/unused", served_model_name=MODEL)
     engine = Engine(url=url, local=local, concurrency=args.max_seqs)
     engine.start("/v1/chat/completions")
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
-    body["max_tokens"] = args.max_tokens
+
+    def body(i: int) -> dict:
+        # Bodies differ as a batch's do (consistent_hash without a header hashes the body).
+        content = f"Question {i}: say hi."
+        return {"model": MODEL, "messages": [{"role": "user", "content": content}],
+                "max_tokens": args.max_tokens}  # fmt: skip
+
     chunks = [
-        [EngineRequest(f"r{i}", body) for i in range(start, min(start + args.chunk, requests))]
+        [EngineRequest(f"r{i}", body(i)) for i in range(start, min(start + args.chunk, requests))]
         for start in range(0, requests, args.chunk)
     ]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     done = sum(len(results) for results in engine.run_chunks("/v1/chat/completions", chunks))
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     assert done == requests, (done, requests)
-    return seconds
+    return seconds, cpu
+
+
+def raw_dispatch(url: str, args: argparse.Namespace, requests: int, concurrency: int) -> float:
+    """Seconds for the same requests from a bare aiohttp client at the same concurrency: the
+    ceiling of this rig (the double, the router and the client share this machine's cores)."""
+    import asyncio
+
+    import aiohttp
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+    body["max_tokens"] = args.max_tokens
+
+    async def run() -> float:
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one() -> None:
+                async with gate, session.post(f"{url}/v1/chat/completions", json=body) as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+
+            started = time.perf_counter()
+            await asyncio.gather(*(one() for _ in range(requests)))
+            return time.perf_counter() - started
+
+    return asyncio.run(run())
 
 
 def main() -> None:
@@ -135,6 +183,7 @@ def main() -> None:
     parser.add_argument("--max-seqs", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=256, help="the run's chunk size")
     parser.add_argument("--policy-replicas", type=int, default=4)
+    parser.add_argument("--policies-only", action="store_true")
     args = parser.parse_args()
 
     wave_s = args.ttft_s + args.tpot_s * (args.max_tokens - 1)
@@ -145,13 +194,17 @@ def main() -> None:
           f"{len(os.sched_getaffinity(0))} cores")  # fmt: skip
     rows, one = [], None
     print(f"{'replicas':>8} {'requests':>9} {'seconds':>8} {'req/s':>8} {'tok/s':>9} "
-          f"{'vs N x 1':>8} {'vs limit':>8}  answered per replica")  # fmt: skip
-    for n in args.replicas:
+          f"{'vs N x 1':>8} {'vs limit':>8} {'vbs cpu':>8} {'us/req':>8} {'rig cpu':>9} "
+          f"{'bare/s':>9} {'vs bare':>8}  answered per replica")  # fmt: skip
+    for n in [] if args.policies_only else args.replicas:
         fleet = Fleet(n, args, "round_robin")
         try:
             requests = args.waves * args.max_seqs * n
-            seconds = dispatch(fleet.url, args, requests, session_header=False)
+            others = fleet.cpu_seconds()
+            seconds, cpu = dispatch(fleet.url, args, requests, session_header=False)
+            others = fleet.cpu_seconds() - others
             answered = fleet.answered()
+            bare = raw_dispatch(fleet.url, args, requests, n * args.max_seqs)
         finally:
             fleet.stop()
         rate = requests / seconds
@@ -160,10 +213,16 @@ def main() -> None:
         row = {"replicas": n, "requests": requests, "seconds": round(seconds, 2),
                "req_s": round(rate, 1), "tok_s": round(rate * args.max_tokens),
                "vs_n_x_one": round(rate / (n * one), 3), "vs_limit": round(rate / limit, 3),
-               "answered": answered}  # fmt: skip
+               "answered": answered, "vbs_cpu_s": round(cpu, 2),
+               "vbs_cpu_us_per_request": round(cpu / requests * 1e6),
+               "double_and_router_cpu_s": round(others, 2),
+               "bare_client_req_s": round(requests / bare, 1),
+               "vs_bare_client": round(bare / seconds, 3)}  # fmt: skip
         rows.append(row)
         print(f"{n:>8} {requests:>9} {seconds:>8.2f} {rate:>8.1f} {row['tok_s']:>9} "
-              f"{row['vs_n_x_one']:>8.3f} {row['vs_limit']:>8.3f}  {answered}")  # fmt: skip
+              f"{row['vs_n_x_one']:>8.3f} {row['vs_limit']:>8.3f} {cpu:>8.2f} "
+              f"{cpu / requests * 1e6:>8.0f} {others:>9.2f} {requests / bare:>9.1f} "
+              f"{bare / seconds:>8.3f}  {answered}")  # fmt: skip
 
     n = args.policy_replicas
     policies = []
@@ -178,7 +237,7 @@ def main() -> None:
         fleet = Fleet(n, args, policy)
         try:
             requests = args.waves * args.max_seqs * n
-            seconds = dispatch(fleet.url, args, requests, session_header=header)
+            seconds, _ = dispatch(fleet.url, args, requests, session_header=header)
             answered = fleet.answered()
         finally:
             fleet.stop()

@@ -112,6 +112,8 @@ def settings_for(home: Path, model_dir: Path | None = None, **env: str):
         "VBS_HOME": str(home),
         "VBS_DTYPE": TEST_DTYPE,
         "VBS_CPU_KVCACHE_GIB": TEST_KVCACHE_GIB,
+        # The engine in each run unless a test asks for the warm servers (the default).
+        "VBS_ENGINE": "in_process",
         **env,
     }
     if model_dir is not None:
@@ -452,6 +454,8 @@ def start_platform(home: Path, model_dir: Path, **env: str) -> PlatformProcess:
         VBS_CPU_KVCACHE_GIB=TEST_KVCACHE_GIB,
         VBS_LABEL_STUDIO_START="false",
         VBS_CODE_SERVER_PORT=str(free_port()),
+        # The engine in each run unless a test asks for the warm servers (the default).
+        VBS_ENGINE="in_process",
         # Dagster's run-retry consumer looks for failed runs every 5 s by default.
         DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS="1",
     )

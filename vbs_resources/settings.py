@@ -145,8 +145,9 @@ class Settings(BaseSettings):
 
     # ---- engine: server mode ------------------------------------------------------------
     engine: Literal["in_process", "server"] = Field(
-        default="in_process",
-        description="in_process: vLLM inside each run; server: a long-lived vLLM server.",
+        default="server",
+        description="server (default): runs send requests to long-lived vLLM servers, warm "
+        "between batches; in_process: vLLM inside each run, started by it.",
     )
     engine_url: str | None = Field(
         default=None,
@@ -155,9 +156,10 @@ class Settings(BaseSettings):
     )
     engine_host: str = "127.0.0.1"
     engine_lora: Literal["auto", "on", "off"] = Field(
-        default="auto",
-        description="LoRA on the engine server: auto turns it on when adapters are registered "
-        "at its start (on CPU it halves base-model throughput).",
+        default="on",
+        description="LoRA on the engine server: on (default), so that an adapter deployed later "
+        "is served without a restart; auto turns it on only when adapters are registered at its "
+        "start.",
     )
     engine_port: int = Field(
         default=8100,
