@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -35,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODEL = "vbs-base"
+MODEL = "SmolLM2-135M-Instruct"  # the served name, as the real legs serve it
 
 
 def free_ports(n: int) -> list[int]:
@@ -133,7 +134,7 @@ def dispatch(
         # Bodies differ as a batch's do (consistent_hash without a header hashes the body).
         content = f"Question {i}: say hi."
         return {"model": MODEL, "messages": [{"role": "user", "content": content}],
-                "max_tokens": args.max_tokens}  # fmt: skip
+                "max_tokens": args.max_tokens, "ignore_eos": True}  # fmt: skip
 
     chunks = [
         [EngineRequest(f"r{i}", body(i)) for i in range(start, min(start + args.chunk, requests))]
@@ -173,6 +174,63 @@ def raw_dispatch(url: str, args: argparse.Namespace, requests: int, concurrency:
     return asyncio.run(run())
 
 
+def real_replicas(args: argparse.Namespace) -> list[dict]:
+    """Real vLLM (this machine's CPU build) through `vbs engine serve --replicas N`, N = 1 and
+    2, the same requests: the replicas share this machine's cores, so this shows that the
+    router spreads the work and answers every request, not a speed-up."""
+    model = ROOT / ".vbs" / "models" / "SmolLM2-135M-Instruct"
+    rows = []
+    for n in (1, 2):
+        first = free_ports(n + 2)[0]
+        with tempfile.TemporaryDirectory(prefix="vbs-bench-replicas-") as tmp:
+            env = dict(os.environ, VBS_HOME=str(Path(tmp) / "vbs"), VBS_MODEL=str(model),
+                       VBS_ENGINE_PORT=str(first), VBS_CPU_KVCACHE_GIB="1",
+                       VBS_SERVED_MODEL_NAME=MODEL)  # fmt: skip
+            command = [sys.executable, "-m", "vbs_cli.main", "engine", "serve"]
+            command += ["--replicas", str(n)]
+            log = open(Path(tmp) / "engine.log", "wb")
+            proc = subprocess.Popen(command, env=env, stdout=log, stderr=log, cwd=ROOT,
+                                    start_new_session=True)  # fmt: skip
+            try:
+                url = f"http://127.0.0.1:{first}"
+                wait_http(f"{url}/health", 600)
+                if n > 1:  # the router is up once every replica answered
+                    wait_http(f"{url}/readiness", 60)
+                real = argparse.Namespace(
+                    **{
+                        **vars(args),
+                        "max_seqs": args.real_concurrency,
+                        "max_tokens": args.real_max_tokens,
+                        "chunk": 256,
+                    }
+                )
+                seconds, _ = dispatch(url, real, args.real_requests, session_header=False)
+                ports = range(first + 1, first + n + 1) if n > 1 else [first]
+                answered = []
+                for port in ports:
+                    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read()
+                    answered.append(sum(
+                        float(line.rsplit(" ", 1)[1]) for line in text.decode().splitlines()
+                        if line.startswith("vllm:request_success_total")
+                    ))  # fmt: skip
+            finally:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        rate = args.real_requests * args.real_max_tokens / seconds
+        rows.append({"replicas": n, "seconds": round(seconds, 2), "tok_s": round(rate, 1),
+                     "answered": [int(a) for a in answered]})  # fmt: skip
+        print(f"  {n} real replica(s): {args.real_requests} requests of {args.real_max_tokens} "
+              f"tokens in {seconds:.2f} s, {rate:.1f} tok/s, answered per replica "
+              f"{rows[-1]['answered']}")  # fmt: skip
+    rows[1]["vs_one"] = round(rows[1]["tok_s"] / rows[0]["tok_s"], 3)
+    print(f"  two real replicas / one: {rows[1]['vs_one']}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -184,7 +242,15 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256, help="the run's chunk size")
     parser.add_argument("--policy-replicas", type=int, default=4)
     parser.add_argument("--policies-only", action="store_true")
+    parser.add_argument("--real", action="store_true", help="only the real CPU replicas' legs")
+    parser.add_argument("--real-requests", type=int, default=128)
+    parser.add_argument("--real-max-tokens", type=int, default=32)
+    parser.add_argument("--real-concurrency", type=int, default=64)
     args = parser.parse_args()
+    if args.real:
+        print("real vLLM replicas (CPU build), `vbs engine serve --replicas N`:")
+        print(json.dumps({"bench": "replicas_real", "rows": real_replicas(args)}))
+        return
 
     wave_s = args.ttft_s + args.tpot_s * (args.max_tokens - 1)
     print(f"double: TTFT {args.ttft_s * 1000:.0f} ms, TPOT {args.tpot_s * 1000:.0f} ms, "

@@ -2,7 +2,8 @@
 fresh `vbs serve`, against a 1,000-request batch made of the same requests' first lines.
 
 The platform is the test suite's (``tests.conftest.start_platform``: the embedded defaults,
-SQLite and a local bucket, the small model, float32, a 1 GiB CPU KV cache). Each batch is
+SQLite and a local bucket, the small model, float32, a 1 GiB CPU KV cache, and the engine in
+each run, ``VBS_ENGINE=in_process``, not the warm servers that are vbs's default). Each batch is
 written to ``inbox/.<name>.part`` and renamed into ``inbox/`` as a user drops one; the small
 batch runs first, then the large one, on the same platform, each in its own Dagster run.
 Requests: ``"Say {i}."`` to the served base model, ``max_tokens`` 1, ``temperature`` 0. The
@@ -45,6 +46,12 @@ What is measured, for each batch:
 Also printed: the seconds between consecutive chunks (first five, last five, longest), from
 the runner's ``chunk N:`` log messages, to show whether a large batch slows down as it goes;
 and the timeline after the drop (``seen_<status>``: when the polling first read that status).
+
+``--engine double`` runs the same in server mode (``VBS_ENGINE=server``) against
+``VLLMServerDouble`` (tests/vllm_double.py; 20 ms a request, 256 at once): the run then holds
+vbs's own work alone (its RSS is vbs's, not vLLM's), and an engine that fast shows vbs's share
+of the wall at its largest. On this project's 2-core machines the real CPU engine answers
+10-20 one-token requests a second, so its 50,000-request run takes about an hour.
 
 Prints each batch's figures and timeline, then the comparison, and ends with one JSON line.
 Run it small with ``--requests 3000 --small 300``.
@@ -273,6 +280,7 @@ def run_batch(
         "failed": row["request_failed"],
         "output_lines": output_lines,
         "completion_tokens": meta["completion_tokens"],
+        "engine": meta.get("engine"),
         "peak_rss_mb": round(sampler.peak_rss_mb, 1),
         "peak_rss_processes": sampler.peak_processes,
         "worker_hwm_mb": round(sampler.worker_hwm_mb, 1),
@@ -305,7 +313,8 @@ def report(result: dict[str, Any]) -> None:
     print(f"--- {result['requests']} requests ({result['batch_id']}, {result['runs']} run(s))")
     print(
         f"  completed {result['completed']}, failed {result['failed']}, "
-        f"output lines {result['output_lines']}, completion tokens {result['completion_tokens']}"
+        f"output lines {result['output_lines']}, completion tokens {result['completion_tokens']}, "
+        f"engine {result['engine']}"
     )
     print(
         f"  peak RSS {result['peak_rss_mb']:.0f} MB over {result['peak_rss_processes']} "
@@ -340,11 +349,32 @@ def main() -> None:
         default=os.environ.get("VBS_MODEL", str(ROOT / ".vbs" / "models" / MODEL)),
         help="the model folder (`vbs model prepare` puts it in the default place)",
     )
+    parser.add_argument(
+        "--engine",
+        choices=("in_process", "double"),
+        default="in_process",
+        help="in_process: the real vLLM engine in the run; double: server mode against "
+        "VLLMServerDouble (tests/vllm_double.py, 20 ms a request, 256 at once), so that the "
+        "run holds vbs's work alone and a fast engine shows vbs's share at its largest",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="vbs-bench-scale-") as tmp:
         home = Path(tmp) / "vbs"
-        process = start_platform(home, Path(args.model))
+        env: dict[str, str] = {}
+        double = None
+        if args.engine == "double":
+            import subprocess
+
+            from tests.conftest import free_port
+
+            port = free_port()
+            double = subprocess.Popen(
+                [sys.executable, "-m", "tests.vllm_double", "--model", MODEL, "--ttft-s", "0.02",
+                 "--ports", str(port)], cwd=ROOT, start_new_session=True,
+            )  # fmt: skip
+            env = {"VBS_ENGINE": "server", "VBS_ENGINE_URL": f"http://127.0.0.1:{port}"}
+        process = start_platform(home, Path(args.model), **env)
         try:
             platform = Platform(home, process.port, process.api_port, process.log, process)
             results = []
@@ -354,6 +384,9 @@ def main() -> None:
                 report(results[-1])
         finally:
             process.stop()
+            if double is not None:
+                double.kill()
+                double.wait()
 
     small, large = results
     growth = large["peak_rss_mb"] - small["peak_rss_mb"]
@@ -368,6 +401,7 @@ def main() -> None:
     )
     summary = {
         "bench": "scale",
+        "engine": args.engine,
         "chunk_size": args.chunk_size,
         "max_tokens": 1,
         "peak_rss_growth_mb": round(growth, 1),
