@@ -11,11 +11,13 @@ the first and last loss and the peak RSS of each, then the ratios; ends with one
 """
 
 import argparse
+import contextlib
 import json
 import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from vbs_resources import load_settings
@@ -51,17 +53,59 @@ def cpu() -> str:
     return platform.processor() or "unknown"
 
 
+@contextlib.contextmanager
+def idle_server(wanted: bool, model: str, tmp: str) -> Iterator[None]:
+    """`vbs engine serve` on a free port, up and idle, for as long as the block runs."""
+    if not wanted:
+        yield
+        return
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, VBS_HOME=str(Path(tmp) / "vbs"), VBS_MODEL=model,
+               VBS_ENGINE_PORT=str(port))  # fmt: skip
+    log = open(Path(tmp) / "engine.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "vbs_cli.main", "engine", "serve"], env=env,
+                            stdout=log, stderr=log, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    sys.exit("the engine server did not come up")
+                time.sleep(1)
+        print(f"an idle vLLM server runs beside the training (port {port})", flush=True)
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--child", nargs=4, metavar=("BACKEND", "MODEL", "TRAIN", "OUT"))
+    parser.add_argument(
+        "--beside-server",
+        action="store_true",
+        help="train while an idle `vbs engine serve` (the warm default's server) runs",
+    )
     args = parser.parse_args()
     if args.child:
         child(*args.child, args.steps)
         return
     model = str(prepare_default_model(load_settings().home))
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, idle_server(args.beside_server, model, tmp):
         train = Path(tmp) / "train.jsonl"
         train.write_text("".join(
             json.dumps({"messages": [
@@ -86,6 +130,7 @@ def main() -> None:
     u, h = results["unsloth"], results["hf"]
     summary = {
         "bench": "train", "machine": cpu(), "steps": args.steps, "backends": results,
+        "beside_idle_server": args.beside_server,
         "unsloth_vs_hf_seconds_per_step": round(u["seconds_per_step"] / h["seconds_per_step"], 3),
         "unsloth_vs_hf_peak_rss": round(u["peak_rss_mb"] / h["peak_rss_mb"], 3),
     }  # fmt: skip
