@@ -187,11 +187,11 @@ def replicas_ready(settings: Settings) -> Callable[[], bool]:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.replicas is not None:
-        settings = settings.model_copy(update={"engine_replicas": args.replicas})
-        if args.replicas < 1:
+        if not 1 <= args.replicas <= 64:
             from vbs_resources.settings import SettingsError
 
-            raise SettingsError(f"--replicas {args.replicas}: at least 1")
+            raise SettingsError(f"--replicas {args.replicas}: 1 to 64")
+        settings = settings.model_copy(update={"engine_replicas": args.replicas})
     named = engine_commands(settings)
     where = f"http://{settings.engine_host}:{settings.engine_port}"
     if len(named) == 1:
