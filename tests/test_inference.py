@@ -17,7 +17,7 @@ from tests.conftest import (
     resources_for,
     submit,
 )
-from vbs_resources import EngineRequest, EngineResult
+from vbs_resources import EngineRequest, EngineResult, InferenceEngine
 from vbs_resources.engine import EngineFailure
 from vbs_resources.wire import BatchRequestOutput
 
@@ -350,6 +350,10 @@ class CrashAfterChunksEngineDouble:
             raise self.error
         self.calls.append([r.custom_id for r in requests])
         return self.inner.run(endpoint, requests)
+
+    def run_chunks(self, endpoint: str, chunks):
+        # The interface's own: one chunk after another through ``run`` above.
+        return InferenceEngine.run_chunks(self, endpoint, chunks)
 
 
 def killed_run(resources, instance, batch_id, chunks, chunk_size):

@@ -155,6 +155,11 @@ def test_a_run_that_finishes_after_a_late_cancel_ends_cancelled_keeping_results(
             lifecycle.request_cancel(batch_id)
             return results
 
+        def run_chunks(self, endpoint, chunks):  # through ``run`` above, chunk by chunk
+            from vbs_resources import InferenceEngine
+
+            return InferenceEngine.run_chunks(self, endpoint, chunks)
+
     runner = BatchRunner(
         resources["bucket"], catalog, lifecycle, CancelAfterRun(resources["engine"]), "r1", bool
     )

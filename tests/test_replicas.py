@@ -39,8 +39,10 @@ def test_replicas_are_n_servers_on_the_next_ports_with_the_router_in_front(tmp_p
         assert "vllm.entrypoints.launchers.api_server.entry" in command
         assert command[command.index("--port") + 1] == str(9101 + i)
         assert command[command.index("--host") + 1] == "127.0.0.1"
-        # CPU: the replicas share the cores, each its part, following the load within it.
-        assert int(env["OMP_NUM_THREADS"]) == max(1, len(os.sched_getaffinity(0)) // 3)
+        # CPU: the replicas share the cores (or a user's OMP_NUM_THREADS), each its part,
+        # following the load within it.
+        total = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+        assert int(env["OMP_NUM_THREADS"]) == max(1, total // 3)
         assert env["VBS_ENGINE_FOLLOW_LOAD"] == "true"
     _, router, _ = named[3]
     assert Path(router[0]).name == "vllm-router" and Path(router[0]).exists()

@@ -190,5 +190,8 @@ def test_the_engine_server_command_carries_the_base_models_parsers_never_the_key
     assert "--tool-call-parser hermes --enable-auto-tool-choice" in joined
     assert "--reasoning-parser olmo3" in joined
     assert "s3cret-key" not in joined and env["VLLM_API_KEY"] == "s3cret-key"
-    # LoRA follows the registry (auto): no adapter is registered, so it stays off.
-    assert "--enable-lora" not in command
+    # LoRA on by default, so that an adapter deployed later is served without a restart.
+    assert "--enable-lora" in command
+    # With auto it follows the registry: no adapter is registered, so it stays off.
+    auto, _ = server_command(settings_for(home, model_dir, VBS_ENGINE_LORA="auto"))
+    assert "--enable-lora" not in auto

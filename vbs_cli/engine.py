@@ -95,11 +95,14 @@ def server_command(
     if device == "cpu":
         # Defaults only: a user's own setting of these wins.
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(local.cpu_kvcache_space_gib))
-        # Replicas share the cores: each gets its part of VBS_ENGINE_THREADS (or of every
-        # core), and follows the machine's load within it (lora_cpu's plugin).
+        # The threads: an OMP_NUM_THREADS of the user's, else VBS_ENGINE_THREADS, else every
+        # core; replicas share them, each its part, and follow the machine's load within it
+        # (lora_cpu's plugin).
         threads = settings.engine_threads
         total = engine_threads() if threads == "auto" else threads
-        env.setdefault("OMP_NUM_THREADS", str(max(1, total // replicas)))
+        if env.get("OMP_NUM_THREADS", "").isdigit():
+            total = int(env["OMP_NUM_THREADS"])
+        env["OMP_NUM_THREADS"] = str(max(1, total // replicas))
         # vLLM binds its one worker to one core and keeps the other for its scheduler; unbound
         # threads on every core measured 225 vs 178 tok/s on a 2-core machine, idle or beside
         # a busy process (docs/engine.md).
