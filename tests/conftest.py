@@ -419,6 +419,20 @@ class PlatformProcess:
         root = psutil.Process(self.proc.pid)
         return [root, *root.children(recursive=True)]
 
+    def running(self, marker: str) -> list:
+        """The live processes of the platform whose command line holds ``marker`` (one that
+        exits, or is a zombie not yet reaped, while it is looked at is left out)."""
+        import psutil
+
+        found = []
+        for process in self.processes():
+            try:
+                if marker in " ".join(process.cmdline()):
+                    found.append(process)
+            except psutil.Error:
+                continue
+        return found
+
     def stop(self, timeout: float = 60) -> float:
         """SIGTERM to `vbs serve`, as Ctrl-C or a service manager does; returns the seconds."""
         started = time.monotonic()

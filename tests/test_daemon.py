@@ -235,10 +235,7 @@ def test_a_dead_code_server_comes_back_by_itself(platform):
 
     from vbs_api.launch import BatchLauncher
 
-    servers = [
-        p for p in platform.process.processes()
-        if "api grpc" in " ".join(p.cmdline())
-    ]  # fmt: skip
+    servers = platform.process.running("api grpc")
     assert servers
     for server in servers:
         server.kill()
@@ -286,8 +283,7 @@ def test_vbs_serve_runs_dagsters_production_processes(platform):
         and "--location-name vbs" in lines["code-server"]
     )
     assert "dagster-webserver" in lines["webserver"] and "dagster-daemon run" in lines["daemon"]
-    commands = [" ".join(p.cmdline()) for p in platform.process.processes()]
-    assert not [c for c in commands if "dagster dev" in c]
+    assert platform.process.running("dagster dev") == []
     workspace = (platform.home / "dagster" / "workspace.yaml").read_text()
     assert "grpc_server" in workspace and "location_name: vbs" in workspace
 

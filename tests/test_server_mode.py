@@ -175,8 +175,8 @@ def test_an_unreachable_server_makes_the_run_step_back_after_its_retry_budget(tm
 def _replica_session(process, port: int) -> int:
     """The session of the vLLM server `vbs serve` runs on ``port``."""
     [session] = {
-        os.getsid(p.pid) for p in process.processes()
-        if "vllm.entrypoints" in (line := " ".join(p.cmdline())) and f"--port {port} " in line
+        os.getsid(p.pid) for p in process.running("vllm.entrypoints")
+        if f"--port {port} " in " ".join(p.cmdline())
     }  # fmt: skip
     return session
 
@@ -344,7 +344,9 @@ def test_a_fine_tuning_job_and_a_batch_together_both_finish_and_the_next_batch_i
     assert sorted((x["custom_id"], x["response"]["body"]["model"]) for x in output) == [
         ("a0", model), ("a1", MODEL), ("a2", model), ("a3", MODEL)
     ]  # fmt: skip
-    # Warm: the run found the servers up (a run that loads vLLM spends seconds here).
+    # Warm: the run found the servers up (a run that loads vLLM spends seconds here). Its
+    # materialization is recorded a moment after the batch reads completed.
+    assert platform.wait_run_finished(after, timeout=120).status == dg.DagsterRunStatus.SUCCESS
     event = platform.instance.get_latest_materialization_event(dg.AssetKey("batch_output"))
     assert event.asset_materialization.partition == after
     metadata = event.asset_materialization.metadata
