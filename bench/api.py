@@ -20,7 +20,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,25 +34,19 @@ import uvloop
 from openai import AsyncOpenAI, OpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import free_port, http_ok, wait_for  # noqa: E402
+
 KEY = "bench-key"
 CLIENTS, SECONDS = 50, 20.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(url, timeout=2).status == 200:
-                return
-        except OSError:
-            time.sleep(0.5)
-    sys.exit(f"{url} did not come up")
+def wait_http(url: str, timeout: float = 30) -> None:
+    try:
+        wait_for(lambda: http_ok(url), timeout, url)
+    except AssertionError as e:
+        sys.exit(str(e))
 
 
 def wait_daemon(graphql_url: str, timeout: float) -> None:

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,43 +35,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.api import wait_http  # noqa: E402
+from tests.conftest import free_ports  # noqa: E402
+
 MODEL = "SmolLM2-135M-Instruct"  # the served name, as the real legs serve it
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` consecutive free loopback ports."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = probe.getsockname()[1]
-        if first + n > 65000:
-            continue
-        try:
-            for port in range(first, first + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return list(range(first, first + n))
-        except OSError:
-            continue
-
-
-def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(url, timeout=2).status == 200:
-                return
-        except OSError:
-            time.sleep(0.2)
-    sys.exit(f"{url} did not answer")
 
 
 class Fleet:
     """The double's N replicas (one process) and the router in front."""
 
     def __init__(self, n: int, args: argparse.Namespace, policy: str) -> None:
-        ports = free_ports(n + 2)
-        self.router_port, metrics, replica_ports = ports[0], ports[1], ports[2:]
+        first = free_ports(n + 2)
+        self.router_port, metrics = first, first + 1
+        replica_ports = list(range(first + 2, first + 2 + n))
         double = [sys.executable, "-m", "tests.vllm_double", "--model", MODEL]
         double += ["--ttft-s", str(args.ttft_s), "--tpot-s", str(args.tpot_s)]
         double += ["--max-seqs", str(args.max_seqs), "--ports", *map(str, replica_ports)]
@@ -181,7 +156,7 @@ def real_replicas(args: argparse.Namespace) -> list[dict]:
     model = ROOT / ".vbs" / "models" / "SmolLM2-135M-Instruct"
     rows = []
     for n in (1, 2):
-        first = free_ports(n + 2)[0]
+        first = free_ports(n + 2)
         with tempfile.TemporaryDirectory(prefix="vbs-bench-replicas-") as tmp:
             env = dict(os.environ, VBS_HOME=str(Path(tmp) / "vbs"), VBS_MODEL=str(model),
                        VBS_ENGINE_PORT=str(first), VBS_CPU_KVCACHE_GIB="1",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -239,25 +240,58 @@ def metadata_of(result, asset: str) -> dict[str, Any]:
     return {k: v.value for k, v in event.materialization.metadata.items()}
 
 
-def free_port() -> int:
+# Ports come from below the kernel's ephemeral range (32768-60999 here), where no outgoing
+# connection takes one between the check and the server's bind, from a slice of its own per
+# xdist worker, and never twice in one process. Ports from ``bind(0)`` are ephemeral: CI once
+# lost a replica's port to another connection in that gap.
+_PORT_SLICE = 3000
+_PORT_BASE = 20000
+_handed: set[int] = set()
+
+
+def _slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    start = _PORT_BASE + (index % 4) * _PORT_SLICE
+    return range(start, start + _PORT_SLICE)
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_ports(n: int) -> int:
     """The first of ``n`` consecutive free loopback ports (an engine port with its replicas)."""
-    while True:
-        first = free_port()
-        if first + n > 65000:
-            continue
-        try:
-            for port in range(first, first + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return first
+    ports = _slice()
+    for _ in range(len(ports)):
+        first = random.randrange(ports.start, ports.stop - n)
+        run = range(first, first + n)
+        if not _handed.intersection(run) and all(_bindable(port) for port in run):
+            _handed.update(run)
+            return first
+    raise RuntimeError(f"no {n} consecutive free ports in {ports.start}-{ports.stop - 1}")
+
+
+def free_port() -> int:
+    return free_ports(1)
+
+
+def http_ok(url: str, timeout: float = 2) -> bool:
+    """Whether ``url`` answers 200 now (a server's ``/health`` while it comes up)."""
+    try:
+        return urllib.request.urlopen(url, timeout=timeout).status == 200
+    except OSError:
+        return False
+
+
+def healthy(url: str) -> bool:
+    """Whether the server at ``url`` (vLLM, the router, the API) answers ``/health`` now."""
+    return http_ok(f"{url}/health")
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):

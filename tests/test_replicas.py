@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_ports, settings_for, wait_for
+from tests.conftest import free_ports, healthy, settings_for, wait_for
 from vbs_resources.engine import EngineRequest, VLLMEngine, VLLMServerEngine
 from vbs_resources.registry import ServedModel, ServedModels
 from vbs_resources.settings import SettingsError
@@ -86,13 +86,13 @@ class Fleet:
         router += ["--prometheus-port", str(self.metrics_port), "--log-level", "warning"]
         self.router = subprocess.Popen(router, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.router_port}"
-        wait_for(lambda: _up(self.url), 30, "the router")
+        wait_for(lambda: healthy(self.url), 30, "the router")
 
     def _start(self, port: int) -> subprocess.Popen:
         command = [sys.executable, "-m", "tests.vllm_double", "--model", BASE]
         command += ["--ttft-s", "0.01", "--tpot-s", str(self.tpot_s), "--ports", str(port)]
         proc = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
-        wait_for(lambda: _up(f"http://127.0.0.1:{port}"), 30, f"the double on {port}")
+        wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), 30, f"the double on {port}")
         return proc
 
     def kill(self, port: int) -> None:
@@ -114,13 +114,6 @@ class Fleet:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-def _up(url: str) -> bool:
-    try:
-        return urllib.request.urlopen(f"{url}/health", timeout=1).status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture

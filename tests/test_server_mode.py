@@ -23,6 +23,7 @@ from tests.conftest import (
     drop_batch,
     free_port,
     free_ports,
+    healthy,
     read_jsonl,
     settings_for,
     start_platform,
@@ -65,18 +66,11 @@ def replica_platform(tmp_path_factory, model_dir):
     platform.replicas = [f"http://127.0.0.1:{engine_port + i}" for i in (1, 2)]
     platform.router = f"http://127.0.0.1:{engine_port}"
     try:
-        wait_for(lambda: all(_up(u) for u in [*platform.replicas, platform.router]), 420,
+        wait_for(lambda: all(healthy(u) for u in [*platform.replicas, platform.router]), 420,
                  "the replicas and the router")  # fmt: skip
         yield platform
     finally:
         process.stop()
-
-
-def _up(url: str) -> bool:
-    try:
-        return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
-    except OSError:
-        return False
 
 
 def _models(url: str) -> dict[str, dict]:
@@ -205,7 +199,7 @@ def test_two_replicas_behind_the_router_survive_one_then_both_killed_mid_batch(
     home, engine_port = platform.home, platform.engine_port
     router, replicas = platform.router, platform.replicas
     router_metrics = f"http://127.0.0.1:{engine_port + 3}"
-    up = _up
+    up = healthy
 
     def health() -> dict:
         return json.loads(urllib.request.urlopen(f"{platform.api_url[:-3]}/health").read())
