@@ -80,11 +80,19 @@ class Progress:
     chunks: int = 0
 
     def add(self, line: dict[str, Any]) -> None:
-        self.done.add(line["custom_id"])
-        response = line["response"]
-        if response and 200 <= response["status_code"] < 300:
+        """Count one output line as written (a checkpoint's, read back)."""
+        response = line["response"] or {}
+        self._count(line["custom_id"], response.get("status_code"), response.get("body"))
+
+    def add_result(self, result: EngineResult) -> None:
+        """Count the line ``output_line(result)`` makes, without serializing it again."""
+        self._count(result.custom_id, result.status_code, result.body)
+
+    def _count(self, custom_id: str, status_code: int | None, body: dict[str, Any] | None) -> None:
+        self.done.add(custom_id)
+        if status_code is not None and 200 <= status_code < 300:
             self.completed += 1
-            usage = (response["body"] or {}).get("usage") or {}
+            usage = (body or {}).get("usage") or {}
             self.prompt_tokens += usage.get("prompt_tokens", 0)
             self.completion_tokens += usage.get("completion_tokens", 0)
         else:
@@ -394,8 +402,8 @@ class BatchRunner:
                 lines = [output_line(r) for r in results]
                 checkpoint.write(progress.chunks, lines)
                 progress.chunks += 1
-                for line in lines:
-                    progress.add(line.model_dump())
+                for result in results:
+                    progress.add_result(result)
                 report.new_completion_tokens += sum(r.completion_tokens for r in results)
                 if not self.lifecycle.record(batch_id, **progress.counts()):
                     raise RunRefused(f"{batch_id} was ended by someone else while it ran")
