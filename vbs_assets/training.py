@@ -35,7 +35,7 @@ from vbs_resources import Bucket, Catalog, InferenceEngine, Webhooks, strict_jso
 from vbs_resources import layout as L
 from vbs_resources.bucket import local_folder, upload_folder
 from vbs_resources.curation.datasets import failed_checks
-from vbs_resources.engine import EngineRequest
+from vbs_resources.engine import EngineRequest, EngineResult
 from vbs_resources.registry import ModelRegistry, RegistryError, ServedModel, ServedModels
 from vbs_resources.settings import cache_dir
 from vbs_resources.training import Trainer, TrainingJob, TrainingStopped, TrainLog
@@ -386,6 +386,16 @@ def adapter_eval(
         raise
 
 
+class EvaluationError(RuntimeError):
+    """The evaluation has nothing to score; the job fails with this message."""
+
+
+def _error_message(result: EngineResult) -> str:
+    error = result.body.get("error") if isinstance(result.body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return f"HTTP {result.status_code}: {message or result.body}"[:500]
+
+
 def _not_evaluated(
     context: dg.AssetExecutionContext, lifecycle: FineTuningLifecycle, job_id: str, reason: str
 ) -> dg.MaterializeResult:
@@ -449,6 +459,23 @@ def _evaluate(
     started = time.perf_counter()
     results = engine.run(endpoint, requests)
     seconds = time.perf_counter() - started
+    failed = {
+        who: [r for r in results if r.custom_id.startswith(f"{who}-") and not r.ok]
+        for who in ("base", "adapter")
+    }
+    for who, errors in failed.items():
+        if len(errors) == len(examples):
+            # Nothing to score (an adapter the engine cannot load: a server without LoRA): the
+            # job fails saying why, rather than scoring empty answers.
+            raise EvaluationError(
+                f"every {who} request of the evaluation failed, the first with: "
+                f"{_error_message(errors[0])}"
+            )
+        if errors:
+            context.log.warning(
+                f"{len(errors)} of {len(examples)} {who} requests failed and score as empty "
+                f"answers; the first: {_error_message(errors[0])}"
+            )
     answers = {r.custom_id: _answer(r.body) if r.ok else "" for r in results}
     base_answers = [answers[f"base-{i}"] for i in range(len(examples))]
     adapter_answers = [answers[f"adapter-{i}"] for i in range(len(examples))]
@@ -467,6 +494,7 @@ def _evaluate(
         "margin": verdict.margin,
         "passed": verdict.passed,
         "examples": len(examples),
+        "failed_requests": {who: len(errors) for who, errors in failed.items()},
         "run_id": context.run_id,
         "evaluated_at": int(time.time()),
     }
@@ -479,6 +507,7 @@ def _evaluate(
             "comparison": dg.MetadataValue.md(ev.table(base_scores, adapter_scores)),
             "samples": dg.MetadataValue.md(_samples(examples, base_answers, adapter_answers)),
             "generation_seconds": round(seconds, 2),
+            **{f"{who}_failed_requests": len(errors) for who, errors in failed.items()},
             **{f"base_{k}": v for k, v in base_scores.items() if v is not None},
             **{f"adapter_{k}": v for k, v in adapter_scores.items() if v is not None},
         },

@@ -9,6 +9,7 @@ migrates the catalog or Dagster's storage, never starts a process, and never pri
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import time
@@ -192,14 +193,72 @@ def engine(settings: Settings, timeout: float) -> Check:
 
 
 def gpu(settings: Settings, timeout: float) -> Check:
+    from vbs_resources.engine.hardware import installed_vllm_build, torch_cuda_version
+
     smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return Check("gpu", None, "no NVIDIA GPU (nvidia-smi absent): vLLM's CPU build runs")
-    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=timeout)
-    gpus = [line for line in listed.stdout.splitlines() if line.startswith("GPU ")]
-    if listed.returncode != 0 or not gpus:
-        return Check("gpu", None, "nvidia-smi sees no GPU: vLLM's CPU build runs")
-    return Check("gpu", None, f"{len(gpus)} GPU(s): {gpus[0]}")
+    gpus: list[str] = []
+    driver_cuda = None
+    if smi is not None:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=timeout)
+        gpus = [line for line in listed.stdout.splitlines() if line.startswith("GPU ")]
+        table = subprocess.run([smi], capture_output=True, text=True, timeout=timeout).stdout
+        found = re.search(r"CUDA Version:\s*([0-9]+\.[0-9]+)", table)
+        driver_cuda = found.group(1) if found else None
+    return gpu_report(
+        installed_vllm_build(),
+        gpus,
+        driver_cuda,
+        torch_cuda_version(),
+        settings.cuda_visible_devices,
+    )
+
+
+def gpu_report(
+    build: str | None,
+    gpus: list[str],
+    driver_cuda: str | None,
+    torch_cuda: str | None,
+    cuda_visible_devices: str | None,
+) -> Check:
+    """The GPU check from what was found: the installed vLLM build (``cpu``, ``cuda``), the
+    GPUs ``nvidia-smi -L`` lists, the highest CUDA its driver supports, the CUDA torch was
+    built for, and the ``CUDA_VISIBLE_DEVICES`` setting."""
+    if build != "cuda":
+        if gpus:
+            return Check("gpu", None, f"{len(gpus)} GPU(s), but vLLM's CPU build is installed: "
+                         "the engine runs on the CPU (`make setup EXTRA=gpu` builds the "
+                         "environment for the GPUs)")  # fmt: skip
+        return Check("gpu", None, "no NVIDIA GPU: vLLM's CPU build runs")
+    if not gpus:
+        return Check("gpu", False, "vLLM's CUDA build is installed, but nvidia-smi lists no GPU",
+                     "install the NVIDIA driver, or `make setup EXTRA=cpu` for the CPU build")  # fmt: skip
+    if cuda_visible_devices == "":
+        return Check("gpu", False, "CUDA_VISIBLE_DEVICES is empty: every GPU is hidden from "
+                     "vLLM's CUDA build", "unset CUDA_VISIBLE_DEVICES")  # fmt: skip
+    fits = cuda_fits_driver(torch_cuda, driver_cuda)
+    seen = f"{len(gpus)} GPU(s): {gpus[0]}; torch built for CUDA {torch_cuda}, driver up to {driver_cuda}"
+    if fits is False:
+        return Check("gpu", False, f"{seen}: the driver is too old for this torch",
+                     f"upgrade the NVIDIA driver to one supporting CUDA {torch_cuda} or newer "
+                     "(docs/gpu.md: choosing the torch build)")  # fmt: skip
+    if fits is None:
+        return Check("gpu", None, f"{seen}: runs through CUDA's minor version compatibility "
+                     "(no PTX JIT); a driver for the same minor version is safer")  # fmt: skip
+    return Check("gpu", True, seen)
+
+
+def cuda_fits_driver(torch_cuda: str | None, driver_cuda: str | None) -> bool | None:
+    """Whether torch's CUDA runtime runs on this driver: True when the driver supports that
+    CUDA version; None within the same major version only (CUDA's minor version
+    compatibility, which covers everything but PTX JIT); False for a newer major version, or
+    when either is unknown (no CUDA torch, no driver version)."""
+    if not torch_cuda or not driver_cuda:
+        return False
+    wanted = tuple(int(x) for x in torch_cuda.split(".")[:2])
+    have = tuple(int(x) for x in driver_cuda.split(".")[:2])
+    if wanted <= have:
+        return True
+    return None if wanted[0] == have[0] else False
 
 
 def label_studio(settings: Settings, timeout: float) -> Check:

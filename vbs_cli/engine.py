@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vbs_resources import Settings
-from vbs_resources.engine.hardware import engine_threads, resolve_dtype
+from vbs_resources.engine.hardware import engine_threads, flashinfer_sampler, resolve_dtype
 from vbs_resources.registry import lora_rank_limit
 
 
@@ -111,6 +111,8 @@ def server_command(
             env["VBS_ENGINE_FOLLOW_LOAD"] = "true"
     else:
         env["VLLM_SERVER_DEV_MODE"] = "1"
+        if (sampler := flashinfer_sampler()) is not None:
+            env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", sampler)
         if replicas > 1:
             env["CUDA_VISIBLE_DEVICES"] = replica_devices(
                 settings.cuda_visible_devices, local.tensor_parallel_size, replica

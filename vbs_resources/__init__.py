@@ -81,7 +81,14 @@ def build_local_engine(settings: Settings) -> VLLMEngine:
         embedding_served_name=settings.embedding_served_name,
         dtype=settings.dtype,
         max_model_len=settings.max_model_len,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
+        # One GPU holds both engines (a warm server's chat engine and a run's embedding engine),
+        # each within its own share.
+        gpu_memory_utilization=round(
+            settings.gpu_memory_utilization
+            - (settings.embedding_gpu_memory_utilization if embedding else 0),
+            4,
+        ),
+        embedding_gpu_memory_utilization=settings.embedding_gpu_memory_utilization,
         tensor_parallel_size=settings.tensor_parallel_size,
         cpu_kvcache_space_gib=settings.cpu_kvcache_gib,
         cuda_visible_devices=settings.cuda_visible_devices,

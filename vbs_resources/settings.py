@@ -98,7 +98,20 @@ class Settings(BaseSettings):
     embedding_served_name: str = "all-MiniLM-L6-v2"
     dtype: str = "auto"
     max_model_len: int = Field(default=2048, ge=16)
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="The share of each GPU that vbs's vLLM engines take together: the chat "
+        "engine (a run's, or each server replica's) gets it less the embedding engine's part.",
+    )
+    embedding_gpu_memory_utilization: float = Field(
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="The embedding engine's part of VBS_GPU_MEMORY_UTILIZATION: it starts in the "
+        "run beside a warm server on the same GPU, and vLLM refuses a share the GPU has not free.",
+    )
     tensor_parallel_size: int = Field(default=1, ge=1)
     cpu_kvcache_gib: int = Field(default=4, ge=1)
     max_lora_rank: int = Field(
@@ -455,6 +468,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"the engine server would listen on {self.engine_host} without a key: set "
                 "VBS_ENGINE_API_KEY, or VBS_API_INSECURE_NO_AUTH=true behind a proxy"
+            )
+        if self.embedding_gpu_memory_utilization >= self.gpu_memory_utilization:
+            raise ValueError(
+                f"VBS_EMBEDDING_GPU_MEMORY_UTILIZATION={self.embedding_gpu_memory_utilization} "
+                "is the embedding engine's part of VBS_GPU_MEMORY_UTILIZATION="
+                f"{self.gpu_memory_utilization}: it must be smaller, leaving the chat engine room"
             )
         if self.engine_replicas > 1 and self.engine_port + self.engine_replicas + 1 > 65535:
             raise ValueError(

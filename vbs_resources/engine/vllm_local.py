@@ -49,7 +49,12 @@ class VLLMEngine(InferenceEngine):
     embedding_served_name: str = "all-MiniLM-L6-v2"
     dtype: str = "auto"
     max_model_len: int | None = 2048
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = Field(
+        default=0.9, description="The chat engine's share of the GPU (vLLM's own setting)."
+    )
+    embedding_gpu_memory_utilization: float = Field(
+        default=0.05, description="The embedding engine's share of the same GPU."
+    )
     tensor_parallel_size: int = 1
     enforce_eager: bool | None = Field(
         default=None,
@@ -199,23 +204,29 @@ class VLLMEngine(InferenceEngine):
                 install_lora_kernels(self.lora_cpu_kernels)
 
             started = time.perf_counter()
-            kwargs: dict[str, Any] = dict(
-                model=path,
-                dtype=resolve_dtype(self.dtype, device),
-                max_model_len=self.max_model_len,
-                tensor_parallel_size=self.tensor_parallel_size,
-                enforce_eager=device == "cpu" if self.enforce_eager is None else self.enforce_eager,
-                seed=self.seed,
-            )
-            if device == "cuda":
-                kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
-            if runner == "pooling":
-                # Embedding models keep their own (short) context length.
-                kwargs.update(runner="pooling", max_model_len=None)
-            kwargs.update(lora)
-            _LOADED[key] = LLM(**kwargs)
+            _LOADED[key] = LLM(**self.llm_options(path, runner, device))
             log.info("vLLM engine for %s ready in %.1fs", path, time.perf_counter() - started)
         return _LOADED[key]
+
+    def llm_options(self, path: str, runner: str, device: str) -> dict[str, Any]:
+        """The arguments of vLLM's ``LLM`` for ``path`` as ``runner`` on ``device``."""
+        options: dict[str, Any] = dict(
+            model=path,
+            dtype=resolve_dtype(self.dtype, device),
+            max_model_len=self.max_model_len,
+            tensor_parallel_size=self.tensor_parallel_size,
+            enforce_eager=device == "cpu" if self.enforce_eager is None else self.enforce_eager,
+            seed=self.seed,
+        )
+        if device == "cuda":
+            options["gpu_memory_utilization"] = self.gpu_memory_utilization
+        if runner == "pooling":
+            # Embedding models keep their own (short) context length, and their own share.
+            options.update(runner="pooling", max_model_len=None)
+            if device == "cuda":
+                options["gpu_memory_utilization"] = self.embedding_gpu_memory_utilization
+        options.update(self._engine_options(runner))
+        return options
 
     def _run_generation(self, endpoint: str, requests: list[EngineRequest]) -> list[EngineResult]:
         """Chat and completion requests, through vLLM's own serving layer over this engine."""
@@ -257,7 +268,7 @@ class VLLMEngine(InferenceEngine):
             except Exception as exc:  # noqa: BLE001 - a broken engine may fail to shut down
                 log.warning("the replaced engine for %s did not shut down cleanly: %r", path, exc)
         if stale:
-            gc.collect()
+            _release_memory()
 
     def _layer(self, runner: str, path: str, build: Callable[[Any], Any]) -> Any:
         """vLLM's serving layer over the loaded engine of ``path``, built once per engine. An
@@ -285,3 +296,28 @@ class VLLMEngine(InferenceEngine):
         except EngineFailure:
             self._forget("pooling", path)
             raise
+
+
+def release_engines() -> None:
+    """Shut down every engine this process loaded and give their memory back (a test session
+    between GPU-heavy files, a process that trains next)."""
+    for path, runner in {k[:2] for k in _LOADED}:
+        VLLMEngine._forget(runner, path)
+
+
+def _release_memory() -> None:
+    """Memory of engines shut down: with the engine core in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) deleting an engine frees no GPU memory (vLLM issue
+    21073). With no engine left, vLLM's own cleanup (parallel groups, the distributed
+    environment, the allocator's cache); with another still loaded (the embedding engine
+    beside the chat one) that would pull its groups away, so the allocator's cache alone."""
+    gc.collect()
+    if not _LOADED:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -3,6 +3,7 @@ CPU fallback elsewhere), trained by trl's SFTTrainer as Unsloth patches it."""
 
 from __future__ import annotations
 
+from vbs_resources.settings import cache_dir, set_library_defaults
 from vbs_resources.training import (
     TrainingBackend,
     TrainingJob,
@@ -29,13 +30,21 @@ def _guard_vllm_probe() -> None:
     sys.modules["vllm._C"] = types.ModuleType("vllm._C")
 
 
+def prepare_import() -> None:
+    """What must hold before Unsloth is imported: its GPU compile cache (generated sources it
+    imports back) under ``$VBS_HOME/cache`` rather than the working directory, which is the
+    repository's when `vbs serve` runs from a checkout; the vLLM probe guarded."""
+    set_library_defaults(UNSLOTH_COMPILE_LOCATION=str(cache_dir() / "unsloth_compiled_cache"))
+    _guard_vllm_probe()
+
+
 @register_backend
 class UnslothBackend(TrainingBackend):
     name = "unsloth"
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         # Unsloth patches transformers and trl when imported: first, before either is used.
-        _guard_vllm_probe()
+        prepare_import()
         from unsloth import FastLanguageModel
 
         hp = job.hyperparameters
