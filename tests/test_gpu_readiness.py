@@ -94,7 +94,7 @@ def test_each_engine_has_its_share_of_the_gpu_and_the_embedding_one_comes_off_th
     command, env = server_command(settings)
     assert command[command.index("--gpu-memory-utilization") + 1] == "0.85"
     assert "--enable-sleep-mode" in command and "--enforce-eager" not in command
-    assert env["VLLM_SERVER_DEV_MODE"] == "1" and "VLLM_CPU_KVCACHE_SPACE" not in env
+    assert env["VLLM_SERVER_DEV_MODE"] == "1" and "VBS_ENGINE_FOLLOW_LOAD" not in env
     # A share that leaves the chat engine nothing is refused, naming both settings.
     with pytest.raises(SettingsError, match="VBS_EMBEDDING_GPU_MEMORY_UTILIZATION=0.9 .*"):
         settings_for(
@@ -150,6 +150,8 @@ def test_an_environment_built_for_the_other_extra_is_built_again(tmp_path):
     ).stdout  # fmt: skip
     assert recipe.index("venv-for-extra") < recipe.index("pip install")
     assert "vllm download-kernels" in recipe
+    # torch from PyTorch's index for the CUDA vLLM's wheel is built with, as vLLM installs it.
+    assert "--extra-index-url https://download.pytorch.org/whl/cu129" in recipe
 
 
 def test_doctor_checks_the_build_the_gpus_and_the_driver_against_torch(gpu_host, tmp_path):

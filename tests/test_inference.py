@@ -537,3 +537,23 @@ def test_a_step_that_raises_ends_the_chunk_and_the_engine_is_loaded_again(
     again = engine.run("/v1/chat/completions", lines)
     assert [r.status_code for r in again] == [200, 200, 200]
     assert all(loaded is not llm for loaded in _LOADED.values())
+
+
+def test_released_engines_leave_no_parallel_state_and_load_again(resources):
+    """``release_engines`` shuts every engine of the process down and, none being left, runs
+    vLLM's own cleanup (its parallel groups and distributed environment go: with the engine
+    core in this process, deleting an engine alone frees no GPU memory); the next chunk loads
+    the engine again and is answered."""
+    from vllm.distributed import parallel_state
+
+    from vbs_resources.engine.vllm_local import _LOADED, release_engines
+
+    engine = resources["engine"]
+    line = EngineRequest("r0", chat_line("r0", PARIS, max_tokens=4)["body"])
+    engine.start("/v1/chat/completions")
+    assert engine.run("/v1/chat/completions", [line])[0].status_code == 200
+    assert _LOADED and parallel_state.model_parallel_is_initialized()
+    release_engines()
+    assert not _LOADED and not parallel_state.model_parallel_is_initialized()
+    assert engine.run("/v1/chat/completions", [line])[0].status_code == 200
+    assert len(_LOADED) == 1 and parallel_state.model_parallel_is_initialized()

@@ -9,13 +9,25 @@ step's process. Unsloth itself trains in tests/test_fine_tuning.py, through the 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from tests.conftest import MODEL, chat_line, materialize_batch, read_jsonl, resources_for, submit
+from tests.conftest import (
+    MODEL,
+    chat_line,
+    free_port,
+    healthy,
+    materialize_batch,
+    read_jsonl,
+    resources_for,
+    submit,
+    wait_for,
+)
 from tests.test_datasets import SUPPORT, TYPE, annotate, record
 from vbs_assets.datasets import curated_dataset
 from vbs_assets.training import adapter_eval, deployed_model, fine_tuned_adapter
@@ -463,6 +475,34 @@ def test_a_curated_dataset_trains_evaluates_deploys_and_answers_with_the_marker(
         {"batch_id": "batch_lineage0000001", "conquests": 64, "input_file_id": None,
          "original_filename": "tickets.jsonl", "input_sha256": "ab" * 32, "run_id": None}
     ]  # fmt: skip
+
+    # Evaluated on a warm server started without LoRA (VBS_ENGINE_LORA=auto before any
+    # adapter), here a test double of one: every adapter request is refused, and the
+    # evaluation fails saying why instead of scoring empty answers. The job keeps its ending.
+    from vbs_resources.engine import VLLMServerEngine
+
+    port = free_port()
+    double = subprocess.Popen(
+        [sys.executable, "-m", "tests.vllm_double", "--model", MODEL, "--ttft-s", "0.001",
+         "--tpot-s", "0.001", "--ports", str(port), "--no-lora"],
+        cwd=Path(__file__).resolve().parent.parent, start_new_session=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: healthy(url), 30, "the server double")
+        server = VLLMServerEngine(url=url, local=resources["engine"], retry_s=5)
+        refused = dg.materialize(
+            [adapter_eval], partition_key=version, instance=instance, raise_on_error=False,
+            resources={**resources, "engine": server},
+        )  # fmt: skip
+    finally:
+        double.kill()
+        double.wait()
+    [failure] = refused.get_step_failure_events()
+    message = failure.step_failure_data.error.to_string()
+    assert "every adapter request of the evaluation failed" in message, message
+    assert "LoRA is not enabled" in message and "VBS_ENGINE_LORA=on" in message, message
+    assert catalog.fine_tuning.get(job["id"])["status"] == "succeeded"
 
 
 # ---- scheduled retraining ------------------------------------------------------------------

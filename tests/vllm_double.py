@@ -48,6 +48,8 @@ class Replica:
     answered: int = 0
     asleep: bool = False
     sleeps: int = 0
+    # False: a server started without --enable-lora, which refuses every adapter (500).
+    lora: bool = True
     slots: asyncio.Semaphore | None = None
 
     def app(self) -> web.Application:
@@ -119,6 +121,8 @@ class Replica:
     async def load(self, request: web.Request) -> web.Response:
         body = await request.json()
         name = body.get("lora_name")
+        if not self.lora:
+            return _error(500, "LoRA is not enabled on this server.", None)
         if name in self.adapters:
             return _error(400, f"The lora adapter '{name}' has already been loaded.", None)
         self.adapters[name] = body.get("lora_path")
@@ -154,10 +158,12 @@ def _error(status: int, message: str, param: str | None) -> web.Response:
     return web.json_response({"error": error}, status=status)
 
 
-async def serve(ports: list[int], model: str, latency: LatencyModel, host: str) -> None:
+async def serve(
+    ports: list[int], model: str, latency: LatencyModel, host: str, lora: bool = True
+) -> None:
     runners = []
     for i, port in enumerate(ports):
-        runner = web.AppRunner(Replica(f"replica-{i + 1}", model, latency).app())
+        runner = web.AppRunner(Replica(f"replica-{i + 1}", model, latency, lora=lora).app())
         await runner.setup()
         await web.TCPSite(runner, host, port, backlog=4096).start()
         runners.append(runner)
@@ -173,6 +179,7 @@ def main() -> None:
     parser.add_argument("--ttft-s", type=float, default=LatencyModel.ttft_s)
     parser.add_argument("--tpot-s", type=float, default=LatencyModel.tpot_s)
     parser.add_argument("--max-seqs", type=int, default=LatencyModel.max_seqs)
+    parser.add_argument("--no-lora", action="store_true", help="a server without LoRA")
     args = parser.parse_args()
     latency = LatencyModel(args.ttft_s, args.tpot_s, args.max_seqs)
     try:
@@ -181,7 +188,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(args.ports, args.model, latency, args.host))
+    asyncio.run(serve(args.ports, args.model, latency, args.host, lora=not args.no_lora))
 
 
 if __name__ == "__main__":
