@@ -290,6 +290,30 @@ def free_port() -> int:
     return free_ports(1)
 
 
+def start_short_fine_tune(client: Any, suffix: str) -> Any:
+    """A fine-tuning job through the API (the official client): 32 marker examples uploaded, 3
+    steps of the hf backend; the job as created."""
+    from tests.test_training import marker_examples
+
+    training = client.files.create(
+        file=("m.jsonl", jsonl(marker_examples(32))), purpose="fine-tune"
+    )
+    return client.fine_tuning.jobs.create(
+        model=MODEL, training_file=training.id, suffix=suffix,
+        hyperparameters={"batch_size": 8, "learning_rate_multiplier": 5, "n_epochs": 1},
+        extra_body={"max_steps": 3, "backend": "hf"},
+    )  # fmt: skip
+
+
+def wait_job_ended(client: Any, job_id: str, timeout: float = 600) -> Any:
+    """The fine-tuning job once it has ended (succeeded, failed or cancelled)."""
+    return wait_for(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job_id)).status
+        in ("succeeded", "failed", "cancelled") and j,
+        timeout, "the job to end",
+    )  # fmt: skip
+
+
 def http_ok(url: str, timeout: float = 2) -> bool:
     """Whether ``url`` answers 200 now (a server's ``/health`` while it comes up)."""
     try:

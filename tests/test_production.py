@@ -234,22 +234,11 @@ def test_uploads_downloads_and_queries_go_through_the_bucket(pg_platform):
 def test_a_fine_tuning_job_trains_from_the_bucket_and_deploys_from_it(pg_platform):
     """The dataset is read from S3, the adapter is written to S3, and the engine serves the
     deployed model from a local copy of it; its lineage reaches the uploaded file."""
-    from tests.conftest import MODEL
-    from tests.test_training import marker_examples
+    from tests.conftest import start_short_fine_tune, wait_job_ended
 
     platform, client = pg_platform, client_of(pg_platform)
-    training = client.files.create(file=("m.jsonl", jsonl(marker_examples(32))),
-                                   purpose="fine-tune")  # fmt: skip
-    job = client.fine_tuning.jobs.create(
-        model=MODEL, training_file=training.id, suffix="s3",
-        hyperparameters={"batch_size": 8, "learning_rate_multiplier": 5, "n_epochs": 1},
-        extra_body={"max_steps": 3, "backend": "hf"},
-    )  # fmt: skip
-    done = wait_for(
-        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
-        in ("succeeded", "failed", "cancelled") and j,
-        600, "the job to end",
-    )  # fmt: skip
+    job = start_short_fine_tune(client, "s3")
+    done = wait_job_ended(client, job.id)
     assert done.status == "succeeded", done
     row = platform.resources["catalog"].fine_tuning.get(job.id)
     assert row["adapter_path"] == platform.bucket.uri(f"adapters/{job.id}")
@@ -267,7 +256,7 @@ def test_a_fine_tuning_job_trains_from_the_bucket_and_deploys_from_it(pg_platfor
 
     chain = model_lineage(platform.resources["catalog"], model)
     assert chain["adapter"]["path"] == row["adapter_path"]
-    assert training.id in json.dumps(chain["dataset"])  # back to the uploaded file
+    assert job.training_file in json.dumps(chain["dataset"])  # back to the uploaded file
 
 
 def test_the_whole_platform_killed_mid_batch_finishes_it_after_a_restart(pg_platform):

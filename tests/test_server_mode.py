@@ -27,7 +27,9 @@ from tests.conftest import (
     read_jsonl,
     settings_for,
     start_platform,
+    start_short_fine_tune,
     wait_for,
+    wait_job_ended,
 )
 from vbs_resources import build_local_engine, build_resources
 from vbs_resources.engine import EngineRequest, EngineUnavailable
@@ -297,28 +299,14 @@ def test_a_fine_tuning_job_and_a_batch_together_both_finish_and_the_next_batch_i
     on the warm servers again: no engine load in its run, no server restarted."""
     from openai import OpenAI
 
-    from tests.conftest import jsonl
-    from tests.test_training import marker_examples
-
     platform = replica_platform
     client = OpenAI(base_url=platform.api_url, api_key="unused", max_retries=0)
     restarts_before = _restarts(platform)
-    training = client.files.create(
-        file=("m.jsonl", jsonl(marker_examples(32))), purpose="fine-tune"
-    )
-    job = client.fine_tuning.jobs.create(
-        model=MODEL, training_file=training.id, suffix="warm",
-        hyperparameters={"batch_size": 8, "learning_rate_multiplier": 5, "n_epochs": 1},
-        extra_body={"max_steps": 3, "backend": "hf"},
-    )  # fmt: skip
+    job = start_short_fine_tune(client, "warm")
     beside = drop_batch(
         platform, "beside-training", [chat_line(f"b{i}", "Say hi.", max_tokens=4) for i in range(4)]
     )
-    done = wait_for(
-        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
-        in ("succeeded", "failed", "cancelled") and j,
-        600, "the job to end",
-    )  # fmt: skip
+    done = wait_job_ended(client, job.id)
     assert done.status == "succeeded", done
     assert platform.wait_status(beside, {"completed", "failed"}, timeout=300)["status"] == (
         "completed"
