@@ -48,7 +48,7 @@ def gpu_host(tmp_path, monkeypatch):
     smi.write_text(NVIDIA_SMI_DOUBLE)
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert hardware.gpu_present()
+    assert hardware.gpu_present() and hardware.gpu_count() == 1
 
 
 def test_the_device_is_the_installed_vllm_builds_not_the_hosts(gpu_host):
@@ -152,6 +152,14 @@ def test_an_environment_built_for_the_other_extra_is_built_again(tmp_path):
     assert "vllm download-kernels" in recipe
     # torch from PyTorch's index for the CUDA vLLM's wheel is built with, as vLLM installs it.
     assert "--extra-index-url https://download.pytorch.org/whl/cu129" in recipe
+
+    # On the gpu extra the suite runs on one worker (two workers' engines would share a GPU).
+    def pytest_line(extra: str) -> str:
+        dry = subprocess.run(["make", "-n", f"EXTRA={extra}", "test"], cwd=ROOT,
+                             capture_output=True, text=True).stdout  # fmt: skip
+        return next(line for line in dry.splitlines() if "-m pytest" in line)
+
+    assert " -n 1 " in pytest_line("gpu") and " -n 2 " in pytest_line("cpu")
 
 
 def test_doctor_checks_the_build_the_gpus_and_the_driver_against_torch(gpu_host, tmp_path):

@@ -46,6 +46,10 @@ LINES = 32
 def replica_platform(tmp_path_factory, model_dir):
     """`vbs serve` in server mode (the default) with two vLLM replicas behind vLLM's router
     (VBS_ENGINE_REPLICAS=2), LoRA on."""
+    from vbs_resources.engine.hardware import detect_device, gpu_count
+
+    if detect_device() == "cuda" and gpu_count() < 2:
+        pytest.skip("two CUDA replicas need two GPUs (each replica its own)")
     home = tmp_path_factory.mktemp("server-mode") / "vbs"
     engine_port = free_ports(4)  # the router, two replicas, the router's metrics
     process = start_platform(

@@ -55,6 +55,17 @@ def gpu_present() -> bool:
     return bool(shutil.which("nvidia-smi")) or os.path.exists("/dev/nvidia0")
 
 
+def gpu_count() -> int:
+    """The GPUs ``nvidia-smi -L`` lists (0 without the tool)."""
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines())
+
+
 def detect_device(cuda_visible_devices: str | None = None, build: str | None = "") -> str:
     """Where the installed vLLM runs: ``"cpu"`` for its CPU build (also on a host with GPUs:
     ``make setup EXTRA=cpu`` there), ``"cuda"`` for its CUDA build. ``cuda_visible_devices`` is
