@@ -193,14 +193,12 @@ def engine(settings: Settings, timeout: float) -> Check:
 
 
 def gpu(settings: Settings, timeout: float) -> Check:
-    from vbs_resources.engine.hardware import installed_vllm_build, torch_cuda_version
+    from vbs_resources.engine.hardware import gpu_list, installed_vllm_build, torch_cuda_version
 
     smi = shutil.which("nvidia-smi")
-    gpus: list[str] = []
+    gpus = gpu_list(timeout)
     driver_cuda = None
     if smi is not None:
-        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=timeout)
-        gpus = [line for line in listed.stdout.splitlines() if line.startswith("GPU ")]
         table = subprocess.run([smi], capture_output=True, text=True, timeout=timeout).stdout
         found = re.search(r"CUDA Version:\s*([0-9]+\.[0-9]+)", table)
         driver_cuda = found.group(1) if found else None

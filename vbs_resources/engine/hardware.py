@@ -55,15 +55,19 @@ def gpu_present() -> bool:
     return bool(shutil.which("nvidia-smi")) or os.path.exists("/dev/nvidia0")
 
 
-def gpu_count() -> int:
-    """The GPUs ``nvidia-smi -L`` lists (0 without the tool)."""
+def gpu_list(timeout: float = 30) -> list[str]:
+    """The GPUs ``nvidia-smi -L`` lists, a line each (none without the tool)."""
     import subprocess
 
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        return 0
-    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
-    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines())
+        return []
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=timeout)
+    return [line for line in listed.stdout.splitlines() if line.startswith("GPU ")]
+
+
+def gpu_count() -> int:
+    return len(gpu_list())
 
 
 def detect_device(cuda_visible_devices: str | None = None, build: str | None = "") -> str:
