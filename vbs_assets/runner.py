@@ -29,6 +29,7 @@ from vbs_resources import Bucket, Catalog, EngineRequest, EngineResult, Inferenc
 from vbs_resources import layout as L
 from vbs_resources.lake import write_results
 from vbs_resources.lifecycle import BatchLifecycle
+from vbs_resources.process_memory import release_memory
 from vbs_resources.registry import ModelRegistry
 from vbs_resources.wire import (
     TERMINAL_STATUSES,
@@ -405,6 +406,10 @@ class BatchRunner:
                 for result in results:
                     progress.add_result(result)
                 report.new_completion_tokens += sum(r.completion_tokens for r in results)
+                del lines, results
+                # What the chunk freed goes back to the system: without this an in-process
+                # engine's RSS grew ~250 MB over 40 chunks (glibc keeps freed pages).
+                release_memory(collect=False)
                 if not self.lifecycle.record(batch_id, **progress.counts()):
                     raise RunRefused(f"{batch_id} was ended by someone else while it ran")
                 done = len(progress.done)

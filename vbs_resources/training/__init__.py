@@ -16,9 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import resource
 import shutil
-import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -28,6 +26,8 @@ from typing import Any, ClassVar
 
 import dagster as dg
 from pydantic import BaseModel, ConfigDict, Field
+
+from vbs_resources.process_memory import peak_rss_mb, release_memory
 
 # The linear layers of Llama-style models (SmolLM2, Llama, Qwen, Mistral, Gemma).
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -158,25 +158,6 @@ def backend_for(name: str) -> TrainingBackend:
     if name not in BACKENDS:
         raise TrainingError(f"No training backend named {name!r}; known: {backend_names()}.")
     return BACKENDS[name]()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
-
-
-def release_memory() -> None:
-    """Hand the training's freed memory back to the system: a process that goes on after
-    training (Dagster's in-process executor, a test) would otherwise keep its peak."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
 
 
 def folder_bytes(path: str) -> int:
