@@ -167,8 +167,8 @@ def test_a_backend_the_platform_does_not_know_is_refused_by_name(tmp_path):
     from vbs_resources.training import TrainingError, backend_names
 
     assert {"unsloth", "hf"} <= set(backend_names())
-    with pytest.raises(TrainingError, match="axolotl"):
-        backend_for("axolotl")
+    with pytest.raises(TrainingError, match="no_such_backend"):
+        backend_for("no_such_backend")
     job = TrainingJob(str(tmp_path), str(tmp_path / "missing.jsonl"), str(tmp_path / "out"))
     with pytest.raises(TrainingError, match="no training file"):
         Trainer(backend="hf").train(job)

@@ -50,7 +50,10 @@ class FineTuneConfig(dg.Config):
 
     job_id: str | None = Field(default=None, description="An existing fine-tuning job.")
     model: str | None = Field(default=None, description="Base model; the engine's base.")
-    backend: str | None = Field(default=None, description="unsloth or hf; VBS_TRAINER_BACKEND.")
+    backend: str | None = Field(
+        default=None,
+        description="A training backend (`vbs finetune backends`); VBS_TRAINER_BACKEND.",
+    )
     suffix: str | None = Field(default=None, description="Model name suffix; the dataset type.")
     lora_r: int | None = None
     lora_alpha: int | None = None

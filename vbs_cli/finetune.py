@@ -29,7 +29,11 @@ def add_commands(sub: Any) -> None:
     source.add_argument("--dataset", help="a curated dataset version")
     source.add_argument("--file", type=Path, help="a chat-format JSONL file to upload")
     create.add_argument("--validation-file", type=Path)
-    create.add_argument("--backend", choices=["unsloth", "hf"])
+    create.add_argument(
+        "--backend",
+        help="a training backend (`vbs finetune backends`; the server checks it); "
+        "VBS_TRAINER_BACKEND when left out",
+    )
     create.add_argument("--suffix")
     create.add_argument("--epochs", type=float)
     create.add_argument("--batch-size", type=int)
@@ -46,6 +50,11 @@ def add_commands(sub: Any) -> None:
         ("wait", "follow a job until it ends"),
     ):
         actions.add_parser(name, help=text).add_argument("job_id")
+    backends = actions.add_parser(
+        "backends",
+        help="the training backends of this installation, their options, what is missing",
+    )
+    add_json(backends)
     deploy = actions.add_parser("deploy", help="serve a succeeded job's model")
     deploy.add_argument("job_id")
     deploy.add_argument("--force", action="store_true", help="deploy although beats_base failed")
@@ -94,7 +103,31 @@ def follow(client: Any, job_id: str, poll: float = 1.0) -> Any:
         bar.close()
 
 
+def list_backends(args: argparse.Namespace, settings: Settings) -> int:
+    """The registry as this installation has it (``VBS_TRAINING_BACKEND_MODULES`` included:
+    ``settings`` imported them)."""
+    from vbs_resources.training import describe_backends
+
+    described = describe_backends()
+    if args.json:
+        for backend in described:
+            print_json(backend)
+        return 0
+    for backend in described:
+        default = " (default)" if backend["name"] == settings.trainer_backend else ""
+        ready = "ready" if not backend["missing"] else "missing " + ", ".join(backend["missing"])
+        print(f"{backend['name']}{default}: {ready}")
+        print(f"  {backend['summary']}")
+        print(f"  install: {backend['install']}")
+        for option in backend["options"]:
+            shown = "" if option["default"] is None else f" (default {option['default']})"
+            print(f"  {option['variable']}{shown}: {option['description']}")
+    return 0
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "finetune" and args.finetune_command == "backends":
+        return list_backends(args, settings)
     client = openai_client(args, settings)
     if args.command == "lineage":
         return _lineage(client, args)

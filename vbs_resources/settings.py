@@ -247,8 +247,14 @@ class Settings(BaseSettings):
         "below this many examples.",
     )
 
-    trainer_backend: Literal["unsloth", "hf"] = Field(
-        default="unsloth", description="Training backend of a job that names none."
+    trainer_backend: str = Field(
+        default="unsloth",
+        description="Training backend of a job that names none (`vbs finetune backends`).",
+    )
+    training_backend_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="More training backend modules to import (comma-separated Python module "
+        "names); an installed package's `vbs.training_backends` entry points are found alone.",
     )
     trainer_threads: int = Field(
         default=0, ge=0, description="Torch CPU threads in training (0: torch's own choice)."
@@ -399,7 +405,7 @@ class Settings(BaseSettings):
             )
         return keys
 
-    @field_validator("webhook_urls", "api_allowed_hosts", mode="before")
+    @field_validator("webhook_urls", "api_allowed_hosts", "training_backend_modules", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return [v for v in _split_commas(value) if v] if value is not None else []
@@ -452,6 +458,23 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _known_training_backend(self) -> Settings:
+        """Backends register themselves (``vbs_resources.training``): the modules named here
+        are imported first, then the default backend must be one of them all."""
+        from vbs_resources.training import TrainingError, backend_names, load_backends
+
+        try:
+            load_backends(self.training_backend_modules)
+        except TrainingError as exc:
+            raise ValueError(f"VBS_TRAINING_BACKEND_MODULES: {exc}") from None
+        if self.trainer_backend not in backend_names():
+            raise ValueError(
+                f"VBS_TRAINER_BACKEND={self.trainer_backend[:40]!r} is no training backend; "
+                f"known: {', '.join(backend_names())}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _safe_api_binding(self) -> Settings:
@@ -600,6 +623,7 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
         return Settings.model_validate({**fields, **overrides})
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = ".".join(str(p) for p in first["loc"]) or "settings"
-        variable = f"VBS_{name.upper()}" if first["loc"] else "VBS_* settings"
-        raise SettingsError(f"{variable}: {first['msg']}") from None
+        if not first["loc"]:  # a check of several settings: its message names them
+            raise SettingsError(first["msg"].removeprefix("Value error, ")) from None
+        name = ".".join(str(p) for p in first["loc"])
+        raise SettingsError(f"VBS_{name.upper()}: {first['msg']}") from None

@@ -3,8 +3,11 @@
 A backend turns a ``TrainingJob`` (a base model folder, a chat-format train and eval file, the
 hyperparameters, an output folder) into a PEFT adapter in that folder and a
 ``TrainingOutcome``. Two ship: ``unsloth`` (the default; CUDA on GPU machines, its CPU fallback
-elsewhere) and ``hf`` (transformers + peft + trl). Another (Axolotl, a hosted API) is one new
-module that subclasses ``TrainingBackend`` and calls ``register_backend``.
+elsewhere) and ``hf`` (transformers + peft + trl). A backend is one module that subclasses
+``TrainingBackend`` (its name, summary, installation, options) and calls ``register_backend``;
+the settings, the CLI, the API and ``vbs finetune backends`` find it (``load_backends``): as a
+``*_backend`` module of this package, an installed package's ``vbs.training_backends`` entry
+point, or a module named in ``VBS_TRAINING_BACKEND_MODULES``.
 
 ``Trainer`` is the Dagster resource: it picks the backend of a job (or its own default), trains
 into ``<output>.partial`` and renames it into place only when the adapter is whole, so a killed
@@ -14,18 +17,24 @@ run leaves no adapter that looks finished, and its retry starts clean.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
+import pkgutil
+import re
 import shutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
 import dagster as dg
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vbs_resources.process_memory import peak_rss_mb, release_memory
 
@@ -123,41 +132,155 @@ class TrainingError(RuntimeError):
     """A training that cannot run: the message says why, for the job's error."""
 
 
+class BackendOptions(BaseSettings):
+    """A backend's own settings, read from the environment (``VBS_`` and the field's name, as
+    vbs's other settings); each field's description is what ``vbs finetune backends`` and the
+    docs show."""
+
+    model_config = SettingsConfigDict(env_prefix="VBS_", extra="ignore", frozen=True)
+
+
 class TrainingBackend(ABC):
-    """Trains one LoRA adapter. ``train`` writes a PEFT adapter (``adapter_config.json`` and
+    """A way to train one fine-tuning job. One module declares it whole: a subclass with a
+    ``name``, a one-line ``summary``, how it is ``install``-ed, the Python modules it
+    ``requires``, its ``Options``, decorated with ``register_backend``.
+
+    ``train`` writes a PEFT adapter (``adapter_config.json`` and
     ``adapter_model.safetensors``) into ``job.output_dir`` and returns its outcome."""
 
     name: ClassVar[str]
+    summary: ClassVar[str]
+    install: ClassVar[str]
+    # Modules that must be importable in vbs's environment for this backend to train.
+    requires: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type[BackendOptions] | None] = None
+
+    @classmethod
+    def missing(cls) -> list[str]:
+        """What this machine lacks to train with this backend (empty when ready)."""
+        return [
+            f"the Python module {m}" for m in cls.requires if importlib.util.find_spec(m) is None
+        ]
+
+    @classmethod
+    def options(cls) -> BackendOptions | None:
+        """This backend's options as the environment sets them."""
+        return cls.Options() if cls.Options is not None else None
 
     @abstractmethod
     def train(self, job: TrainingJob) -> TrainingOutcome: ...
 
 
 BACKENDS: dict[str, type[TrainingBackend]] = {}
-# Built-in backends are imported when first used: importing Unsloth patches transformers, and
-# nothing but a training step should pay for it.
-_BUILTIN = {
-    "unsloth": "vbs_resources.training.unsloth_backend",
-    "hf": "vbs_resources.training.hf_backend",
-}
+# Where backends come from: every ``*_backend`` module of this package, every module an installed
+# package names under this entry-point group, and the modules ``VBS_TRAINING_BACKEND_MODULES``
+# lists (``load_backends``). Backend modules import their libraries inside ``train``: finding
+# them imports no Unsloth (which patches transformers) and no torch.
+ENTRY_POINT_GROUP = "vbs.training_backends"
+_BACKEND_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
+_imported: set[str] = set()
 
 
 def register_backend(cls: type[TrainingBackend]) -> type[TrainingBackend]:
     """Class decorator: make a backend available by its ``name``."""
-    BACKENDS[cls.name] = cls
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _BACKEND_NAME.fullmatch(name):
+        raise TrainingError(
+            f"{cls.__qualname__}.name must be 1-40 lowercase letters, digits, - or _, "
+            f"starting with a letter (got {name!r})."
+        )
+    for attribute in ("summary", "install"):
+        if not isinstance(getattr(cls, attribute, None), str):
+            raise TrainingError(f"The {name} backend declares no {attribute}.")
+    known = BACKENDS.get(name)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+        raise TrainingError(
+            f"Two training backends are named {name!r}: {known.__module__}.{known.__qualname__} "
+            f"and {cls.__module__}.{cls.__qualname__}."
+        )
+    BACKENDS[name] = cls
     return cls
 
 
+def _import_once(module: str, load: Callable[[], object]) -> None:
+    if module in _imported:
+        return
+    try:
+        load()
+    except TrainingError:
+        raise
+    except Exception as exc:
+        raise TrainingError(
+            f"The training backend module {module} cannot be imported: {type(exc).__name__}: {exc}"
+        ) from exc
+    _imported.add(module)
+
+
+def load_backends(modules: Iterable[str] = ()) -> None:
+    """Import every backend module not imported yet: vbs's own, installed packages' (the
+    ``vbs.training_backends`` entry points) and ``modules`` (``VBS_TRAINING_BACKEND_MODULES``,
+    which ``Settings`` hands here)."""
+    for found in pkgutil.iter_modules(__path__):
+        if found.name.endswith("_backend"):
+            module = f"{__name__}.{found.name}"
+            _import_once(module, partial(importlib.import_module, module))
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        _import_once(entry.value, entry.load)
+    for module in modules:
+        _import_once(module, partial(importlib.import_module, module))
+
+
 def backend_names() -> list[str]:
-    return sorted({*BACKENDS, *_BUILTIN})
+    load_backends()
+    return sorted(BACKENDS)
+
+
+def backend_class(name: str) -> type[TrainingBackend]:
+    load_backends()
+    if name not in BACKENDS:
+        raise TrainingError(
+            f"No training backend named {name[:40]!r}; known: {', '.join(sorted(BACKENDS))}."
+        )
+    return BACKENDS[name]
 
 
 def backend_for(name: str) -> TrainingBackend:
-    if name not in BACKENDS and name in _BUILTIN:
-        importlib.import_module(_BUILTIN[name])
-    if name not in BACKENDS:
-        raise TrainingError(f"No training backend named {name!r}; known: {backend_names()}.")
-    return BACKENDS[name]()
+    return backend_class(name)()
+
+
+def describe_backends() -> list[dict[str, Any]]:
+    """Each backend as ``vbs finetune backends`` and the docs show it: name, summary, how it is
+    installed, what this machine lacks, and its options (environment variable, type, default,
+    description; a secret's value is never shown)."""
+    described = []
+    for name in backend_names():
+        cls = BACKENDS[name]
+        options = []
+        for field_name, info in (cls.Options.model_fields if cls.Options else {}).items():
+            default = info.get_default(call_default_factory=True)
+            options.append(
+                {
+                    "variable": f"VBS_{field_name.upper()}",
+                    "type": _type_name(info.annotation),
+                    "default": None if isinstance(default, SecretStr) else default,
+                    "description": info.description or "",
+                }
+            )
+        described.append(
+            {
+                "name": name,
+                "summary": cls.summary,
+                "install": cls.install,
+                "missing": cls.missing(),
+                "options": options,
+            }
+        )
+    return described
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return text.replace("typing.", "").replace("pydantic.types.", "")
 
 
 def folder_bytes(path: str) -> int:
@@ -233,6 +356,7 @@ def read_chat_examples(path: str) -> list[dict[str, Any]]:
 __all__ = [
     "ALL_LINEAR",
     "BACKENDS",
+    "BackendOptions",
     "DEFAULT_LEARNING_RATE",
     "Hyperparameters",
     "TrainLog",
@@ -242,8 +366,11 @@ __all__ = [
     "TrainingJob",
     "TrainingOutcome",
     "TrainingStopped",
+    "backend_class",
     "backend_for",
     "backend_names",
+    "describe_backends",
+    "load_backends",
     "read_chat_examples",
     "register_backend",
 ]

@@ -14,6 +14,12 @@ from vbs_resources.training.sft import device, run_sft
 @register_backend
 class HFBackend(TrainingBackend):
     name = "hf"
+    summary = (
+        "transformers loads the base model, peft wraps it in LoRA, trl trains it, in the run's "
+        "process (CUDA when there is a GPU)."
+    )
+    install = "in vbs's environment: the cpu and gpu extras (`make setup`)"
+    requires = ("transformers", "peft", "trl")
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         import torch

@@ -41,6 +41,12 @@ def prepare_import() -> None:
 @register_backend
 class UnslothBackend(TrainingBackend):
     name = "unsloth"
+    summary = (
+        "Unsloth's FastLanguageModel LoRA recipe, trained in the run's process: its fused "
+        "kernels on CUDA, its CPU fallback elsewhere. The default."
+    )
+    install = "in vbs's environment: the cpu and gpu extras (`make setup`)"
+    requires = ("unsloth", "trl", "peft")
 
     def train(self, job: TrainingJob) -> TrainingOutcome:
         # Unsloth patches transformers and trl when imported: first, before either is used.
