@@ -2,6 +2,11 @@
 # Both create the virtual environment when it is missing and prepare the default model.
 
 SHELL := /bin/bash
+# Independent prerequisites side by side: vbs's environment, Label Studio's and moto's install
+# at the same time (pip waits on the disk and the network as much as on the cores).
+ifeq ($(MAKELEVEL),0)
+MAKEFLAGS += --jobs=4
+endif
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -113,6 +113,14 @@ TEST_GPU_SHARES = {
     "VBS_GPU_MEMORY_UTILIZATION": "0.2",
     "VBS_EMBEDDING_GPU_MEMORY_UTILIZATION": "0.04",
 }
+# vLLM's cache (what it learned of a model class in a subprocess that imports vLLM again: 9 s of
+# a platform's first engine start) is shared by the tests' platforms, as one machine's would be:
+# the repository's own, under the VBS_HOME `make test` sets.
+SHARED_VLLM_CACHE = str(
+    Path(os.environ.get("VBS_HOME", Path(__file__).resolve().parent.parent / ".vbs")).absolute()
+    / "cache"
+    / "vllm"
+)
 
 
 def settings_for(home: Path, model_dir: Path | None = None, **env: str):
@@ -539,6 +547,7 @@ def start_platform(home: Path, model_dir: Path, **env: str) -> PlatformProcess:
         VBS_ENGINE="in_process",
         # Dagster's run-retry consumer looks for failed runs every 5 s by default.
         DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS="1",
+        VLLM_CACHE_ROOT=SHARED_VLLM_CACHE,
         **TEST_GPU_SHARES,
     )
     full_env.update(env)
