@@ -69,7 +69,7 @@ def test_a_backend_from_the_test_folder_alone_is_found_and_trains(registry, tmp_
         not b["missing"] for b in vbs_backends().values()
     )
 
-    with pytest.raises(JobError, match="untrained_lora.*known: hf, unsloth"):
+    with pytest.raises(JobError, match="untrained_lora.*known: hf, openai, unsloth"):
         check_backend("untrained_lora")  # the API's validation, before the settings named it
     settings = load_settings(
         {"VBS_TRAINING_BACKEND_MODULES": f" {PLUGIN} ,", "VBS_TRAINER_BACKEND": "untrained_lora"}

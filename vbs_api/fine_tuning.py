@@ -22,6 +22,7 @@ from vbs_resources.curation.datasets import (
     failed_checks,
     write_dataset,
 )
+from vbs_resources.training import backend_class
 from vbs_resources.training.jobs import (
     TERMINAL,
     JobError,
@@ -31,7 +32,11 @@ from vbs_resources.training.jobs import (
     resolve_hyperparameters,
     training_run_config,
 )
-from vbs_resources.training.lifecycle import FineTuningLifecycle, evaluation_refusal
+from vbs_resources.training.lifecycle import (
+    FineTuningLifecycle,
+    evaluation_refusal,
+    remote_model,
+)
 
 log = logging.getLogger("vbs.api")
 MAX_SUFFIX = 64
@@ -160,7 +165,8 @@ class FineTuningService:
         except JobError as exc:
             raise APIError(400, exc.message, param=exc.param) from None
         base = self.catalog.models.get(model)
-        if base is None or base["kind"] != "base" or base["status"] != "available":
+        remote = backend_class(backend).remote  # the remote service's model: it checks it
+        if not remote and (base is None or base["kind"] != "base" or base["status"] != "available"):
             raise APIError(
                 400,
                 f"The model {model[:100]!r} is not an available base model to fine-tune.",
@@ -306,6 +312,15 @@ class FineTuningService:
                 f"Job {job_id} is {job['status']}: only a succeeded job (trained and evaluated) "
                 "deploys.",
                 param="id",
+            )
+        remote = remote_model(job)
+        if remote:
+            raise APIError(
+                400,
+                f"{remote} is a remote model, served by {job['result'].get('remote_url')}: "
+                "this engine cannot deploy it. Use it there.",
+                param="id",
+                code="remote_model",
             )
         if not force and not (job["evaluation"] or {}).get("passed"):
             raise APIError(

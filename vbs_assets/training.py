@@ -18,6 +18,7 @@ chain from the batches to the served model.
 """
 
 import base64
+import contextlib
 import io
 import posixpath
 import shutil
@@ -38,10 +39,23 @@ from vbs_resources.curation.datasets import failed_checks
 from vbs_resources.engine import EngineRequest, EngineResult
 from vbs_resources.registry import ModelRegistry, RegistryError, ServedModel, ServedModels
 from vbs_resources.settings import cache_dir
-from vbs_resources.training import Trainer, TrainingJob, TrainingStopped, TrainLog
+from vbs_resources.training import (
+    Trainer,
+    TrainingError,
+    TrainingJob,
+    TrainingOutcome,
+    TrainingStopped,
+    TrainLog,
+    backend_class,
+)
 from vbs_resources.training import evaluation as ev
 from vbs_resources.training.jobs import JobError, create_job, resolve_hyperparameters
-from vbs_resources.training.lifecycle import FineTuningLifecycle, evaluation_refusal
+from vbs_resources.training.lifecycle import (
+    FineTuningLifecycle,
+    evaluation_refusal,
+    is_trained,
+    remote_model,
+)
 
 
 class FineTuneConfig(dg.Config):
@@ -119,10 +133,10 @@ def _job(
         return job
     jobs = catalog.fine_tuning.list(limit=50, dataset_version=context.partition_key)
     for job in jobs:
-        if job["run_id"] == context.run_id and job["adapter_path"]:
+        if job["run_id"] == context.run_id and is_trained(job):
             return job
     for job in jobs:
-        if job["status"] == "succeeded" or (trained and job["adapter_path"]):
+        if job["status"] == "succeeded" or (trained and is_trained(job)):
             return job
     what = "trained adapter" if trained else "evaluated adapter"
     raise dg.Failure(f"{context.partition_key} has no {what}: materialize the one upstream.")
@@ -170,21 +184,25 @@ def _job_for_run(
         if v is not None and k not in ("job_id", "model", "backend", "suffix", "seed")
     }
     try:
-        base = _base(engine, lifecycle.catalog, config.model)
+        backend = config.backend or trainer.backend
+        if backend_class(backend).remote:  # the remote service's base model, not ours
+            base = {"name": config.model or engine.describe()["model"]}
+        else:
+            base = _base(engine, lifecycle.catalog, config.model)
         return create_job(
             lifecycle,
             model=base["name"],
             dataset_version=dataset["version"],
             training_file=dataset["version"],
-            backend=config.backend or trainer.backend,
+            backend=backend,
             hyperparameters=resolve_hyperparameters(
                 overrides, seed=config.seed, max_lora_rank=max_lora_rank
             ),
             suffix=config.suffix or dataset["type"],
             metadata={"started_by": context.run.tags.get("dagster/sensor_name", "dagster")},
         )
-    except JobError as exc:
-        raise dg.Failure(description=exc.message) from None
+    except (JobError, TrainingError) as exc:
+        raise dg.Failure(description=getattr(exc, "message", str(exc))) from None
 
 
 @dg.asset(
@@ -212,7 +230,16 @@ def fine_tuned_adapter(
     dataset = _dataset(context, catalog)
     job = _job_for_run(context, config, lifecycle, engine, trainer, dataset, trainer.max_lora_rank)
     job_id = job["id"]
-    base = _base(engine, catalog, job["model"])
+    try:
+        remote = backend_class(job["backend"]).remote
+    except TrainingError as exc:
+        lifecycle.fail(job_id, "training_failed", str(exc))
+        raise dg.Failure(description=str(exc)) from None
+    base = (
+        {"name": job["model"], "path": job["model"]}
+        if remote
+        else _base(engine, catalog, job["model"])
+    )
     # The adapter's place in the bucket (an s3:// URL on an object store), and where the trainer
     # reads and writes: the bucket's own folders when local, else a working folder (the dataset
     # downloaded, the adapter uploaded once it is whole).
@@ -249,7 +276,7 @@ def fine_tuned_adapter(
         return bool(row and row["cancel_requested"])
 
     train_job = TrainingJob(
-        base_model=local_folder(base["path"]),
+        base_model=base["path"] if remote else local_folder(base["path"]),
         train_file=_local_file(bucket, L.dataset_file(dataset["version"], L.TRAIN), work),
         eval_file=_local_file(bucket, L.dataset_file(dataset["version"], L.EVAL), work)
         if dataset["eval_count"]
@@ -258,10 +285,13 @@ def fine_tuned_adapter(
         hyperparameters=hyperparameters,
         on_log=on_log,
         should_stop=should_stop,
+        base_name=base["name"],
+        suffix=job["suffix"],
+        on_event=lambda message: lifecycle.note(job_id, message),
     )
     try:
-        # A warm engine server on the same GPUs sleeps while this trains.
-        with engine.yield_accelerator():
+        # A warm engine server on the same GPUs sleeps while this trains (here).
+        with contextlib.nullcontext() if remote else engine.yield_accelerator():
             outcome = trainer.train(train_job, backend=job["backend"])
     except TrainingStopped as exc:
         lifecycle.cancel(job_id, str(exc), expect_run=context.run_id)
@@ -270,10 +300,15 @@ def fine_tuned_adapter(
         message = f"Training failed: {type(exc).__name__}: {str(exc)[:500]}"
         lifecycle.fail(job_id, "training_failed", message, expect_run=context.run_id)
         raise
+    if outcome.remote_model:
+        name, output = outcome.remote_model, None
+        _record_remote(catalog, job, dataset, outcome, context.run_id)
+    else:
+        if work is not None:
+            upload_folder(bucket, work / "adapter", L.adapter_folder(job_id))
+        name = L.fine_tuned_model_name(base["name"], job["suffix"], job_id)
     if work is not None:
-        upload_folder(bucket, work / "adapter", L.adapter_folder(job_id))
         shutil.rmtree(work, ignore_errors=True)
-    name = L.fine_tuned_model_name(base["name"], job["suffix"], job_id)
     result = {**outcome.summary(), "adapter_path": output}
     if not lifecycle.trained(job_id, context.run_id, output, name, result):
         raise dg.Failure(f"{job_id} was cancelled as it finished; its adapter is not kept.")
@@ -293,11 +328,42 @@ def fine_tuned_adapter(
             "seconds_per_step": round(outcome.seconds_per_step, 3),
             "adapter_bytes": outcome.adapter_bytes,
             "peak_rss_mb": round(outcome.peak_rss_mb, 1),
-            "path": dg.MetadataValue.path(output),
+            "path": dg.MetadataValue.path(output or outcome.remote_url or ""),
             "loss_curve": dg.MetadataValue.md(loss_plot(outcome.losses)),
+            **({"remote_job_id": outcome.remote_job_id} if outcome.remote_job_id else {}),
         },
         data_version=dg.DataVersion(job_id),
     )
+
+
+def _record_remote(
+    catalog: Catalog,
+    job: dict[str, Any],
+    dataset: dict[str, Any],
+    outcome: TrainingOutcome,
+    run_id: str,
+) -> None:
+    """The remote service's model in the registry (``remote``: never served here), with the
+    lineage a deployment would give an adapter."""
+    assert outcome.remote_model and outcome.remote_url
+    lineage = {
+        "job_id": job["id"],
+        "dataset_version": job["dataset_version"],
+        "dataset_type": dataset.get("type"),
+        "base_model": job["model"],
+        "suffix": job["suffix"],
+        "backend": job["backend"],
+        "hyperparameters": job["hyperparameters"],
+        "training_run_id": run_id,
+        "remote_job_id": outcome.remote_job_id,
+        "remote_url": outcome.remote_url,
+    }
+    try:
+        ModelRegistry(catalog).record_remote(
+            outcome.remote_model, outcome.remote_url, job["model"], lineage
+        )
+    except RegistryError as exc:
+        raise dg.Failure(f"{outcome.remote_model} is not recorded: {exc.message}") from None
 
 
 def _working_folder(bucket: Bucket, job_id: str) -> Path | None:
@@ -368,11 +434,18 @@ def adapter_eval(
     lifecycle = FineTuningLifecycle(catalog, webhooks)
     job = _job(context, catalog, config.job_id, trained=True)
     job_id = job["id"]
-    if not job["adapter_path"] or job["status"] not in ("running", "succeeded"):
+    if not is_trained(job) or job["status"] not in ("running", "succeeded"):
         raise dg.Failure(f"{job_id} is {job['status']} with no trained adapter to evaluate.")
     why = f"Run {job['run_id']} died; run {context.run_id} evaluates the adapter"
     if job["status"] == "running" and not lifecycle.adopt(job_id, context.run_id, why):
         raise dg.Failure(f"{job_id} ended while its adapter waited for its evaluation.")
+    remote = remote_model(job)
+    if remote:
+        where = job["result"].get("remote_url")
+        return _not_evaluated(
+            context, lifecycle, job_id,
+            f"{remote} was trained by {where} and is served there, not by this engine",
+        )  # fmt: skip
     dataset = _dataset(context, catalog)
     with bucket.open(L.dataset_file(dataset["version"], L.EVAL), "rb") as fh:
         examples = ev.eval_examples(fh.read().decode("utf-8").splitlines())[: config.limit]
@@ -581,6 +654,12 @@ def _deploy(
     job: dict[str, Any],
     deployment_id: str,
 ) -> dg.MaterializeResult:
+    remote = remote_model(job)
+    if remote:
+        raise dg.Failure(
+            description=f"{remote} is a remote model, served by {job['result'].get('remote_url')}: "
+            "this engine cannot deploy it. Use it there."
+        )
     evaluation = job["evaluation"] or {}
     if not evaluation.get("passed") and not config.force:
         raise dg.Failure(

@@ -1,9 +1,11 @@
 """The model registry: what the engine serves, by the name a request's ``model`` uses.
 
-Three kinds: ``base`` (a generation model), ``embedding``, and ``adapter`` (a LoRA adapter of a
-registered base, served by the base's engine with the adapter applied per request). The base
-and embedding models of the settings are registered whenever the platform starts; adapters are
-added by hand (``vbs models add``) or, later, by deployment. Retiring keeps the row and the
+Three kinds are served: ``base`` (a generation model), ``embedding``, and ``adapter`` (a LoRA
+adapter of a registered base, served by the base's engine with the adapter applied per
+request). The base and embedding models of the settings are registered whenever the platform
+starts; adapters are added by hand (``vbs models add``) or by deployment. A fourth, ``remote``,
+is a model a remote service trained for a job of this platform (the ``openai`` training
+backend): recorded with its lineage, never served here. Retiring keeps the row and the
 files: a retired name is never reused, and a request naming it gets ``model_not_found``.
 
 Registering an adapter checks it first, so that a bad one is refused at the door with the field
@@ -33,7 +35,7 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,255}$")
 # The LoRA ranks vLLM can be started with (``max_lora_rank``).
 SUPPORTED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-KINDS = ("base", "adapter", "embedding")
+KINDS = ("base", "adapter", "embedding", "remote")
 
 
 class RegistryError(ValueError):
@@ -301,6 +303,25 @@ class ModelRegistry:
                 self.catalog.models.retire(other["name"])
                 retired.append(other["name"])
         return row, retired
+
+    def record_remote(
+        self, name: str, url: str, base: str, lineage: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A model that a remote service (``url``, no credentials) trained for one of this
+        platform's jobs: recorded with its lineage, never served by this engine. Recording the
+        same model again (a retried run) changes nothing."""
+        self._check_name(name)
+        existing = self.catalog.models.get(name)
+        if existing is None:
+            row = self._row(name, "remote", url, base=base, lineage=lineage)
+            if self.catalog.models.insert(row):
+                return self.get(name)
+            existing = self.get(name)
+        if existing["kind"] != "remote" or (existing["lineage"] or {}).get("job_id") != lineage.get(
+            "job_id"
+        ):
+            raise RegistryError(f"The name {name!r} is taken by another model.", "name")
+        return existing
 
     def retire(self, name: str) -> dict[str, Any]:
         row = self.get(name)

@@ -33,7 +33,7 @@ from vbs_assets.partitions import ACTIVE_RUN_STATUSES, dataset_version_partition
 from vbs_resources import Catalog, Webhooks
 from vbs_resources import layout as L
 from vbs_resources.training.jobs import deploy_run_config, training_run_config
-from vbs_resources.training.lifecycle import FineTuningLifecycle
+from vbs_resources.training.lifecycle import FineTuningLifecycle, is_trained
 from vbs_sensors.reconcile import release_orphaned_runs
 
 # A job or deployment recorded this long ago without a run gets one requested.
@@ -137,7 +137,7 @@ def _reconcile_job(
         return
     # SUCCESS without the job ended.
     fresh = lifecycle.catalog.fine_tuning.get(job_id)
-    if fresh["status"] == "running" and fresh["adapter_path"]:
+    if fresh["status"] == "running" and is_trained(fresh):
         reason = f"run {run.run_id} trained the adapter without adapter_eval: materialize it"
         evaluation = {"passed": False, "skipped": reason, "examples": 0, "run_id": run.run_id}
         if lifecycle.succeed(job_id, evaluation, f"Not evaluated: {reason}."):

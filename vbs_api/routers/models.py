@@ -25,7 +25,9 @@ def model_object(row: dict[str, Any]) -> ModelObject:
 @router.get("")
 async def list_models(request: Request) -> JSONResponse:
     vbs = state(request)
-    data = [model_object(r).model_dump() for r in vbs.catalog.models.list(conn=vbs.reads)]
+    rows = vbs.catalog.models.list(conn=vbs.reads)
+    # What this engine serves: a remote model (trained elsewhere) is in its lineage alone.
+    data = [model_object(r).model_dump() for r in rows if r["kind"] != "remote"]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -44,6 +46,14 @@ def retrieve_lineage(request: Request, model_id: str) -> JSONResponse:
 async def retrieve_model(request: Request, model_id: str) -> JSONResponse:
     vbs = state(request)
     row = vbs.catalog.models.get(model_id, vbs.reads)
+    if row is not None and row["kind"] == "remote":
+        raise APIError(
+            404,
+            f"The model {model_id[:100]!r} was trained and is served at {row['path']}, not "
+            "here; its lineage is at /v1/models/<name>/lineage.",
+            code="model_not_found",
+            param="model",
+        )
     if row is None or row["status"] != "available":
         raise APIError(
             404,

@@ -87,6 +87,11 @@ class TrainingJob:
     on_log: Callable[[TrainLog], None] | None = None
     # Asked between steps; True stops training (a cancelled job) with nothing saved.
     should_stop: Callable[[], bool] | None = None
+    # The base model's served name and the job's suffix (a remote service names its model so).
+    base_name: str | None = None
+    suffix: str | None = None
+    # A message for the job's events (a remote service's own events, copied).
+    on_event: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -103,6 +108,10 @@ class TrainingOutcome:
     stopped: bool = False
     peak_rss_mb: float = 0.0
     adapter_bytes: int = 0
+    # A backend that trains remotely: the model it made there, its job there, and where.
+    remote_model: str | None = None
+    remote_job_id: str | None = None
+    remote_url: str | None = None
 
     @property
     def seconds_per_step(self) -> float:
@@ -121,6 +130,15 @@ class TrainingOutcome:
             "eval_examples": self.eval_examples,
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "adapter_bytes": self.adapter_bytes,
+            **(
+                {
+                    "remote_model": self.remote_model,
+                    "remote_job_id": self.remote_job_id,
+                    "remote_url": self.remote_url,
+                }
+                if self.remote_model
+                else {}
+            ),
         }
 
 
@@ -154,6 +172,9 @@ class TrainingBackend(ABC):
     # Modules that must be importable in vbs's environment for this backend to train.
     requires: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type[BackendOptions] | None] = None
+    # True: a remote service trains and keeps the model (``TrainingOutcome.remote_model``); no
+    # adapter is written, and the job's ``model`` is the service's base model, not one of ours.
+    remote: ClassVar[bool] = False
 
     @classmethod
     def missing(cls) -> list[str]:
@@ -164,8 +185,18 @@ class TrainingBackend(ABC):
 
     @classmethod
     def options(cls) -> BackendOptions | None:
-        """This backend's options as the environment sets them."""
-        return cls.Options() if cls.Options is not None else None
+        """This backend's options as the environment sets them; a wrong one raises
+        ``TrainingError`` naming its variable."""
+        from pydantic import ValidationError
+
+        if cls.Options is None:
+            return None
+        try:
+            return cls.Options()
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            name = "_".join(str(p) for p in first["loc"]).upper()
+            raise TrainingError(f"VBS_{name}: {first['msg']}") from None
 
     @abstractmethod
     def train(self, job: TrainingJob) -> TrainingOutcome: ...
@@ -320,6 +351,12 @@ class Trainer(dg.ConfigurableResource):
         if outcome.stopped:
             shutil.rmtree(staging, ignore_errors=True)
             raise TrainingStopped(f"Training stopped at step {outcome.steps}; nothing was saved.")
+        if impl.remote:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not outcome.remote_model:
+                raise TrainingError(f"The {name} backend named no remote model.")
+            outcome.duration_s = outcome.duration_s or time.monotonic() - started
+            return outcome
         if not (staging / "adapter_config.json").is_file():
             shutil.rmtree(staging, ignore_errors=True)
             raise TrainingError(f"The {name} backend saved no adapter_config.json.")

@@ -67,6 +67,16 @@ def evaluation_refusal(evaluation: dict[str, Any] | None) -> str:
     )
 
 
+def remote_model(job: dict[str, Any]) -> str | None:
+    """The model a remote service trained for ``job`` (the ``openai`` backend), if any."""
+    return (job.get("result") or {}).get("remote_model")
+
+
+def is_trained(job: dict[str, Any]) -> bool:
+    """Whether the job's training is done: its adapter saved, or its remote model made."""
+    return bool(job.get("adapter_path") or remote_model(job))
+
+
 class FineTuningLifecycle:
     """Status changes of fine-tuning jobs and their deployments, with their events."""
 
@@ -117,7 +127,12 @@ class FineTuningLifecycle:
         )
 
     def trained(
-        self, job_id: str, run_id: str, adapter_path: str, model: str, result: dict[str, Any]
+        self,
+        job_id: str,
+        run_id: str,
+        adapter_path: str | None,
+        model: str,
+        result: dict[str, Any],
     ) -> bool:
         """The adapter is trained (the job stays ``running`` until it is evaluated). False when the
         job was cancelled or taken by another run meanwhile."""
@@ -157,7 +172,7 @@ class FineTuningLifecycle:
             return False
         if job["status"] == "succeeded":
             return self.catalog.fine_tuning.record_evaluation(job_id, evaluation, verdict)
-        if job["status"] != "running" or not job["adapter_path"]:
+        if job["status"] != "running" or not is_trained(job):
             return False
         message = f"The job has successfully completed: {job['fine_tuned_model']}. {verdict}"
         return self._move(
@@ -165,7 +180,7 @@ class FineTuningLifecycle:
             "succeeded",
             message,
             data=evaluation,
-            expect={"adapter_path": job["adapter_path"]},
+            expect={"fine_tuned_model": job["fine_tuned_model"]},
             evaluation=evaluation,
             finished_at=int(time.time()),
         )
@@ -217,6 +232,10 @@ class FineTuningLifecycle:
     def progress(self, job_id: str, message: str, data: dict[str, Any] | None = None) -> None:
         """A step's metrics, as one of the job's events."""
         self.catalog.fine_tuning.add_event(job_id, message, kind="metrics", data=data)
+
+    def note(self, job_id: str, message: str) -> None:
+        """A message for the job's events (a remote service's, copied), changing nothing."""
+        self.catalog.fine_tuning.add_event(job_id, message[:2000])
 
     def _move(
         self,
