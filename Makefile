@@ -27,7 +27,7 @@ INDEX := $(if $(filter gpu,$(EXTRA)),--extra-index-url $(TORCH_INDEX),)
 LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed-1.23.2
 
-.PHONY: setup model run test test-production lint bench screenshots clean postgres s3-server venv-for-extra
+.PHONY: setup model run test test-production test-axolotl axolotl lint bench screenshots clean postgres s3-server venv-for-extra
 
 $(STAMP): pyproject.toml Makefile constraints/cpu.txt
 	# An environment built for the other extra is built again: installing the gpu extra over
@@ -71,6 +71,19 @@ $(S3_STAMP): Makefile constraints/moto.txt
 
 s3-server: $(S3_STAMP)
 
+# Axolotl (the `axolotl` training backend) in an environment of its own: it pins other
+# transformers, trl and peft than vbs. Optional (about 4.3 GB): not part of `make setup`.
+AX_VENV ?= .venv-axolotl
+AX_STAMP := $(AX_VENV)/.installed-0.19.0-$(EXTRA)
+AX_CONSTRAINTS := $(if $(filter cpu,$(EXTRA)),-c constraints/axolotl-cpu.txt,)
+$(AX_STAMP): Makefile constraints/axolotl-cpu.txt
+	test -x $(AX_VENV)/bin/python || $(PYTHON) -m venv $(AX_VENV)
+	$(AX_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AX_VENV)/bin/python -m pip install --quiet $(AX_CONSTRAINTS) $(INDEX) axolotl==0.19.0
+	touch $@
+
+axolotl: $(AX_STAMP)
+
 setup: $(STAMP) $(LS_STAMP)
 
 model: setup
@@ -96,7 +109,12 @@ postgres:
 PYTEST_WORKERS ?= $(if $(filter gpu,$(EXTRA)),1,2)
 
 test: lint model postgres s3-server
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 -m "not production" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 -m "not production and not axolotl" $(PYTEST_ARGS)
+
+# A job of the axolotl backend from fine_tuned_adapter to deployed_model (tests marked
+# `axolotl`): it needs `make axolotl`, outside `make test`.
+test-axolotl: model axolotl
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m axolotl $(PYTEST_ARGS)
 
 # The platform on PostgreSQL and S3 end to end (tests/test_production.py): outside
 # `make test`'s 25-minute budget.

@@ -64,12 +64,14 @@ def test_a_backend_from_the_test_folder_alone_is_found_and_trains(registry, tmp_
         {"variable": "VBS_UNTRAINED_LORA_INIT", "type": "str", "default": "true",
          "description": "peft's init_lora_weights: true, gaussian, ..."},
     ]  # fmt: skip
-    # The built-in ones are listed beside it, each ready on this machine.
-    assert {"unsloth", "hf"} <= set(vbs_backends()) and all(
-        not b["missing"] for b in vbs_backends().values()
-    )
+    # The built-in ones are listed beside it: those of vbs's environment ready; Axolotl's
+    # (optional, an environment of its own) ready or naming how to install it.
+    listed = vbs_backends()
+    assert set(listed) == {"axolotl", "hf", "openai", "unsloth"}
+    assert all(not listed[name]["missing"] for name in ("hf", "openai", "unsloth"))
+    assert all("make axolotl" in m for m in listed["axolotl"]["missing"])
 
-    with pytest.raises(JobError, match="untrained_lora.*known: hf, openai, unsloth"):
+    with pytest.raises(JobError, match="untrained_lora.*known: axolotl, hf, openai, unsloth"):
         check_backend("untrained_lora")  # the API's validation, before the settings named it
     settings = load_settings(
         {"VBS_TRAINING_BACKEND_MODULES": f" {PLUGIN} ,", "VBS_TRAINER_BACKEND": "untrained_lora"}
@@ -98,6 +100,12 @@ def test_bad_backends_and_settings_are_refused_by_name(registry):
         load_settings({"VBS_TRAINER_BACKEND": "nöpe\u202e"})
     with pytest.raises(SettingsError, match=r"^VBS_TRAINING_BACKEND_MODULES: .*tests\.no_such"):
         load_settings({"VBS_TRAINING_BACKEND_MODULES": "tests.no_such_module"})
+    # A backend's option set wrong is what the listing says it lacks, naming the variable.
+    listed = vbs_backends(VBS_OPENAI_FT_EXTRA_BODY="[1]", VBS_AXOLOTL_DEVICE="gpu\u202e")
+    assert listed["openai"]["missing"] == [
+        "VBS_OPENAI_FT_EXTRA_BODY: Value error, must be a JSON object"
+    ]
+    assert listed["axolotl"]["missing"][0].startswith("VBS_AXOLOTL_DEVICE: Input should be")
 
     class Nameless(TrainingBackend):
         summary, install = "s", "i"

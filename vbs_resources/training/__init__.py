@@ -178,7 +178,9 @@ class TrainingBackend(ABC):
 
     @classmethod
     def missing(cls) -> list[str]:
-        """What this machine lacks to train with this backend (empty when ready)."""
+        """What this machine lacks to train with this backend (empty when ready); an option
+        set wrong raises ``TrainingError`` naming it."""
+        cls.options()
         return [
             f"the Python module {m}" for m in cls.requires if importlib.util.find_spec(m) is None
         ]
@@ -297,12 +299,16 @@ def describe_backends() -> list[dict[str, Any]]:
                     "description": info.description or "",
                 }
             )
+        try:
+            missing = cls.missing()
+        except TrainingError as exc:  # an option set wrong: said, not raised
+            missing = [str(exc)]
         described.append(
             {
                 "name": name,
                 "summary": cls.summary,
                 "install": cls.install,
-                "missing": cls.missing(),
+                "missing": missing,
                 "options": options,
             }
         )
