@@ -53,7 +53,10 @@ def test_the_job_becomes_an_axolotl_config_and_its_log_lines_become_steps(tmp_pa
                      "roles_to_train": ["assistant"]}  # fmt: skip
     assert config["test_datasets"][0]["path"] == job.eval_file
     assert (config["bf16"], config["fp16"], config["tf32"]) == (False, False, False)
-    assert axolotl_config(job, "/o", "/p", "cuda")["bf16"] == "auto"
+    kernels = [f"lora_{part}_kernel" for part in ("mlp", "qkv", "o", "embedding")]
+    assert [config[k] for k in kernels] == [False] * 4  # Axolotl's Triton kernels need CUDA
+    on_cuda = axolotl_config(job, "/o", "/p", "cuda")
+    assert on_cuda["bf16"] == "auto" and not set(kernels) & set(on_cuda)
     assert "max_steps" not in axolotl_config(job_of(tmp_path), "/o", "/p", "cpu")  # epochs decide
     # Axolotl's log lines (transformers' dicts of strings), read as numbers.
     line = ("67%|██▋ | 2/3 [01:07<00:33, 33.91s/it]   {'loss': '5.001', 'grad_norm': '2.085', "

@@ -101,6 +101,10 @@ def axolotl_config(
         "save_strategy": "no",
         "save_safetensors": True,
     }
+    if not on_cuda:
+        # Axolotl turns its fused LoRA kernels on by itself when the MLP is targeted: Triton
+        # kernels that allocate on CUDA ("Torch not compiled with CUDA enabled" on a CPU).
+        config.update({f"lora_{part}_kernel": False for part in ("mlp", "qkv", "o", "embedding")})
     if hp.max_steps > 0:
         config["max_steps"] = hp.max_steps
     if job.eval_file:
@@ -226,8 +230,10 @@ class AxolotlBackend(TrainingBackend):
             if line is None:
                 break
             tail = (tail + [line])[-40:] if line else tail
-            for found in _PROGRESS.finditer(line or ""):
-                total = int(found.group(2))
+            if job.hyperparameters.max_steps <= 0:
+                # The training's progress bar has the most steps (the evaluations' have fewer).
+                for found in _PROGRESS.finditer(line or ""):
+                    total = max(total, int(found.group(2)))
             log = self._step(parse_log(line or ""), logs, total, started)
             if log is not None:
                 logs.append(log)
