@@ -313,6 +313,23 @@ def start_short_fine_tune(client: Any, suffix: str) -> Any:
     )  # fmt: skip
 
 
+def marker_job(
+    client: Any, examples: int, suffix: str, extra_body: dict, seed: int = 7, n_epochs: int = 3
+) -> tuple[Any, bytes, Any]:
+    """``examples`` marker examples uploaded and a fine-tuning job on them (batches of 8 at
+    5 x 2e-4): the file, its bytes, the job as created."""
+    from tests.test_training import marker_examples
+
+    data = jsonl(marker_examples(examples))
+    uploaded = client.files.create(file=("zebra.jsonl", data), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=MODEL, training_file=uploaded.id, suffix=suffix, seed=seed,
+        hyperparameters={"batch_size": 8, "learning_rate_multiplier": 5, "n_epochs": n_epochs},
+        extra_body=extra_body,
+    )  # fmt: skip
+    return uploaded, data, job
+
+
 def wait_job_ended(client: Any, job_id: str, timeout: float = 600) -> Any:
     """The fine-tuning job once it has ended (succeeded, failed or cancelled)."""
     return wait_for(

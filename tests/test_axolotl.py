@@ -14,7 +14,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from tests.conftest import API_KEY, MODEL, jsonl, wait_job_ended
+from tests.conftest import API_KEY, jsonl, marker_job, wait_job_ended
 from tests.test_fine_tuning import served_and_traced, steps, vbs
 from tests.test_training import MARKER, marker_examples
 from vbs_resources.training import Hyperparameters, TrainingJob
@@ -104,13 +104,7 @@ def test_an_axolotl_job_trains_evaluates_deploys_and_answers_with_the_marker(pla
     """Through the API, as a user would: 12 steps of 8 at 5 x 2e-4 (the unsloth job's
     recipe), then the job's evaluation, a deploy, and a batch the deployed model answers."""
     client = OpenAI(base_url=platform.api_url, api_key=API_KEY, max_retries=0)
-    data = jsonl(marker_examples(64))
-    good = client.files.create(file=("zebra.jsonl", data), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(
-        model=MODEL, training_file=good.id, suffix="axo", seed=7,
-        hyperparameters={"batch_size": 8, "learning_rate_multiplier": 5, "n_epochs": 3},
-        extra_body={"max_steps": 12, "backend": "axolotl"},
-    )  # fmt: skip
+    good, data, job = marker_job(client, 64, "axo", {"max_steps": 12, "backend": "axolotl"})
     done = wait_job_ended(client, job.id, timeout=1500)
     events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data]
     assert done.status == "succeeded", events

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -106,6 +107,15 @@ def test_bad_backends_and_settings_are_refused_by_name(registry):
         "VBS_OPENAI_FT_EXTRA_BODY: Value error, must be a JSON object"
     ]
     assert listed["axolotl"]["missing"][0].startswith("VBS_AXOLOTL_DEVICE: Input should be")
+    # A backend that cannot train here is refused at the door (the API's validation), with why.
+    with mock.patch.dict(os.environ, {"VBS_AXOLOTL_COMMAND": "/nonexistent/axolotl"}):
+        with pytest.raises(
+            JobError, match=r"axolotl training backend cannot train here: .*make axo"
+        ):
+            check_backend("axolotl")
+    with mock.patch.dict(os.environ, {"VBS_OPENAI_FT_POLL_SECONDS": "nan"}):
+        with pytest.raises(JobError, match="VBS_OPENAI_FT_POLL_SECONDS"):
+            check_backend("openai")
 
     class Nameless(TrainingBackend):
         summary, install = "s", "i"

@@ -78,7 +78,7 @@ def test_bad_requests_are_refused_by_field_and_store_nothing(platform):
         ({"model": MODEL, "training_file": one.id}, "training_file"),  # nothing to hold out
         ({"model": MODEL, "training_file": good.id, "hyperparameters": {"n_epochs": -1}},
          "hyperparameters.n_epochs"),
-        ({"model": MODEL, "training_file": good.id, "extra_body": {"backend": "axolotl"}},
+        ({"model": MODEL, "training_file": good.id, "extra_body": {"backend": "no_such"}},
          "backend"),
     ):  # fmt: skip
         assert bad_request(lambda k=kwargs: client.fine_tuning.jobs.create(**k))["param"] == param

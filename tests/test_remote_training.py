@@ -18,6 +18,7 @@ from tests.conftest import (
     MODEL,
     Platform,
     jsonl,
+    marker_job,
     start_platform,
     wait_for,
     wait_job_ended,
@@ -100,6 +101,33 @@ def test_a_remote_cancel_ends_the_local_training_as_cancelled(remote, tmp_path):
     assert isinstance(error, RemoteCancelled) and remote_id in str(error)
 
 
+class Died(BaseException):
+    """The run's process dying right after the remote job was created."""
+
+
+def test_an_attempt_after_a_crash_follows_the_same_remote_job(remote, tmp_path):
+    before = {j.id for j in remote.fine_tuning.jobs.list(limit=100).data}
+    kept: list[dict] = []
+
+    def die(message: str) -> None:
+        if message.startswith("Remote job "):
+            raise Died
+
+    first = training_job(tmp_path, on_event=die, remember=kept.append)
+    with pytest.raises(Died):
+        Trainer(backend="openai").train(first)
+    [state] = kept
+    notes: list[str] = []
+    again = training_job(tmp_path, on_event=notes.append, resume=state, remember=kept.append)
+    outcome = Trainer(backend="openai").train(again)
+    assert outcome.remote_job_id == state["remote_job_id"] and outcome.remote_model
+    assert notes[0].startswith(f"Following the remote job {state['remote_job_id']} at ")
+    assert len(kept) == 1  # nothing created again
+    assert {j.id for j in remote.fine_tuning.jobs.list(limit=100).data} - before == {
+        state["remote_job_id"]
+    }
+
+
 def test_bad_options_and_refusals_name_the_variable_or_the_remote_answer(
     remote, tmp_path, monkeypatch
 ):
@@ -140,13 +168,7 @@ def second(tmp_path_factory, model_dir, platform):
 def test_a_job_of_the_openai_backend_trains_on_the_other_platform_with_lineage(platform, second):
     a = OpenAI(base_url=platform.api_url, api_key=API_KEY, max_retries=0)
     b = OpenAI(base_url=second.api_url, api_key=B_KEY, max_retries=0)
-    data = jsonl(marker_examples(32))
-    training = b.files.create(file=("zebra.jsonl", data), purpose="fine-tune")
-    job = b.fine_tuning.jobs.create(
-        model=MODEL, training_file=training.id, suffix="far", seed=11,
-        hyperparameters={"batch_size": 8, "learning_rate_multiplier": 5, "n_epochs": 1},
-        extra_body={"backend": "openai"},
-    )  # fmt: skip
+    _, _, job = marker_job(b, 32, "far", {"backend": "openai"}, seed=11, n_epochs=1)
     done = wait_job_ended(b, job.id)
     messages = [e.message for e in b.fine_tuning.jobs.list_events(job.id, limit=100).data]
     assert done.status == "succeeded", messages

@@ -288,6 +288,8 @@ def fine_tuned_adapter(
         base_name=base["name"],
         suffix=job["suffix"],
         on_event=lambda message: lifecycle.note(job_id, message),
+        resume=((catalog.fine_tuning.get(job_id) or {}).get("result") or {}).get("remote"),
+        remember=lambda state: lifecycle.remember_remote(job_id, context.run_id, state),
     )
     try:
         # A warm engine server on the same GPUs sleeps while this trains (here).
@@ -336,6 +338,21 @@ def fine_tuned_adapter(
     )
 
 
+def _job_lineage(job: dict[str, Any], dataset: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """What a model made by ``job`` records of where it came from (a deployed adapter's
+    lineage, a remote model's)."""
+    return {
+        "job_id": job["id"],
+        "dataset_version": job["dataset_version"],
+        "dataset_type": dataset.get("type"),
+        "base_model": job["model"],
+        "suffix": job["suffix"],
+        "backend": job["backend"],
+        "hyperparameters": job["hyperparameters"],
+        "training_run_id": run_id,
+    }
+
+
 def _record_remote(
     catalog: Catalog,
     job: dict[str, Any],
@@ -347,14 +364,7 @@ def _record_remote(
     lineage a deployment would give an adapter."""
     assert outcome.remote_model and outcome.remote_url
     lineage = {
-        "job_id": job["id"],
-        "dataset_version": job["dataset_version"],
-        "dataset_type": dataset.get("type"),
-        "base_model": job["model"],
-        "suffix": job["suffix"],
-        "backend": job["backend"],
-        "hyperparameters": job["hyperparameters"],
-        "training_run_id": run_id,
+        **_job_lineage(job, dataset, run_id),
         "remote_job_id": outcome.remote_job_id,
         "remote_url": outcome.remote_url,
     }
@@ -675,14 +685,7 @@ def _deploy(
         "deployment_id": deployment_id,
     }
     lineage = {
-        "job_id": job["id"],
-        "dataset_version": job["dataset_version"],
-        "dataset_type": dataset.get("type"),
-        "base_model": job["model"],
-        "suffix": job["suffix"],
-        "backend": job["backend"],
-        "hyperparameters": job["hyperparameters"],
-        "training_run_id": job["run_id"],
+        **_job_lineage(job, dataset, job["run_id"]),
         "evaluation": evaluation or None,
         "forced": config.force,
         "deployed_at": now,

@@ -92,6 +92,10 @@ class TrainingJob:
     suffix: str | None = None
     # A message for the job's events (a remote service's own events, copied).
     on_event: Callable[[str], None] | None = None
+    # Where a backend's work outside this process is (a remote job): ``remember`` keeps it with
+    # the job, and the next attempt after a crash gets it back as ``resume``.
+    resume: dict[str, Any] | None = None
+    remember: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass

@@ -193,14 +193,14 @@ class AxolotlBackend(TrainingBackend):
     ) -> tuple[list[TrainLog], bool, str]:
         """``axolotl train`` until it ends or ``job.should_stop()``; the steps it logged,
         whether it was stopped, and the end of its output."""
-        env = {
-            **os.environ,
-            "AXOLOTL_DO_NOT_TRACK": "1",
-            "WANDB_MODE": "disabled",
-            "HF_HUB_OFFLINE": "1",
-            # Its own environment's commands (accelerate) first.
-            "PATH": f"{Path(command).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
+        # The environment passed on, with its own environment's commands (accelerate) first.
+        env = dict(os.environ)
+        env.update(
+            AXOLOTL_DO_NOT_TRACK="1",
+            WANDB_MODE="disabled",
+            HF_HUB_OFFLINE="1",
+            PATH=f"{Path(command).parent}{os.pathsep}{env.get('PATH', '')}",
+        )
         if device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         process = subprocess.Popen(

@@ -14,7 +14,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from vbs_resources import layout as L
-from vbs_resources.training import DEFAULT_LEARNING_RATE, Hyperparameters, backend_names
+from vbs_resources.training import (
+    DEFAULT_LEARNING_RATE,
+    Hyperparameters,
+    TrainingError,
+    backend_class,
+    backend_names,
+)
 from vbs_resources.training.lifecycle import FineTuningLifecycle
 
 STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
@@ -76,9 +82,20 @@ def resolve_hyperparameters(
 
 
 def check_backend(backend: str) -> str:
+    """``backend`` when it is registered and can train here; a job it could never train is
+    refused rather than recorded."""
     if backend not in backend_names():
         raise JobError(
             f"No training backend named {backend[:40]!r}; known: {', '.join(backend_names())}.",
+            "backend",
+        )
+    try:
+        missing = backend_class(backend).missing()
+    except TrainingError as exc:  # one of its options is set wrong
+        missing = [str(exc)]
+    if missing:
+        raise JobError(
+            f"The {backend} training backend cannot train here: it lacks {'; '.join(missing)}.",
             "backend",
         )
     return backend

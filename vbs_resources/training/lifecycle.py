@@ -111,8 +111,15 @@ class FineTuningLifecycle:
             self.cancel(job_id, "Cancelled before training started")
             return False
         message = what
+        # Work a backend left outside the run (a remote job) is followed again, not redone.
+        remote = (job["result"] or {}).get("remote")
         if job["status"] == "running" and job["run_id"] != run_id:
-            message = f"Run {job['run_id']} died; run {run_id} trains again from the start. {what}"
+            again = (
+                f"follows the remote job {remote.get('remote_job_id')} again"
+                if remote
+                else "trains again from the start"
+            )
+            message = f"Run {job['run_id']} died; run {run_id} {again}. {what}"
         return self._move(
             job_id,
             "running",
@@ -122,8 +129,15 @@ class FineTuningLifecycle:
             started_at=int(time.time()),
             adapter_path=None,
             fine_tuned_model=None,
-            result=None,
+            result={"remote": remote} if remote else None,
             evaluation=None,
+        )
+
+    def remember_remote(self, job_id: str, run_id: str, state: dict[str, Any]) -> bool:
+        """Where the job's remote work is (the remote job's id and service), kept with the job
+        while the run ``run_id`` holds it, for a retry of a run that dies."""
+        return self.catalog.fine_tuning.update_unfinished(
+            job_id, expect={"run_id": run_id, "status": "running"}, result={"remote": state}
         )
 
     def trained(

@@ -134,28 +134,14 @@ class OpenAIBackend(TrainingBackend):
     ) -> TrainingOutcome:
         started = time.monotonic()
         note = job.on_event or (lambda message: None)
-        with open(job.train_file, "rb") as fh:
-            training = client.files.create(file=fh, purpose="fine-tune")
-        validation = None
-        if job.eval_file:
-            with open(job.eval_file, "rb") as fh:
-                validation = client.files.create(file=fh, purpose="fine-tune")
-        model = options.openai_ft_model or job.base_name
-        if not model:
-            raise TrainingError("The job names no base model for the remote service.")
-        remote = client.fine_tuning.jobs.create(
-            model=model,
-            training_file=training.id,
-            validation_file=validation.id if validation else None,
-            suffix=job.suffix,
-            seed=job.hyperparameters.seed,
-            hyperparameters=openai_hyperparameters(job),
-            extra_body=options.openai_ft_extra_body or None,
-        )
-        note(f"Remote job {remote.id} created at {where} (files {training.id}"
-             f"{', ' + validation.id if validation else ''})")  # fmt: skip
-        logs: list[TrainLog] = []
         seen: set[str] = set()
+        remote = self._resumed(client, job, where, seen)
+        if remote is not None:
+            note(f"Following the remote job {remote.id} at {where} again ({remote.status}; "
+                 f"its {len(seen)} earlier events are not copied again)")  # fmt: skip
+        else:
+            remote = self._create(client, job, options, where)
+        logs: list[TrainLog] = []
         cancelled_here = False
         while True:
             for event in self._new_events(client, remote.id, seen):
@@ -200,6 +186,50 @@ class OpenAIBackend(TrainingBackend):
             raise TrainingError(f"The remote job {remote.id} succeeded without a model.")
         outcome.remote_model = remote.fine_tuned_model
         return outcome
+
+    @staticmethod
+    def _resumed(client: Any, job: TrainingJob, where: str, seen: set[str]) -> Any:
+        """The remote job an earlier attempt of this job created at ``where``, its events
+        marked ``seen``; None when there is none (or the service no longer has it)."""
+        from openai import NotFoundError
+
+        state = job.resume or {}
+        if not state.get("remote_job_id") or state.get("remote_url") != where:
+            return None
+        try:
+            remote = client.fine_tuning.jobs.retrieve(state["remote_job_id"])
+        except NotFoundError:
+            return None
+        seen.update(e.id for e in client.fine_tuning.jobs.list_events(remote.id, limit=100).data)
+        return remote
+
+    @staticmethod
+    def _create(client: Any, job: TrainingJob, options: OpenAIFineTuningOptions, where: str) -> Any:
+        """The job's files uploaded and its remote job created; where it is, remembered."""
+        note = job.on_event or (lambda message: None)
+        with open(job.train_file, "rb") as fh:
+            training = client.files.create(file=fh, purpose="fine-tune")
+        validation = None
+        if job.eval_file:
+            with open(job.eval_file, "rb") as fh:
+                validation = client.files.create(file=fh, purpose="fine-tune")
+        model = options.openai_ft_model or job.base_name
+        if not model:
+            raise TrainingError("The job names no base model for the remote service.")
+        remote = client.fine_tuning.jobs.create(
+            model=model,
+            training_file=training.id,
+            validation_file=validation.id if validation else None,
+            suffix=job.suffix,
+            seed=job.hyperparameters.seed,
+            hyperparameters=openai_hyperparameters(job),
+            extra_body=options.openai_ft_extra_body or None,
+        )
+        if job.remember:
+            job.remember({"remote_job_id": remote.id, "remote_url": where})
+        note(f"Remote job {remote.id} created at {where} (files {training.id}"
+             f"{', ' + validation.id if validation else ''})")  # fmt: skip
+        return remote
 
     @staticmethod
     def _new_events(client: Any, remote_id: str, seen: set[str]) -> list[Any]:
