@@ -117,6 +117,31 @@ class TrainingOutcome:
     remote_job_id: str | None = None
     remote_url: str | None = None
 
+    @classmethod
+    def from_logs(
+        cls,
+        backend: str,
+        device: str,
+        job: TrainingJob,
+        logs: list[TrainLog],
+        started: float,
+        **fields: Any,
+    ) -> TrainingOutcome:
+        """The outcome of a backend that read ``logs`` from a trainer it does not run itself
+        (a process, a service): the last step, the last train and eval losses, the examples."""
+        return cls(
+            backend=backend,
+            device=device,
+            steps=max((log.step for log in logs), default=0),
+            train_loss=next((x.loss for x in reversed(logs) if x.loss is not None), None),
+            eval_loss=next((x.eval_loss for x in reversed(logs) if x.eval_loss is not None), None),
+            losses=logs,
+            duration_s=time.monotonic() - started,
+            train_examples=len(read_chat_examples(job.train_file)),
+            eval_examples=len(read_chat_examples(job.eval_file)) if job.eval_file else 0,
+            **fields,
+        )
+
     @property
     def seconds_per_step(self) -> float:
         return self.duration_s / self.steps if self.steps else 0.0

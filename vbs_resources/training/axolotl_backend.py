@@ -177,7 +177,7 @@ class AxolotlBackend(TrainingBackend):
         logs, stopped, tail = self._run(options.axolotl_command, config_file, job, started, device)
         if stopped:
             shutil.rmtree(work, ignore_errors=True)
-            return self._outcome(job, logs, started, device, stopped=True)
+            return TrainingOutcome.from_logs(self.name, device, job, logs, started, stopped=True)
         made = work / "out"
         if not (made / "adapter_config.json").is_file():
             raise TrainingError(f"axolotl saved no adapter: {tail[-800:]}")
@@ -186,7 +186,7 @@ class AxolotlBackend(TrainingBackend):
                 shutil.copy2(made / name, Path(job.output_dir) / name)
         (Path(job.output_dir) / "axolotl.yml").write_text(config_file.read_text())
         shutil.rmtree(work, ignore_errors=True)
-        return self._outcome(job, logs, started, device)
+        return TrainingOutcome.from_logs(self.name, device, job, logs, started)
 
     def _run(
         self, command: str, config_file: Path, job: TrainingJob, started: float, device: str
@@ -263,26 +263,3 @@ class AxolotlBackend(TrainingBackend):
             return TrainLog(step, total, eval_loss=values["eval_loss"], epoch=values.get("epoch"),
                             elapsed_s=time.monotonic() - started)  # fmt: skip
         return None
-
-    def _outcome(
-        self,
-        job: TrainingJob,
-        logs: list[TrainLog],
-        started: float,
-        device: str,
-        stopped: bool = False,
-    ) -> TrainingOutcome:
-        from vbs_resources.training import read_chat_examples
-
-        return TrainingOutcome(
-            backend=self.name,
-            device=device,
-            steps=max((log.step for log in logs), default=0),
-            train_loss=next((x.loss for x in reversed(logs) if x.loss is not None), None),
-            eval_loss=next((x.eval_loss for x in reversed(logs) if x.eval_loss is not None), None),
-            losses=logs,
-            duration_s=time.monotonic() - started,
-            train_examples=len(read_chat_examples(job.train_file)),
-            eval_examples=len(read_chat_examples(job.eval_file)) if job.eval_file else 0,
-            stopped=stopped,
-        )

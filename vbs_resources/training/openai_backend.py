@@ -30,6 +30,7 @@ from vbs_resources.training import (
     TrainLog,
     register_backend,
 )
+from vbs_resources.training.sft import finite
 
 # A remote job's statuses that end it.
 ENDED = ("succeeded", "failed", "cancelled")
@@ -84,15 +85,6 @@ def openai_hyperparameters(job: TrainingJob) -> dict[str, Any]:
         "batch_size": hp.batch_size,
         "learning_rate_multiplier": round(hp.learning_rate / DEFAULT_LEARNING_RATE, 6),
     }
-
-
-def _lines(path: str) -> int:
-    with open(path, "rb") as fh:
-        return sum(1 for raw in fh if raw.strip())
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 @register_backend
@@ -160,18 +152,8 @@ class OpenAIBackend(TrainingBackend):
                 cancelled_here = True
             time.sleep(options.openai_ft_poll_seconds)
             remote = client.fine_tuning.jobs.retrieve(remote.id)
-        outcome = TrainingOutcome(
-            backend=self.name,
-            device="remote",
-            steps=max((log.step for log in logs), default=0),
-            train_loss=next((x.loss for x in reversed(logs) if x.loss is not None), None),
-            eval_loss=next((x.eval_loss for x in reversed(logs) if x.eval_loss is not None), None),
-            losses=logs,
-            duration_s=time.monotonic() - started,
-            train_examples=_lines(job.train_file),
-            eval_examples=_lines(job.eval_file) if job.eval_file else 0,
-            remote_job_id=remote.id,
-            remote_url=where,
+        outcome = TrainingOutcome.from_logs(
+            self.name, "remote", job, logs, started, remote_job_id=remote.id, remote_url=where
         )
         if remote.status == "cancelled":
             if cancelled_here:
@@ -247,7 +229,7 @@ class OpenAIBackend(TrainingBackend):
         step = data.get("step")
         if event.type != "metrics" or not isinstance(step, int):
             return None
-        loss, eval_loss = _number(data.get("train_loss")), _number(data.get("valid_loss"))
+        loss, eval_loss = finite(data.get("train_loss")), finite(data.get("valid_loss"))
         if loss is None and eval_loss is None:
             return None
         return TrainLog(
@@ -255,6 +237,6 @@ class OpenAIBackend(TrainingBackend):
             total_steps=data.get("total_steps") if isinstance(data.get("total_steps"), int) else 0,
             loss=loss,
             eval_loss=eval_loss,
-            learning_rate=_number(data.get("learning_rate")),
+            learning_rate=finite(data.get("learning_rate")),
             elapsed_s=time.monotonic() - started,
         )

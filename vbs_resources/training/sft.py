@@ -18,7 +18,7 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _finite(value: Any) -> float | None:
+def finite(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
@@ -51,10 +51,10 @@ def run_sft(
             entry = TrainLog(
                 step=state.global_step,
                 total_steps=state.max_steps,
-                loss=_finite(values.get("loss")),
-                eval_loss=_finite(values.get("eval_loss")),
-                learning_rate=_finite(values.get("learning_rate")),
-                epoch=_finite(values.get("epoch")),
+                loss=finite(values.get("loss")),
+                eval_loss=finite(values.get("eval_loss")),
+                learning_rate=finite(values.get("learning_rate")),
+                epoch=finite(values.get("epoch")),
                 elapsed_s=round(time.monotonic() - started, 2),
             )
             logs.append(entry)
@@ -109,7 +109,7 @@ def run_sft(
         result = trainer.train()
         eval_loss = None
         if eval_rows and not stopped:
-            eval_loss = _finite(trainer.evaluate().get("eval_loss"))
+            eval_loss = finite(trainer.evaluate().get("eval_loss"))
         if not stopped:
             model.save_pretrained(job.output_dir)
     train_losses = [log.loss for log in logs if log.loss is not None]
@@ -117,7 +117,7 @@ def run_sft(
         backend=backend,
         device=device(),
         steps=result.global_step,
-        train_loss=train_losses[-1] if train_losses else _finite(result.training_loss),
+        train_loss=train_losses[-1] if train_losses else finite(result.training_loss),
         eval_loss=eval_loss,
         losses=logs,
         duration_s=time.monotonic() - started,
